@@ -1,0 +1,1 @@
+"""Benchmarks of fastpmd (imported as fastpmd.bench)."""

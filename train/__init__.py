@@ -1,0 +1,1 @@
+"""The fastpmd trainer (imported as fastpmd.train)."""
