@@ -1,2 +1,20 @@
-"""fastpmd: fused LM-head log-probs and policy losses for RL post-training with PMD-mean."""
+"""fastpmd: fused LM-head log-probs and policy losses for RL post-training with PMD-mean.
+
+Public API (stable names; see docs/API.md):
+    linear_logprobs, fused_linear_pmd_loss              hidden states -> log-probs / PMD loss, no [N, V] logits
+    advantages                                          group advantages (mean, loo, partition, partition_loo, grpo)
+    pmd_loss, grpo_loss, gspo_loss, pg_loss             (logprobs, old_logprobs, advantages, mask) -> (loss, metrics)
+    LossConfig, compute_loss, advantages_for            losses chosen by name
+"""
+from .advantages import ESTIMATORS, advantages
+from .fused import fused_linear_pmd_loss
+from .logprobs import linear_logprobs
+from .losses import grpo_loss, gspo_loss, pg_loss, pmd_loss
+from .objectives import LOSS_NAMES, LossConfig, advantages_for, compute_loss
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "ESTIMATORS", "LOSS_NAMES", "LossConfig", "advantages", "advantages_for", "compute_loss",
+    "fused_linear_pmd_loss", "grpo_loss", "gspo_loss", "linear_logprobs", "pg_loss", "pmd_loss",
+]

@@ -1,0 +1,166 @@
+"""`fused_linear_pmd_loss`: hidden states -> PMD loss in one call, without [tokens, vocab] logits.
+
+torch backend, when every sequence fits a chunk (the default at moderate vocabularies), one pass of
+6*N*H*V flops instead of 8: chunks hold whole sequences, so once a chunk's log-probs are summed per sequence the
+per-token upstream gradient c_i = -(A_i - tau*Delta_i) / divisor_i / num_sequences is known while the chunk's
+logits are still at hand:
+    for each chunk of whole sequences:
+        z = h_c @ W.T / T                       # [c, V], 2*c*H*V
+        logp_c = z[target] - lse(z); Delta_i = segment_sum(logp_c - old_c); c_i as above
+        gz = c_i * (onehot - softmax(z)) / T    # in place in z's storage
+        grad_h_c = gz @ W;  grad_W += gz.T @ h_c    # 4*c*H*V, fp32 accumulator for grad_W
+    backward: scale the stored gradients by the upstream scalar.
+A sequence longer than the chunk falls back to linear_logprobs (recompute in backward, 8*N*H*V) + pmd_loss.
+triton backend: forward kernel, PMD epilogue kernel, recompute backward (fastpmd.kernels).
+
+Plain-PyTorch equivalent:
+    pmd_loss(linear_logprobs(hidden, weight, targets, mask=mask, temperature=T, backend="naive"),
+             old_logprobs, advantages, mask, tau=tau, length_norm=length_norm)
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_lm_head, check_positive, check_same_shape, check_tensor, check_targets_in_range
+from .chunked import acc_dtype, chunk_backward_matmuls, chunk_forward_stats, chunk_grad_logits, chunk_logits
+from .chunked import default_chunk_rows, matmul_operand
+from .logprobs import linear_logprobs, resolve_backend
+from .losses import count_or, pmd_divisor, pmd_loss, pmd_metrics
+
+
+def sequence_chunks(lengths: list[int], chunk: int) -> list[tuple[int, int, int, int]] | None:
+    """Greedy groups of whole sequences with at most `chunk` tokens each: (tok_start, tok_end, seq_start,
+    seq_end). None when one sequence alone is longer than `chunk`."""
+    if max(lengths, default=0) > chunk:
+        return None
+    out, tok0, seq0, tok = [], 0, 0, 0
+    for i, n in enumerate(lengths):
+        if tok + n - tok0 > chunk:
+            out.append((tok0, tok, seq0, i))
+            tok0, seq0 = tok, i
+        tok += n
+    out.append((tok0, tok, seq0, len(lengths)))
+    return out
+
+
+class SequenceChunkedPMD(torch.autograd.Function):
+    """Loss and gradients in the forward (6*N*H*V flops); the backward scales them. Inputs are compacted rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, old, adv, seg_ids, divisor, num_seq, tau, inv_temp, chunks):
+        # hidden [n, H], targets/old/seg_ids [n], adv/divisor [B], num_seq 0-d
+        acc = acc_dtype(hidden.dtype)
+        n_seq = adv.shape[0]
+        w_op = matmul_operand(weight)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        logp = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        delta = torch.zeros(n_seq, dtype=acc, device=hidden.device)
+        adv, divisor, old = adv.to(acc), divisor.to(acc), old.to(acc)
+        for s, e, sa, sb in chunks:
+            if e == s:
+                continue
+            z = chunk_logits(hidden[s:e], w_op, bias, inv_temp)  # [c, V]
+            lse, logp[s:e], _ = chunk_forward_stats(z, targets[s:e], False)
+            local = seg_ids[s:e] - sa
+            delta[sa:sb].index_add_(0, local, logp[s:e] - old[s:e])
+            coef = -(adv[sa:sb] - tau * delta[sa:sb]) / divisor[sa:sb] / num_seq  # dL/dlogp per sequence
+            gz = chunk_grad_logits(z, lse, targets[s:e], coef[local], None, None, inv_temp)
+            chunk_backward_matmuls(gz, hidden[s:e], w_op, None if grad_h is None else grad_h[s:e], grad_w, grad_b)
+            del z, gz
+        resid = adv - tau * delta
+        lengths = torch.zeros(n_seq, dtype=torch.long, device=hidden.device).index_add_(
+            0, seg_ids, torch.ones_like(seg_ids))
+        loss = torch.where(lengths > 0, resid.square() / (2 * tau) / divisor, 0.0).sum() / num_seq
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(delta, logp)
+        return loss, delta, logp
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_delta, _g_logp):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        g = g_loss.to(torch.float32)
+        grad_h = None if grad_h is None else (grad_h * g.to(grad_h.dtype))
+        grad_w = None if grad_w is None else grad_w.mul_(g.to(grad_w.dtype)).to(ctx.dtypes[0])
+        grad_b = None if grad_b is None else grad_b.mul_(g.to(grad_b.dtype)).to(ctx.dtypes[1])
+        return grad_h, grad_w, grad_b, *([None] * 9)
+
+
+def fused_linear_pmd_loss(
+    hidden: torch.Tensor,  # [B, T, H]
+    weight: torch.Tensor,  # [V, H]
+    targets: torch.Tensor,  # [B, T]
+    mask: torch.Tensor,  # [B, T]
+    old_logprobs: torch.Tensor,  # [B, T]
+    advantages: torch.Tensor,  # [B]
+    *,
+    tau: float,
+    length_norm: bool | float = True,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,  # [V]
+    chunk_size: int | None = None,
+    num_sequences: int | float | torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """PMD loss straight from hidden states; returns (loss, metrics) like `pmd_loss`.
+
+    chunk_size: tokens per chunk (default: a 64 MB float32 logits block). backend as in `linear_logprobs`.
+    """
+    check_tensor("hidden", hidden, dims=3, floating=True)
+    check_lm_head(hidden, weight, targets, bias)
+    check_tensor("mask", mask, dims=2)
+    check_same_shape("mask", mask, "targets", targets.shape)
+    check_tensor("old_logprobs", old_logprobs, dims=2, floating=True)
+    check_same_shape("old_logprobs", old_logprobs, "targets", targets.shape)
+    check_tensor("advantages", advantages, dims=1, floating=True)
+    if advantages.shape[0] != targets.shape[0]:
+        raise ValueError(f"advantages has {advantages.shape[0]} entries, targets has B = {targets.shape[0]} rows")
+    tau = check_positive("tau", tau)
+    temperature = check_positive("temperature", temperature)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    pmd_divisor(length_norm, targets.new_ones(1))  # validates a numeric length_norm
+    mask = mask if mask.dtype == torch.bool else mask != 0
+    backend = resolve_backend(backend, hidden.device)
+
+    if backend == "naive":
+        logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature, backend="naive")
+        return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
+                        num_sequences=num_sequences)
+
+    lengths = mask.sum(-1)  # [B]
+    idx = mask.reshape(-1).nonzero().squeeze(1)  # host sync: the compacted row count
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # [n, H]
+    t = targets.reshape(-1).index_select(0, idx).long()  # [n]
+    check_targets_in_range(t, weight.shape[0])
+    old = old_logprobs.reshape(-1).index_select(0, idx)  # [n]
+    acc = acc_dtype(hidden.dtype)
+    divisor = torch.as_tensor(pmd_divisor(length_norm, lengths), dtype=acc, device=hidden.device).expand(
+        lengths.shape).contiguous()
+    num_seq = torch.as_tensor(count_or(num_sequences, (lengths > 0).sum(), "num_sequences"), dtype=acc,
+                              device=hidden.device)
+    adv, old = advantages.to(acc), old.to(acc)
+
+    if backend == "triton":
+        from fastpmd.kernels import fused_linear_pmd_loss_triton
+
+        cu = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32, device=hidden.device)
+        cu[1:] = lengths.cumsum(0)
+        loss, delta, _ = fused_linear_pmd_loss_triton(h, weight, t, bias, old.float(), adv.float(), cu, divisor.float(), tau,
+                                                      temperature, num_seq.float())
+    else:
+        chunk = chunk_size or default_chunk_rows(weight.shape[0])
+        chunks = sequence_chunks(lengths.tolist(), chunk)  # host sync: sequence boundaries
+        if chunks is None:  # a sequence longer than a chunk: two passes (recompute), never an unbounded block
+            logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature,
+                                   chunk_size=chunk, backend="torch")
+            return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
+                            num_sequences=num_sequences)
+        seg_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=hidden.device), lengths)
+        loss, delta, _ = SequenceChunkedPMD.apply(h, weight, bias, t, old, adv, seg_ids, divisor, num_seq, tau,
+                                                  1.0 / temperature, chunks)
+    resid = adv - tau * delta
+    return loss, pmd_metrics(loss, delta, resid, advantages, lengths)

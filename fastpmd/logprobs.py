@@ -1,0 +1,100 @@
+"""`linear_logprobs`: log pi(target) of the LM head without materialising [tokens, vocab] logits."""
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_backend, check_lm_head, check_mask, check_positive, check_targets_in_range
+from .chunked import ChunkedLinearLogprobs, default_chunk_rows
+from .naive import naive_linear_logprobs
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA when the kernels import, else 'torch'. 'triton' elsewhere raises clearly."""
+    check_backend(backend)
+    if backend == "auto":
+        if device.type == "cuda" and _triton_available(device):
+            return "triton"
+        return "torch"
+    if backend == "triton" and not _triton_available(device):
+        raise ValueError(
+            "backend='triton' needs CUDA tensors and an importable triton (or TRITON_INTERPRET=1 for the CPU "
+            f"interpreter); got device {device}. Use backend='torch' or 'auto'."
+        )
+    return backend
+
+
+def _triton_available(device: torch.device) -> bool:
+    try:
+        from fastpmd.kernels import is_available
+    except ImportError:
+        return False
+    return bool(is_available(device))
+
+
+def compact_rows(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None):
+    """Flatten to rows and keep the valid ones. Returns (h [n, H], t [n] int64, idx [n] or None)."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t2 = targets.reshape(-1)
+    if mask is None:
+        return h2, t2.long(), None
+    idx = mask.reshape(-1).nonzero().squeeze(1)  # one host sync (the row count)
+    return h2.index_select(0, idx), t2.index_select(0, idx).long(), idx
+
+
+def scatter_rows(values: torch.Tensor, idx: torch.Tensor | None, shape) -> torch.Tensor:
+    """Inverse of compact_rows for per-token values [n] -> shape, zeros where masked (differentiable)."""
+    if idx is None:
+        return values.reshape(shape)
+    out = values.new_zeros(int(torch.Size(shape).numel()))
+    return out.index_put((idx,), values).reshape(shape)
+
+
+def rows_logprobs(h, weight, t, bias, temperature: float, return_entropy: bool, chunk_size, backend: str):
+    """Dispatch on compacted rows: h [n, H], t [n] -> (logp [n], entropy [n] or None)."""
+    if backend == "naive":
+        return naive_linear_logprobs(h, weight, t, bias, temperature, return_entropy)
+    if backend == "triton":
+        from fastpmd.kernels import linear_logprobs_triton
+
+        return linear_logprobs_triton(h, weight, t, bias, temperature, return_entropy)
+    chunk = chunk_size or default_chunk_rows(weight.shape[0])
+    logp, ent = ChunkedLinearLogprobs.apply(h, weight, bias, t, 1.0 / temperature, return_entropy, int(chunk))
+    return logp, (ent if return_entropy else None)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,  # [..., H]
+    weight: torch.Tensor,  # [V, H]
+    targets: torch.Tensor,  # [...] int, in [0, V) where mask is True
+    *,
+    mask: torch.Tensor | None = None,  # [...] bool
+    bias: torch.Tensor | None = None,  # [V]
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+):
+    """Per-token log pi(target) (float32, shape of targets; 0 where mask is False), and optionally the entropy.
+
+    Plain-PyTorch equivalent (what backend="naive" does, and what the others match):
+        z = ((hidden @ weight.T + bias).float()) / temperature
+        logp = torch.log_softmax(z, -1).gather(-1, targets[..., None])[..., 0] * mask
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1) * mask
+    backend: "naive" (materialises logits), "torch" (chunked, recompute in backward), "triton" (fused kernels,
+    CUDA), "auto" (triton on CUDA, torch elsewhere). Masked rows are compacted away: no matrix work, no gradient.
+    The backward takes any upstream gradient on logp and entropy; grad_weight accumulates in float32.
+    """
+    check_lm_head(hidden, weight, targets, bias)
+    temperature = check_positive("temperature", temperature)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    mask = check_mask(mask, targets.shape, targets.device)
+    backend = resolve_backend(backend, hidden.device)
+
+    h, t, idx = compact_rows(hidden, targets, mask)
+    check_targets_in_range(t, weight.shape[0])
+    logp, ent = rows_logprobs(h, weight, t, bias, temperature, return_entropy, chunk_size, backend)
+    logp = scatter_rows(logp, idx, targets.shape)
+    if not return_entropy:
+        return logp
+    return logp, scatter_rows(ent, idx, targets.shape)
