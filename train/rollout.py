@@ -1,0 +1,174 @@
+"""Rollout engines: sample n responses per prompt from token ids, and take new weights from the trainer.
+
+``RolloutEngine`` is the interface the trainer uses; ``HFEngine`` (Hugging Face ``model.generate``) is the
+embedded default, ``fastpmd.train.rollout_vllm.VLLMEngine`` the fast one (optional extra ``fastpmd[vllm]``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["SamplingConfig", "RolloutEngine", "HFEngine", "trim_response"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling options. ``temperature == 0`` means greedy. ``seed`` None: unseeded (not reproducible);
+    engines given the same seed and inputs return the same samples, so a trainer varies it per step."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the trainer needs from a generator.
+
+    ``generate`` returns, per prompt, ``sampling.n`` response token-id lists; a response that produced eos ends
+    with it (eos included), else it has ``max_new_tokens`` tokens. ``update_weights`` takes (name, full tensor)
+    pairs named as in the Hugging Face model's ``state_dict``. ``sleep``/``wake`` free and restore the engine's
+    accelerator memory around the training phase (no-ops where there is nothing to free).
+    """
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[list[int]]]: ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+
+def trim_response(ids: list[int], eos_id: int, max_new_tokens: int) -> list[int]:
+    """Cut ``ids`` after the first eos (kept) and at ``max_new_tokens``."""
+    ids = ids[:max_new_tokens]
+    try:
+        return ids[: ids.index(eos_id) + 1]
+    except ValueError:
+        return ids
+
+
+def check_prompts(prompt_ids: list[list[int]]) -> None:
+    if not isinstance(prompt_ids, (list, tuple)):
+        raise ValueError(f"prompt_ids must be a list of token-id lists, got {type(prompt_ids).__name__}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("prompt_ids: every prompt needs at least one token")
+
+
+class HFEngine:
+    """Generation with Hugging Face ``model.generate`` (sampling, left padding, batched).
+
+    Pass the training model itself to share its weights (``update_weights`` then finds every tensor already
+    in place and copies nothing), or a separate copy (``update_weights`` copies into it). The model's own
+    generation defaults (top_k, repetition penalty, ...) are overridden: sampling is plain temperature/top-p.
+    ``batch_size`` caps the prompts per ``generate`` call (each expands to n rows).
+    """
+
+    def __init__(self, model: torch.nn.Module, eos_id: int, pad_id: int, *, batch_size: int | None = None):
+        if not hasattr(model, "generate"):
+            raise ValueError("model must be a Hugging Face generation model (with .generate)")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.eos_id = int(eos_id)
+        self.pad_id = int(pad_id)
+        self.batch_size = batch_size
+
+    def _generation_config(self, sampling: SamplingConfig):
+        from transformers import GenerationConfig
+
+        greedy = sampling.temperature == 0
+        # Explicit values: None would be filled from the model's generation_config (e.g. top_k=20) or
+        # transformers' global defaults (top_k=50).
+        return GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else 0,
+            min_p=None,
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=sampling.n,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
+
+    @torch.no_grad()
+    def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[list[int]]]:
+        device = next(self.model.parameters()).device
+        L = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), L), self.pad_id, dtype=torch.long)  # [P, L], left padded
+        attention_mask = torch.zeros((len(prompts), L), dtype=torch.long)  # [P, L]
+        for i, p in enumerate(prompts):
+            input_ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention_mask[i, L - len(p) :] = 1
+        out = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=self._generation_config(sampling),
+        )  # [P * n, L + T], rows of prompt i at [i * n, (i + 1) * n)
+        new = out[:, L:].tolist()
+        n = sampling.n
+        return [
+            [trim_response(new[i * n + j], self.eos_id, sampling.max_new_tokens) for j in range(n)]
+            for i in range(len(prompts))
+        ]
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[list[int]]]:
+        check_prompts(prompt_ids)
+        if not prompt_ids:
+            return []
+        was_training = self.model.training
+        self.model.eval()
+        bs = self.batch_size or len(prompt_ids)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        try:
+            # Seed a forked RNG state so that the caller's global RNG is left as it was.
+            with torch.random.fork_rng(devices=devices, enabled=sampling.seed is not None):
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)
+                out: list[list[list[int]]] = []
+                for s in range(0, len(prompt_ids), bs):
+                    out.extend(self._generate_chunk([list(p) for p in prompt_ids[s : s + bs]], sampling))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy each (name, tensor) into the model's ``state_dict`` entry of that name; tensors that already
+        are the model's own storage (a shared model) are skipped. Unknown names or shapes -> ValueError."""
+        state = self.model.state_dict(keep_vars=True)
+        for name, tensor in named_tensors:
+            if name not in state:
+                raise ValueError(f"named_tensors: {name!r} is not in the rollout model's state_dict")
+            dst = state[name]
+            if dst.shape != tensor.shape:
+                raise ValueError(f"named_tensors: {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(dst.shape)}")
+            if dst.data_ptr() == tensor.data_ptr() and dst.device == tensor.device:
+                continue  # same storage: the engine shares the training model
+            dst.data.copy_(tensor.detach())
+
+    def sleep(self) -> None:
+        """No-op: the HF engine holds no cache between calls."""
+
+    def wake(self) -> None:
+        """No-op (see ``sleep``)."""
