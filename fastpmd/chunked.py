@@ -56,8 +56,8 @@ def chunk_forward_stats(z: torch.Tensor, targets: torch.Tensor, want_entropy: bo
     logp = z.gather(1, targets[:, None])[:, 0] - lse
     entropy = None
     if want_entropy:
-        p = (z - lse[:, None]).exp_()
-        entropy = lse - torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)  # H = lse - sum_k p_k z_k
+        logp_all = z - lse[:, None]  # H = -sum_k p_k log p_k (not lse - E[z]: that cancels when peaked)
+        entropy = -torch.bmm(logp_all.exp().unsqueeze(1), logp_all.unsqueeze(2)).view(-1)
     return lse, logp, entropy
 
 
