@@ -1,0 +1,36 @@
+"""The `fastpmd` command: one entry point over the library's jobs (each imported only when asked for)."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("fastpmd.demo", "CPU demo: fused PMD loss against the naive path (values, time, memory)"),
+    "bench": ("fastpmd.bench.cli", "ms/token and memory of the loss against baseline losses"),
+    "train": ("fastpmd.train.cli", "RL trainer (PMD-mean and baselines), e.g. --preset tiny-arith"),
+    "kernels-report": ("fastpmd.kernels.report", "compile every Triton kernel for sm_90/sm_80; registers, spills"),
+    "theory-figures": ("fastpmd.bench.theory_figures", "the paper's toy figures (Lambert-W update) as PNGs"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: fastpmd <command> [options]   (fastpmd <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<16} {doc}" for name, (_, doc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fastpmd: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
