@@ -61,6 +61,25 @@ def chunk_forward_stats(z: torch.Tensor, targets: torch.Tensor, want_entropy: bo
     return lse, logp, entropy
 
 
+def chunk_exp_stats_(z: torch.Tensor, targets: torch.Tensor):
+    """In place, 4 passes over z [c, V]: z <- exp(z - rowmax) (unnormalised probabilities).
+    Returns (lse [c], logp of the targets [c], row sums of exp [c])."""
+    z_target = z.gather(1, targets[:, None])[:, 0]
+    zmax = z.amax(-1)
+    z.sub_(zmax[:, None]).exp_()
+    sumexp = z.sum(-1)
+    lse = zmax + sumexp.log()
+    return lse, z_target - lse, sumexp
+
+
+def grad_from_exp_(e, sumexp, targets, g_logp, inv_temp: float) -> torch.Tensor:
+    """In place on e = exp(z - c) [c, V] with row sums sumexp [c] (p = e / sumexp):
+    returns g_logp * (onehot - p) * inv_temp, the gradient of sum(g_logp * logp) w.r.t. the raw logits."""
+    g = g_logp.to(e.dtype) * inv_temp
+    gz = e.mul_((-g / sumexp)[:, None])
+    return gz.scatter_add_(1, targets[:, None], g[:, None])
+
+
 def chunk_grad_logits(z, lse, targets, g_logp, g_ent, entropy, inv_temp: float) -> torch.Tensor:
     """d(loss)/d(raw logits) for one chunk, computed in place in z's storage (plus one block with entropy).
 
@@ -69,11 +88,10 @@ def chunk_grad_logits(z, lse, targets, g_logp, g_ent, entropy, inv_temp: float) 
     """
     z.sub_(lse[:, None])  # log p
     if g_ent is None:
-        gz = z.exp_().mul_(-g_logp[:, None])
-    else:
-        p = z.exp()
-        coeff = z.add_(entropy[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None])  # g + g_ent*(log p + H)
-        gz = p.mul_(coeff).neg_()
+        return grad_from_exp_(z.exp_(), torch.ones_like(lse), targets, g_logp, inv_temp)
+    p = z.exp()
+    coeff = z.add_(entropy[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None])  # g + g_ent*(log p + H)
+    gz = p.mul_(coeff).neg_()
     gz.scatter_add_(1, targets[:, None], g_logp[:, None].to(gz.dtype))
     if inv_temp != 1.0:
         gz.mul_(inv_temp)
@@ -103,9 +121,10 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             z = chunk_logits(hidden[s:e], w_op, bias, inv_temp)
-            lse[s:e], logp[s:e], ent = chunk_forward_stats(z, targets[s:e], return_entropy)
             if return_entropy:
-                entropy[s:e] = ent
+                lse[s:e], logp[s:e], entropy[s:e] = chunk_forward_stats(z, targets[s:e], True)
+            else:
+                lse[s:e], logp[s:e], _ = chunk_exp_stats_(z, targets[s:e])
             del z
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.inv_temp, ctx.return_entropy, ctx.chunk = inv_temp, return_entropy, chunk

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_lm_head, check_positive, check_same_shape, check_tensor, check_targets_in_range
-from .chunked import acc_dtype, chunk_backward_matmuls, chunk_forward_stats, chunk_grad_logits, chunk_logits
-from .chunked import default_chunk_rows, matmul_operand
+from .chunked import acc_dtype, chunk_backward_matmuls, chunk_exp_stats_, chunk_logits, default_chunk_rows
+from .chunked import grad_from_exp_, matmul_operand
 from .logprobs import linear_logprobs, resolve_backend
 from .losses import count_or, pmd_divisor, pmd_loss, pmd_metrics
 
@@ -63,11 +63,11 @@ class SequenceChunkedPMD(torch.autograd.Function):
             if e == s:
                 continue
             z = chunk_logits(hidden[s:e], w_op, bias, inv_temp)  # [c, V]
-            lse, logp[s:e], _ = chunk_forward_stats(z, targets[s:e], False)
+            _, logp[s:e], sumexp = chunk_exp_stats_(z, targets[s:e])  # z <- exp(z - rowmax)
             local = seg_ids[s:e] - sa
             delta[sa:sb].index_add_(0, local, logp[s:e] - old[s:e])
             coef = -(adv[sa:sb] - tau * delta[sa:sb]) / divisor[sa:sb] / num_seq  # dL/dlogp per sequence
-            gz = chunk_grad_logits(z, lse, targets[s:e], coef[local], None, None, inv_temp)
+            gz = grad_from_exp_(z, sumexp, targets[s:e], coef[local], inv_temp)
             chunk_backward_matmuls(gz, hidden[s:e], w_op, None if grad_h is None else grad_h[s:e], grad_w, grad_b)
             del z, gz
         resid = adv - tau * delta
