@@ -1,0 +1,101 @@
+"""`fastpmd bench`: hidden states -> policy loss, forward+backward, across methods, losses and shapes.
+
+Examples:
+    fastpmd bench --preset cpu-small --out out/bench-cpu
+    fastpmd bench --preset core-check --out out/core-check
+    fastpmd bench --preset qwen2.5-7b --tokens 4096 16384 --device cuda --out out/bench-qwen7b
+    fastpmd bench --hidden 1024 --vocab 65536 --tokens 2048 4096 --methods naive fastpmd-torch --losses pmd-mean
+(`python -m fastpmd.bench ...` is the same command.)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .methods import METHODS
+from .presets import DTYPES, LOSSES, MASKS, PRESET_NAMES, preset, shape_for_tokens
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastpmd bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--preset", choices=PRESET_NAMES, default=None,
+                   help="named shapes (default cpu-small, or a custom shape when --hidden/--vocab are given)")
+    p.add_argument("--tokens", type=int, nargs="+", default=(), help="N values (rows = B*T) for model/custom presets")
+    p.add_argument("--hidden", type=int, default=None, help="custom shape: hidden size H")
+    p.add_argument("--vocab", type=int, default=None, help="custom shape: vocabulary V")
+    p.add_argument("--seq-len", type=int, default=None, help="custom shape: positions per sequence T")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 (CPU presets), bfloat16 (models)")
+    p.add_argument("--mask", choices=MASKS, default=None, help="ragged (response lengths in [T/4, T]) or full")
+    p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=tuple(METHODS))
+    p.add_argument("--losses", nargs="+", choices=LOSSES, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per method (compile happens here)")
+    p.add_argument("--reps", type=int, default=None, help="interleaved timed repetitions per method")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--tau", type=float, default=0.01, help="PMD temperature")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory measurements")
+    p.add_argument("--no-floor", action="store_true", help="skip the matmul-floor timing")
+    p.add_argument("--out", default=None, help="directory for results.json, meta.json, results.md and PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _shapes_and_preset(args):
+    if args.hidden is not None or args.vocab is not None:
+        if args.preset is not None:
+            raise ValueError("--preset and --hidden/--vocab are exclusive")
+        if args.hidden is None or args.vocab is None or not args.tokens:
+            raise ValueError("a custom shape needs --hidden, --vocab and --tokens")
+        from .presets import Preset
+
+        shapes = tuple(shape_for_tokens(n, args.hidden, args.vocab, dtype=args.dtype or "float32",
+                                        mask=args.mask or "ragged", seq_len=args.seq_len) for n in args.tokens)
+        return Preset("custom", shapes)
+    return preset(args.preset or "cpu-small", tuple(args.tokens), args.dtype, args.mask)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fastpmd bench`; returns the exit status (core-check: 1 when a check fails)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        pre = _shapes_and_preset(args)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for but CUDA is not available")
+    except ValueError as exc:
+        print(f"fastpmd bench: {exc}", file=sys.stderr)
+        return 2
+    from . import report
+
+    meta = report.machine_info(device, argv)
+    meta["preset"] = pre.name
+    if pre.name == "core-check":
+        from .core_check import run_core_check
+
+        rows, checks = run_core_check(pre, device, memory=not args.no_memory, quiet=args.quiet)
+        meta["checks"] = checks
+        status = 1 if any(c["verdict"] == "FAIL" for c in checks) else 0
+    else:
+        from .runner import BenchConfig, run
+
+        cfg = BenchConfig(shapes=pre.shapes, methods=tuple(args.methods), losses=tuple(args.losses or pre.losses),
+                          warmup=args.warmup or pre.warmup, reps=args.reps or pre.reps, device=str(device),
+                          memory=not args.no_memory, floor=not args.no_floor, seed=args.seed, tau=args.tau,
+                          quiet=args.quiet)
+        rows = run(cfg)
+        status = 0
+    text = report.markdown(rows, meta)
+    if pre.name != "core-check" or not args.quiet:
+        print(text)
+    if args.out:
+        files = report.write(rows, meta, args.out)
+        print(f"fastpmd bench: wrote {', '.join(str(p) for p in files.values())}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
