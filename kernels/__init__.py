@@ -1,1 +1,13 @@
-"""Triton kernels of fastpmd (imported as fastpmd.kernels)."""
+"""Triton kernels of fastpmd (imported as fastpmd.kernels); see docs/kernels.md for the design.
+
+Contract (called by fastpmd after validation and mask compaction; see docs/API.md):
+- linear_logprobs_triton(hidden [n,H], weight [V,H], targets [n], bias, temperature, return_entropy)
+- fused_linear_pmd_loss_triton(hidden, weight, targets, bias, old_logp, advantages, cu_seqlens, divisor, tau,
+  temperature, num_sequences)
+- is_available(device)
+"""
+from ._runtime import is_available
+from .linear_logprobs import linear_logprobs_triton
+from .pmd_epilogue import fused_linear_pmd_loss_triton
+
+__all__ = ["is_available", "linear_logprobs_triton", "fused_linear_pmd_loss_triton"]

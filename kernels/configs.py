@@ -1,0 +1,108 @@
+"""Launch configurations, pinned per architecture; autotuning behind FASTPMD_AUTOTUNE=1.
+
+Families: "90" = Hopper (H100/H200, sm_90, wgmma/HGMMA), "80" = Ampere/Ada (sm_80+, mma.sync/HMMA),
+"interp" = the CPU interpreter (tiny blocks: the interpreter's cost grows with the block area).
+Every pinned config is compiled by `fastpmd kernels-report` (kernels/report.py), which checks registers, spills,
+shared memory and tensor-core use. Only block sizes, warps and stages live here; shapes are runtime arguments.
+
+Shared memory of a pipelined tile loop = num_stages * (A tile + B tile) * 2 bytes (16-bit operands):
+  logits 128x128x64, 3 stages: 3 * (128*64 + 64*128) * 2 = 96 KiB   (sm_90 limit 227 KiB, sm_80 163 KiB)
+  matmul 128x128x64, 4 stages: 4 * (128*64 + 64*128) * 2 = 128 KiB
+Registers (kernels report, bf16, triton 3.9): sm_90 logits_fwd 128x128 with entropy+bias uses 255 registers
+without spilling (the online-softmax epilogue holds z and exp(z) beside the 64-register accumulator); the
+128x64 candidates (~170 registers) are the fallback if a triton upgrade makes it spill. The vocab-chunk bounds
+and matmul shapes are specialised (divisible by 16) on purpose: unspecialised they made the dlogits stores and
+the matmul loads scalar (255 registers, spills, no cp.async pipelining).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+ENV_AUTOTUNE = "FASTPMD_AUTOTUNE"
+# Bytes of the per-chunk dlogits buffer of the backward pass ([n, chunk_v] in the operand dtype).
+DLOGITS_BUDGET_BYTES = 64 << 20
+# Forward vocab split: aim for this many programs per SM so that short batches still fill the GPU.
+PROGRAMS_PER_SM = 8
+
+
+@dataclass(frozen=True)
+class Config:
+    """Meta-parameters of one kernel launch (constexpr block sizes plus warps/stages)."""
+    blocks: dict = field(default_factory=dict)  # constexpr block sizes, e.g. {"BLOCK_N": 128}
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def meta(self) -> dict:
+        return {**self.blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def _c(warps, stages, **blocks):
+    return Config(blocks=blocks, num_warps=warps, num_stages=stages)
+
+
+# kernel name -> arch family -> list of configs; the first is the pinned one, the rest are autotune candidates.
+CONFIGS: dict[str, dict[str, list[Config]]] = {
+    # forward statistics and backward dlogits share one tile kernel (kernels/logits.py)
+    "logits_fwd": {
+        "90": [_c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
+               _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8),
+               _c(8, 4, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=16)],
+        "80": [_c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
+               _c(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16)],
+        "interp": [_c(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
+    },
+    "logits_bwd": {
+        "90": [_c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
+               _c(8, 4, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=16),
+               _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
+        "80": [_c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
+               _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, GROUP_N=8)],
+        "interp": [_c(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
+    },
+    "merge": {
+        "90": [_c(4, 1, BLOCK=256)],
+        "80": [_c(4, 1, BLOCK=256)],
+        "interp": [_c(1, 1, BLOCK=16)],
+    },
+    "matmul": {
+        "90": [_c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+               _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16)],
+        "80": [_c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+               _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=16)],
+        "interp": [_c(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)],
+    },
+    "pmd_epilogue": {
+        "90": [_c(4, 1, BLOCK=1024)],
+        "80": [_c(4, 1, BLOCK=1024)],
+        "interp": [_c(1, 1, BLOCK=16)],
+    },
+}
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(ENV_AUTOTUNE, "0") not in ("", "0", "false", "False")
+
+
+_TUNED: dict[tuple, Config] = {}
+
+
+def pick(name: str, arch: str, key: tuple = (), bench=None) -> Config:
+    """Config for kernel `name` on `arch`: the pinned one, or (FASTPMD_AUTOTUNE=1, CUDA, `bench` given) the
+    fastest candidate for this shape `key`, timed once with triton.testing.do_bench and cached.
+
+    `bench(config)` must launch the kernel without side effects on results (scratch outputs)."""
+    candidates = CONFIGS[name][arch]
+    if bench is None or arch == "interp" or len(candidates) == 1 or not autotune_enabled():
+        return candidates[0]
+    cache_key = (name, arch) + tuple(key)
+    if cache_key not in _TUNED:
+        from triton.testing import do_bench
+        timings = []
+        for cfg in candidates:
+            try:
+                timings.append((do_bench(lambda: bench(cfg), warmup=5, rep=20), cfg))
+            except Exception:  # a candidate that does not compile/fit on this GPU is skipped  # noqa: BLE001
+                continue
+        _TUNED[cache_key] = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
+    return _TUNED[cache_key]

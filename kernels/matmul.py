@@ -1,0 +1,109 @@
+"""Tiled matmul with fp32 accumulation, used by the backward pass to turn dlogits chunks into gradients.
+
+Plain PyTorch equivalent:  c = a.float() @ b.float()   (ACCUMULATE: c += a @ b), result cast to c.dtype.
+
+Block decomposition (program = one BLOCK_M x BLOCK_N tile of c, programs ordered in groups of GROUP_M tile rows
+so that concurrently resident programs share A rows and B columns through L2):
+    acc[BLOCK_M, BLOCK_N] = 0 (fp32 registers)
+    for k0 in 0..K step BLOCK_K:                  # pipelined through shared memory (num_stages)
+        acc += tl.dot(a[rows, k0:k0+BK], b[k0:k0+BK, cols])   # bf16/fp16 operands -> HGMMA (sm_90) / HMMA (sm_80)
+    c[rows, cols] = acc (+ c[rows, cols] when ACCUMULATE)
+Any strides: the backward passes dlogits^T (a column-major view) for grad_weight without a copy.
+
+Flops 2*M*N*K; bytes 2*(M*K*ceil(N/BN) + K*N*ceil(M/BM)) / L2-reuse + M*N*c_bytes (x2 with ACCUMULATE).
+In the backward: grad_hidden chunk  M=n, N=H, K=chunk_v (fp32 c, ACCUMULATE after the first chunk);
+                 grad_weight chunk  M=chunk_v, N=H, K=n (c = the grad_weight rows, written once; the fp32
+                 accumulation over all n tokens happens in registers).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._runtime import kernel, tl, triton
+from . import configs
+from .logits import dot_flags
+
+
+@kernel()  # M, N, K stay specialised (divisible by 16 or not): it keeps loads vectorised; <= 8 variants
+def _matmul_kernel(
+    # pointers
+    a_ptr, b_ptr, c_ptr,                  # a [M, K], b [K, N], c [M, N]
+    # shapes
+    M, N, K,
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    # meta
+    ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    rm = m0 + tl.arange(0, BLOCK_M)                                 # [BM]
+    rn = n0 + tl.arange(0, BLOCK_N)                                 # [BN]
+    rk = tl.arange(0, BLOCK_K)                                      # [BK]
+    # padded rows/columns wrap around (no load masks along M, N; masked at the store). 32-bit offsets:
+    # matmul_into checks that every operand spans < 2**31 elements.
+    a_ptrs = a_ptr + (rm % M)[:, None] * stride_am + rk[None, :] * stride_ak       # [BM, BK]
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + (rn % N)[None, :] * stride_bn       # [BK, BN]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if DOT_IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_ok = (rm < M)[:, None] & (rn < N)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
+
+
+def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool, arch: str) -> torch.Tensor:
+    """c (+)= a @ b with fp32 accumulation; a [M, K], b [K, N], c [M, N] (any strides). fp32 x fp32 is exact
+    (no TF32); fp32 x fp16 (the fp16 path's fp32 dlogits) runs as TF32 on the GPU."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        if not accumulate:
+            c.zero_()
+        return c
+    for name, t in (("a", a), ("b", b), ("c", c)):
+        span = sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride())) + 1
+        if span >= 2**31:
+            raise ValueError(f"matmul_into: operand {name} spans {span} elements (>= 2**31); split the tokens "
+                             "into smaller calls")
+    flags = dot_flags(a.dtype, b.dtype)
+
+    def launch(cfg, out):
+        grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(N, cfg.blocks["BLOCK_N"]),)
+        _matmul_kernel[grid](a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                             out.stride(0), out.stride(1), ACCUMULATE=accumulate and out is c, **flags,
+                             **cfg.meta())
+
+    if configs.autotune_enabled() and arch != "interp":
+        scratch = torch.empty_like(c)  # autotuning must not touch the accumulator
+        cfg = configs.pick("matmul", arch, (M.bit_length(), N, K.bit_length(), str(a.dtype), a.stride(0) == 1),
+                           bench=lambda cf: launch(cf, scratch))
+    else:
+        cfg = configs.pick("matmul", arch)
+    launch(cfg, c)
+    return c

@@ -1,0 +1,173 @@
+"""`fastpmd kernels-report --arch 90 --out DIR`: compile every kernel x pinned config for a GPU target, no GPU.
+
+For each (kernel variant, config) it runs triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)),
+writes the cubin (and PTX) to DIR, reads register/stack use with `cuobjdump --dump-resource-usage` and counts
+SASS instructions with `nvdisasm` (both shipped in the triton wheel), and writes DIR/report.json, one row per
+kernel x config. A row fails when the kernel does not compile, spills (stack/local bytes or LDL/STL in SASS),
+needs more shared memory than the architecture has (sm_90: 227 KiB, sm_80: 163 KiB per block), or when a
+kernel with matrix tiles does not use the tensor cores (HGMMA on sm_90, HMMA on sm_80).
+Exit status: 0 when every row passes, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import configs
+from .logits import _logits_tile_kernel, _merge_kernel
+from .matmul import _matmul_kernel
+from .pmd_epilogue import _pmd_epilogue_kernel
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TC_OP = {80: "HMMA", 90: "HGMMA"}
+_DT = {"bf16": "bf16", "fp16": "fp16"}
+D = [["tt.divisibility", 16]]
+
+
+def _variants(dt: str):
+    """(name, kernel, config family, args) with args: name -> '*type' | 'i32' | 'i32D' | 'fp32' | constexpr value.
+    'i32D' marks an int the JIT would see divisible by 16; a contiguous stride is the constexpr 1, as the JIT
+    specialises it."""
+    f = "*fp32"
+    logits_common = dict(
+        hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", bias_ptr=f"*{dt}", targets_ptr="*i64",
+        m_ptr=f, s_ptr=f, t_ptr=f, x_ptr=f, lse_ptr=f, ent_ptr=f, glogp_ptr=f, gent_ptr=f,
+        n_tokens="i32", hidden_size="i32D", vocab_begin="i32D", vocab_end="i32D", tiles_per_split="i32",
+        n_splits="i32", stride_hn="i32D", stride_hh=1, stride_wv="i32D", stride_wh=1,
+        inv_temperature="fp32", HAS_BIAS=True, DOT_FP32=False, DOT_IEEE=False)
+    dz_t = "*bf16" if dt == "bf16" else "*fp32"
+    fwd = dict(logits_common, dz_ptr=f, stride_dzn="i32D", stride_dzv="i32D", BACKWARD=False, WITH_ENTROPY=True,
+               HAS_GRAD_ENT=False)
+    bwd = dict(logits_common, dz_ptr=dz_t, stride_dzn="i32D", stride_dzv=1, BACKWARD=True, WITH_ENTROPY=False,
+               HAS_GRAD_ENT=True)
+    mm_flags = dict(DOT_FP32=dt != "bf16", DOT_IEEE=False)   # fp16 path: fp32 dlogits x fp16 -> TF32
+    grad_h = dict(a_ptr=dz_t, b_ptr=f"*{dt}", c_ptr=f, M="i32D", N="i32D", K="i32D", stride_am="i32D", stride_ak=1,
+                  stride_bk="i32D", stride_bn=1, stride_cm="i32D", stride_cn=1, ACCUMULATE=True, **mm_flags)
+    grad_w = dict(a_ptr=dz_t, b_ptr=f"*{dt}", c_ptr=f"*{dt}", M="i32D", N="i32D", K="i32D", stride_am=1,
+                  stride_ak="i32D", stride_bk="i32D", stride_bn=1, stride_cm="i32D", stride_cn=1, ACCUMULATE=False,
+                  **mm_flags)
+    merge = dict(m_ptr=f, s_ptr=f, t_ptr=f, x_ptr=f, logp_ptr=f, lse_ptr=f, ent_ptr=f, n_tokens="i32",
+                 n_splits="i32", WITH_ENTROPY=True)
+    epi = dict(logp_ptr=f, old_ptr=f, adv_ptr=f, cu_ptr="*i32", div_ptr=f, nseq_ptr=f, delta_ptr=f, term_ptr=f,
+               gtok_ptr=f, n_segments="i32", tau="fp32")
+    return [("logits_fwd", _logits_tile_kernel, "logits_fwd", fwd, True),
+            ("logits_bwd", _logits_tile_kernel, "logits_bwd", bwd, True),
+            ("merge", _merge_kernel, "merge", merge, False),
+            ("matmul_grad_hidden", _matmul_kernel, "matmul", grad_h, True),
+            ("matmul_grad_weight", _matmul_kernel, "matmul", grad_w, True),
+            ("pmd_epilogue", _pmd_epilogue_kernel, "pmd_epilogue", epi, False)]
+
+
+def _source(kern, args: dict, cfg: configs.Config) -> ASTSource:
+    fn = kern.jit_function()
+    values = {**args, **cfg.blocks}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name not in values:
+            raise KeyError(f"kernels-report: no value for argument {name} of {fn.__name__}")
+        v = values[name]
+        if isinstance(v, str) and (v.startswith("*") or v in ("i32", "i32D", "fp32")):
+            signature[name] = "i32" if v == "i32D" else v
+            if v.startswith("*") or v == "i32D":
+                attrs[(i,)] = D
+        else:
+            signature[name] = "constexpr"
+            constexprs[name] = v
+    return ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _inspect(cubin: Path) -> dict:
+    usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
+                           text=True, check=True).stdout
+    sass = subprocess.run([_tool("nvdisasm"), str(cubin)], capture_output=True, text=True, check=True).stdout
+    get = lambda key: int(m.group(1)) if (m := re.search(rf"\b{key}:(\d+)", usage)) else -1  # noqa: E731
+    ops = [ln.split(";")[0] for ln in sass.splitlines()]
+    count = lambda pat: sum(1 for ln in ops if re.search(pat, ln))  # noqa: E731
+    return {"registers": get("REG"), "stack_bytes": get("STACK"), "local_bytes": get("LOCAL"),
+            "hgmma": count(r"\bHGMMA\."), "mma": count(r"\bHMMA\."),
+            "local_loads": count(r"\bLDL(\.|\s)"), "local_stores": count(r"\bSTL(\.|\s)")}
+
+
+def report(arch: int, out: Path, dtypes=("bf16",), all_configs: bool = False) -> list[dict]:
+    """Compile every kernel variant x pinned config (all candidates with all_configs) for sm_<arch>."""
+    out.mkdir(parents=True, exist_ok=True)
+    fam = str(arch) if arch >= 90 else "80"
+    rows = []
+    for dt in dtypes:
+        for name, kern, cname, args, has_tiles in _variants(_DT[dt]):
+            cands = configs.CONFIGS[cname][fam]
+            for ci, cfg in enumerate(cands if all_configs else cands[:1]):
+                row = {"kernel": name, "dtype": dt, "arch": f"sm_{arch}", "config": ci, **cfg.meta()}
+                stem = f"{name}_{dt}_sm{arch}_cfg{ci}"
+                t0 = time.time()
+                try:
+                    ck = triton.compile(_source(kern, args, cfg), target=GPUTarget("cuda", arch, 32),
+                                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                    (out / f"{stem}.cubin").write_bytes(ck.asm["cubin"])
+                    (out / f"{stem}.ptx").write_text(ck.asm["ptx"])
+                    row.update(_inspect(out / f"{stem}.cubin"), shared_bytes=int(ck.metadata.shared),
+                               compiled=True)
+                except Exception as e:  # noqa: BLE001 - a failed compile is a reported failure
+                    row.update(compiled=False, error=f"{type(e).__name__}: {str(e)[:500]}")
+                row["compile_s"] = round(time.time() - t0, 2)
+                row["failures"] = _failures(row, arch, has_tiles)
+                rows.append(row)
+    (out / "report.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _failures(row: dict, arch: int, has_tiles: bool) -> list[str]:
+    if not row.get("compiled"):
+        return ["does not compile"]
+    bad = []
+    if row["stack_bytes"] > 0 or row["local_bytes"] > 0 or row["local_loads"] or row["local_stores"]:
+        bad.append("spills (stack/local memory)")
+    if row["shared_bytes"] > SMEM_LIMIT[80 if arch < 90 else 90]:
+        bad.append(f"shared memory {row['shared_bytes']} > {SMEM_LIMIT[80 if arch < 90 else 90]}")
+    if has_tiles and row["hgmma" if arch >= 90 else "mma"] == 0:
+        bad.append(f"matrix tiles do not use tensor cores ({TC_OP[90 if arch >= 90 else 80]})")
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fastpmd kernels-report", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, action="append", choices=[80, 90],
+                   help="compute capability to compile for (repeatable; default 90)")
+    p.add_argument("--out", required=True, type=Path, help="output directory for cubins and report.json")
+    p.add_argument("--dtype", action="append", choices=sorted(_DT), help="operand dtype (default bf16)")
+    p.add_argument("--all-configs", action="store_true", help="also compile the autotuning candidates")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("kernels-report: unset TRITON_INTERPRET (the report compiles for the GPU)", file=sys.stderr)
+        return 2
+    ok = True
+    for arch in a.arch or [90]:
+        rows = report(arch, a.out / f"sm_{arch}", tuple(a.dtype or ["bf16"]), a.all_configs)
+        print(f"{'kernel':20s} {'dtype':5s} {'arch':6s} cfg {'regs':>4s} {'smem':>7s} {'stack':>5s} "
+              f"{'TC ops':>6s} {'LDL/STL':>7s}  status")
+        for r in rows:
+            tc = r.get("hgmma" if arch >= 90 else "mma", "-")
+            ldl = f"{r.get('local_loads', '-')}/{r.get('local_stores', '-')}"
+            status = "ok" if not r["failures"] else "FAIL: " + "; ".join(r["failures"])
+            print(f"{r['kernel']:20s} {r['dtype']:5s} {r['arch']:6s} {r['config']:3d} {r.get('registers', '-'):>4} "
+                  f"{r.get('shared_bytes', '-'):>7} {r.get('stack_bytes', '-'):>5} {tc:>6} {ldl:>7}  {status}")
+            ok = ok and not r["failures"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

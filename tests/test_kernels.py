@@ -1,0 +1,215 @@
+"""fastpmd.kernels against float64 references. CPU: Triton interpreter (TRITON_INTERPRET=1, set per test, read by
+fastpmd.kernels at launch); CUDA: the compiled kernels (bench/gpu_check.sh runs this file on a GPU machine).
+Shapes are small and not powers of two (the interpreter is slow)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from triton_interp import ON_GPU, prepare, run_module_in_subprocess
+
+IN_PROCESS = prepare()      # before fastpmd.kernels imports triton (see tests/triton_interp.py)
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported in compiled mode before this module; "
+                                "test_interpreter_subprocess runs this module in a fresh process")
+
+from fastpmd.kernels import configs, fused_linear_pmd_loss_triton, is_available, linear_logprobs_triton
+from fastpmd.kernels.linear_logprobs import chunk_columns
+
+DEV = "cuda" if ON_GPU else "cpu"
+N, H, V = 37, 40, 203          # ragged vs the interpreter blocks (16 tokens x 32 vocab x 16 hidden)
+# (dtype, tolerance relative to the largest reference value): fp32 is exact up to rounding; fp16/bf16
+# gradients pass through 16-bit outputs (bf16: also bf16 dlogits; fp16: fp32 dlogits, TF32 matmuls on a GPU). A missing 1/temperature or a wrong sign gives errors >= 30%.
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if DEV == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def _inputs(dtype, n=N, h=H, v=V, scale=0.3, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(v, h, generator=g, dtype=torch.float64) * scale).to(dtype)
+    b = (torch.randn(v, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
+    tgt = torch.randint(0, v, (n,), generator=g)
+    if n:
+        tgt[0], tgt[-1] = 0, v - 1                               # first and last vocab column
+    return [t.to(DEV) if t is not None else None for t in (hid, w, b, tgt)]
+
+
+def _ref(hid, w, b, tgt, temperature):
+    """float64 oracle: log_softmax((h @ W.T + b) / T) gathered at targets, and the entropy."""
+    z = hid.double() @ w.double().T
+    if b is not None:
+        z = z + b.double()
+    ls = torch.log_softmax(z / temperature, -1)
+    return ls.gather(-1, tgt[:, None])[:, 0], -(ls.exp() * ls).sum(-1)
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() if t is not None else None for t in ts]
+
+
+def _close(got, ref, tol, what):
+    err = (got.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= tol * max(scale, 1e-3), f"{what}: max error {err:.3e} vs scale {scale:.3e} (tol {tol})"
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_linear_logprobs_values_and_grads(dtype, monkeypatch):
+    if dtype == torch.float32:  # several backward vocab chunks (dlogits buffer of 64 columns)
+        monkeypatch.setattr(configs, "DLOGITS_BUDGET_BYTES", N * 4 * 64)
+        assert chunk_columns(N, V, 4, 32) == 64
+    hid, w, b, tgt = _inputs(dtype)
+    T = 0.7
+    h1, w1, b1 = _leaves(hid, w, b)
+    lp, ent = linear_logprobs_triton(h1, w1, tgt, b1, T, True)
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and lp.shape == (N,)
+    gl = torch.linspace(-1.0, 1.0, N, device=DEV, dtype=torch.float64)
+    ge = torch.linspace(0.5, -0.7, N, device=DEV, dtype=torch.float64)
+    ((lp.double() * gl).sum() + (ent.double() * ge).sum()).backward()
+    h2, w2, b2 = _leaves(hid.double(), w.double(), b.double())
+    lp64, ent64 = _ref(h2, w2, b2, tgt, T)
+    ((lp64 * gl).sum() + (ent64 * ge).sum()).backward()
+    _close(lp, lp64, 1e-5, "logp")
+    _close(ent, ent64, 1e-5, "entropy")
+    for got, ref, name in ((h1, h2, "grad_hidden"), (w1, w2, "grad_weight"), (b1, b2, "grad_bias")):
+        assert got.grad.dtype == dtype
+        _close(got.grad, ref.grad, TOL[dtype], name)
+
+
+@in_process
+def test_no_bias_no_entropy_large_logits():
+    """Logits of magnitude ~60 (online max/sum-exp must be stable), temperature 1, no bias, grad on logp only."""
+    hid, w, _, tgt = _inputs(torch.float32, n=21, v=131, scale=3.0, bias=False, seed=1)
+    h1, w1 = _leaves(hid, w)
+    lp, ent = linear_logprobs_triton(h1, w1, tgt, None, 1.0, False)
+    assert ent is None
+    lp.sum().backward()
+    h2, w2 = _leaves(hid.double(), w.double())
+    lp64, _ = _ref(h2, w2, None, tgt, 1.0)
+    lp64.sum().backward()
+    assert torch.isfinite(lp).all()
+    _close(lp, lp64, 1e-5, "logp")
+    _close(h1.grad, h2.grad, 1e-5, "grad_hidden")
+    _close(w1.grad, w2.grad, 1e-5, "grad_weight")
+
+
+@in_process
+def test_entropy_only_gradient_and_no_weight_grad():
+    hid, w, b, tgt = _inputs(torch.float32, n=19, seed=2)
+    h1 = hid.clone().requires_grad_()
+    _, ent = linear_logprobs_triton(h1, w, tgt, b, 1.3, True)
+    ent.sum().backward()
+    h2 = hid.double().requires_grad_()
+    _, ent64 = _ref(h2, w.double(), b.double(), tgt, 1.3)
+    ent64.sum().backward()
+    _close(h1.grad, h2.grad, 1e-5, "grad_hidden (entropy)")
+
+
+def _pmd_ref(hid, w, b, tgt, old, adv, cu, div, tau, T, nseq):
+    lp, _ = _ref(hid, w, b, tgt, T)
+    loss = hid.new_zeros((), dtype=torch.float64)
+    deltas = []
+    for i in range(adv.shape[0]):
+        s, e = int(cu[i]), int(cu[i + 1])
+        d = (lp[s:e] - old[s:e].double()).sum()
+        deltas.append(d)
+        if e > s:
+            loss = loss + (adv[i].double() - tau * d) ** 2 / (2 * tau) / div[i].double() / nseq
+    return loss, torch.stack(deltas), lp
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_pmd_loss_matches_reference(dtype):
+    lens = [9, 0, 13, 1, 14]                                      # an empty segment; sum = N
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    hid, w, b, tgt = _inputs(dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    old = (torch.randn(N, generator=g) * 0.1 - 5.0).to(DEV)
+    adv = torch.randn(len(lens), generator=g).to(DEV)
+    div = torch.tensor([max(x, 1) for x in lens], dtype=torch.float32, device=DEV)
+    nseq = torch.tensor(4.0, device=DEV)
+    tau, T = 0.05, 0.9
+    h1, w1, b1 = _leaves(hid, w, b)
+    loss, delta, lp = fused_linear_pmd_loss_triton(h1, w1, tgt, b1, old, adv, cu, div, tau, T, nseq)
+    assert loss.shape == () and not delta.requires_grad and not lp.requires_grad
+    (loss * 3.0).backward()                                       # upstream grad != 1 reaches the kernels
+    h2, w2, b2 = _leaves(hid.double(), w.double(), b.double())
+    loss64, delta64, lp64 = _pmd_ref(h2, w2, b2, tgt, old, adv, cu, div, tau, T, 4.0)
+    (loss64 * 3.0).backward()
+    _close(lp, lp64, 1e-5, "logp")
+    _close(delta, delta64, 1e-5, "delta")
+    assert delta[1].item() == 0.0
+    _close(loss, loss64, 1e-5, "loss")
+    for got, ref, name in ((h1, h2, "grad_hidden"), (w1, w2, "grad_weight"), (b1, b2, "grad_bias")):
+        _close(got.grad, ref.grad, TOL[dtype], name)
+
+
+@in_process
+def test_fused_matches_torch_backend():
+    """fastpmd.fused_linear_pmd_loss(backend="triton") against the torch backend, masks and [B, T] layout."""
+    import fastpmd
+    if not hasattr(fastpmd, "fused_linear_pmd_loss"):
+        pytest.skip("fastpmd.fused_linear_pmd_loss not in the public API yet (lead's module)")
+    B, T_, Hh, Vv = 3, 11, 40, 203
+    g = torch.Generator().manual_seed(5)
+    hid = torch.randn(B, T_, Hh, generator=g).to(DEV)
+    w = (torch.randn(Vv, Hh, generator=g) * 0.3).to(DEV)
+    tgt = torch.randint(0, Vv, (B, T_), generator=g).to(DEV)
+    mask = torch.rand(B, T_, generator=g) > 0.3
+    mask[2] = False                                                # a fully masked sequence
+    mask = mask.to(DEV)
+    old = (torch.randn(B, T_, generator=g) * 0.1 - 5.0).to(DEV)
+    adv = torch.randn(B, generator=g).to(DEV)
+    out = {}
+    for backend in ("triton", "torch"):
+        h1, w1 = _leaves(hid, w)
+        loss, metrics = fastpmd.fused_linear_pmd_loss(h1, w1, tgt, mask, old, adv, tau=0.1, temperature=0.8,
+                                                      backend=backend)
+        loss.backward()
+        out[backend] = (loss.detach(), h1.grad, w1.grad)
+    for a, r, name in zip(out["triton"], out["torch"], ("loss", "grad_hidden", "grad_weight")):
+        _close(a, r.double(), 1e-4, name)
+
+
+@in_process
+def test_validation_and_unavailable_backend(monkeypatch):
+    hid, w, b, tgt = _inputs(torch.float32, n=5, seed=6)
+    with pytest.raises(ValueError, match="weight"):
+        linear_logprobs_triton(hid, w[:, :-1], tgt, b, 1.0, False)
+    with pytest.raises(ValueError, match="targets"):
+        linear_logprobs_triton(hid, w, tgt[:-1], b, 1.0, False)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_logprobs_triton(hid, w, tgt, b, 0.0, False)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        fused_linear_pmd_loss_triton(hid, w, tgt, b, torch.zeros(5, device=DEV), torch.zeros(2, device=DEV),
+                                     torch.zeros(2, dtype=torch.int32, device=DEV), torch.ones(2, device=DEV),
+                                     0.1, 1.0, torch.tensor(2.0, device=DEV))
+    if DEV == "cpu":
+        assert is_available(torch.device("cpu"))
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert not is_available(torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            linear_logprobs_triton(hid, w, tgt, b, 1.0, False)
+
+
+@in_process
+def test_empty_batch():
+    hid, w, b, tgt = _inputs(torch.float32, n=0, seed=7)
+    h1, w1 = _leaves(hid, w)
+    lp, _ = linear_logprobs_triton(h1, w1, tgt, b, 1.0, False)
+    assert lp.shape == (0,)
+    lp.sum().backward()
+    assert w1.grad.abs().sum().item() == 0.0 and h1.grad.shape == (0, H)
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="kernels run in this process")
+def test_interpreter_subprocess():
+    run_module_in_subprocess(__file__)
