@@ -105,7 +105,7 @@ class HFEngine:
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
             max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=sampling.n,
+            num_return_sequences=1 if greedy else sampling.n,  # greedy: one row, copied n times below
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
         )
@@ -126,6 +126,8 @@ class HFEngine:
         )  # [P * n, L + T], rows of prompt i at [i * n, (i + 1) * n)
         new = out[:, L:].tolist()
         n = sampling.n
+        if sampling.temperature == 0:  # [P, L + T]: one greedy row per prompt
+            return [[trim_response(new[i], self.eos_id, sampling.max_new_tokens)] * n for i in range(len(prompts))]
         return [
             [trim_response(new[i * n + j], self.eos_id, sampling.max_new_tokens) for j in range(n)]
             for i in range(len(prompts))
