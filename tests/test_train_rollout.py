@@ -162,3 +162,83 @@ def test_vllm_engine_without_vllm_names_the_extra(monkeypatch, tmp_path):
         VLLMEngine(tmp_path / "missing")
     with pytest.raises(ValueError, match="weight_sync"):
         VLLMEngine(tmp_path, weight_sync="magic")
+
+
+class _FakeLLM:
+    """Records the calls VLLMEngine makes (the sleep/wake bookkeeping is ours; vLLM itself is tested elsewhere)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+        return True
+
+    def collective_rpc(self, fn, args=()):
+        self.calls.append(("rpc", [n for n, _ in args[0]], args[1]))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+
+def _fake_vllm_engine(sleep_mode=True):
+    from fastpmd.train.rollout_vllm import VLLMEngine
+
+    eng = VLLMEngine.__new__(VLLMEngine)  # skip the constructor: no vLLM needed
+    eng.llm, eng.enable_sleep_mode, eng.sleep_level, eng.weight_sync = _FakeLLM(), sleep_mode, 1, "auto"
+    eng._asleep, eng._weights_awake, eng.eos_id, eng.record_logprobs = False, False, EOS, False
+    return eng
+
+
+def test_vllm_engine_sleep_update_wake_sequence():
+    eng = _fake_vllm_engine()
+    w = [("model.norm.weight", torch.ones(4))]
+    eng.update_weights(w)  # awake: load, then drop stale prefix-cache blocks
+    assert eng.llm.calls == [("rpc", ["model.norm.weight"], "auto"), ("reset_prefix_cache",)]
+    eng.llm.calls.clear()
+    eng.sleep()
+    eng.sleep()  # idempotent
+    with pytest.raises(RuntimeError, match="wake"):
+        eng.generate([[3]], SamplingConfig())
+    eng.update_weights(w)  # asleep: wake the weights only
+    eng.wake()
+    eng.wake()
+    assert eng.llm.calls == [("sleep", 1), ("wake_up", ["weights"]), ("rpc", ["model.norm.weight"], "auto"),
+                             ("wake_up", ["kv_cache"])]
+    eng.llm.calls.clear()
+    eng.sleep()
+    eng.wake()  # no update in between: wake everything
+    assert eng.llm.calls == [("sleep", 1), ("wake_up", None)]
+    off = _fake_vllm_engine(sleep_mode=False)
+    off.sleep()
+    off.wake()
+    assert off.llm.calls == []
+
+
+def test_vllm_worker_weight_loader_paths():
+    from fastpmd.train.rollout_vllm import _load_weights_on_worker
+
+    seen = {}
+
+    class Model:
+        def load_weights(self, weights):
+            seen["load"] = weights
+
+    class Runner:
+        def get_model(self):
+            return Model()
+
+    class OldWorker:  # no reload_weights: the classic model.load_weights path
+        model_runner = Runner()
+
+    class NewWorker(OldWorker):
+        def reload_weights(self, weights_iterator, is_checkpoint_format):
+            seen["reload"] = (weights_iterator, is_checkpoint_format)
+
+    w = [("x", torch.zeros(1))]
+    assert _load_weights_on_worker(OldWorker(), w, "auto") == "load" and seen.pop("load") is w
+    assert _load_weights_on_worker(NewWorker(), w, "auto") == "reload" and seen.pop("reload") == (w, True)
+    assert _load_weights_on_worker(NewWorker(), w, "load") == "load" and seen.pop("load") is w

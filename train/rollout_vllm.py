@@ -113,6 +113,7 @@ class VLLMEngine:
         self.record_logprobs = record_logprobs
         self.last_logprobs: list[list[list[float]]] | None = None
         self._asleep = False
+        self._weights_awake = False  # woken for an update while the KV cache sleeps
         self.llm = vllm.LLM(
             model=str(model_dir),
             skip_tokenizer_init=True,
@@ -167,24 +168,30 @@ class VLLMEngine:
         return result
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load (name, full tensor) pairs, named as in the Hugging Face checkpoint, into the vLLM model."""
-        if self._asleep:
-            raise RuntimeError("VLLMEngine.update_weights called while asleep: call wake() first")
+        """Load (name, full tensor) pairs, named as in the Hugging Face checkpoint, into the vLLM model.
+
+        While asleep, only the weights are woken for the update (the KV cache stays released until ``wake``),
+        the usual order of a colocated step: generate, sleep, train, update_weights, wake.
+        """
         weights = [(name, t.detach()) for name, t in named_tensors]
         if not weights:
             return
+        if self._asleep and not self._weights_awake:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_awake = True
         self.llm.collective_rpc(_load_weights_on_worker, args=(weights, self.weight_sync))
-        self.llm.reset_prefix_cache()
+        if not self._asleep:  # (sleep already cleared the prefix cache)
+            self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
         """Release vLLM's GPU memory (level 1: offload weights, drop the KV cache; level 2: drop both).
         No-op without ``enable_sleep_mode``. With level 2 the next ``update_weights`` must send every weight."""
         if self.enable_sleep_mode and not self._asleep:
             self.llm.sleep(level=self.sleep_level)
-            self._asleep = True
+            self._asleep, self._weights_awake = True, False
 
     def wake(self) -> None:
         """Restore what ``sleep`` released (no-op when awake)."""
         if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+            self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
+            self._asleep, self._weights_awake = False, False
