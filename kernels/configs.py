@@ -87,22 +87,25 @@ def autotune_enabled() -> bool:
 _TUNED: dict[tuple, Config] = {}
 
 
-def pick(name: str, arch: str, key: tuple = (), bench=None) -> Config:
-    """Config for kernel `name` on `arch`: the pinned one, or (FASTPMD_AUTOTUNE=1, CUDA, `bench` given) the
-    fastest candidate for this shape `key`, timed once with triton.testing.do_bench and cached.
+def pick(name: str, arch: str, key: tuple = (), bench=None, timer=None) -> Config:
+    """Config for kernel `name` on `arch`: the pinned one, or (FASTPMD_AUTOTUNE=1, not the interpreter, `bench`
+    given) the fastest candidate for this shape `key`, timed once and cached.
 
-    `bench(config)` must launch the kernel without side effects on results (scratch outputs)."""
+    `bench(config)` must launch the kernel without side effects on results (scratch outputs). `timer(fn) -> ms`
+    defaults to triton.testing.do_bench."""
     candidates = CONFIGS[name][arch]
     if bench is None or arch == "interp" or len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
     cache_key = (name, arch) + tuple(key)
     if cache_key not in _TUNED:
-        from triton.testing import do_bench
+        if timer is None:
+            from triton.testing import do_bench
+            timer = lambda fn: do_bench(fn, warmup=5, rep=20)  # noqa: E731
         timings = []
-        for cfg in candidates:
+        for i, cfg in enumerate(candidates):
             try:
-                timings.append((do_bench(lambda: bench(cfg), warmup=5, rep=20), cfg))
+                timings.append((timer(lambda: bench(cfg)), i))
             except Exception:  # a candidate that does not compile/fit on this GPU is skipped  # noqa: BLE001
                 continue
-        _TUNED[cache_key] = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
+        _TUNED[cache_key] = candidates[min(timings)[1]] if timings else candidates[0]
     return _TUNED[cache_key]

@@ -180,6 +180,24 @@ def test_fused_matches_torch_backend():
 
 
 @in_process
+def test_public_linear_logprobs_matches_torch_backend():
+    import fastpmd
+    B, T_, Hh, Vv = 2, 9, 40, 203
+    hid, w, b, tgt = _inputs(torch.float32, n=B * T_, seed=8)
+    mask = (torch.arange(T_) < torch.tensor([[6], [9]])).to(DEV)
+    out = {}
+    for backend in ("triton", "torch"):
+        h1, w1 = _leaves(hid.view(B, T_, Hh), w)
+        lp, ent = fastpmd.linear_logprobs(h1, w1, tgt.view(B, T_), mask=mask, bias=b, temperature=1.7,
+                                          return_entropy=True, backend=backend)
+        ((lp * 0.5).sum() + ent.sum()).backward()
+        out[backend] = (lp.detach(), ent.detach(), h1.grad, w1.grad)
+    assert out["triton"][0][0, 6:].abs().max().item() == 0.0           # masked positions are 0
+    for a, r, name in zip(out["triton"], out["torch"], ("logp", "entropy", "grad_hidden", "grad_weight")):
+        _close(a, r.double(), 1e-5, name)
+
+
+@in_process
 def test_validation_and_unavailable_backend(monkeypatch):
     hid, w, b, tgt = _inputs(torch.float32, n=5, seed=6)
     with pytest.raises(ValueError, match="weight"):
@@ -213,3 +231,26 @@ def test_empty_batch():
 @pytest.mark.skipif(IN_PROCESS, reason="kernels run in this process")
 def test_interpreter_subprocess():
     run_module_in_subprocess(__file__)
+
+
+def test_autotune_picks_fastest_and_caches(monkeypatch):
+    cands = configs.CONFIGS["matmul"]["90"]
+    calls = []
+
+    def timer(fn):                     # fake timings: the second candidate is the fastest, the first fails
+        fn()
+        return {0: 3.0, 1: 1.0}.get(len(calls) - 1, 2.0)
+
+    def bench(cfg):
+        calls.append(cfg)
+        if len(calls) == 1:
+            raise RuntimeError("out of resources")
+
+    assert configs.pick("matmul", "90", ("k",), bench=bench, timer=timer) == cands[0]   # autotune off: pinned
+    assert calls == []
+    monkeypatch.setenv(configs.ENV_AUTOTUNE, "1")
+    monkeypatch.setattr(configs, "_TUNED", {})
+    assert configs.pick("matmul", "90", ("k",), bench=bench, timer=timer) == cands[1]
+    n = len(calls)
+    assert configs.pick("matmul", "90", ("k",), bench=bench, timer=timer) == cands[1] and len(calls) == n
+    assert configs.pick("matmul", "interp", ("k",), bench=bench, timer=timer) == configs.CONFIGS["matmul"]["interp"][0]
