@@ -1,0 +1,12 @@
+"""pytest configuration for the op-level microbenchmarks: `pytest bench/ --benchmark-only`.
+
+The default `pytest` run never sees this directory (pyproject: testpaths = ["tests"]). Here, files named
+bench_*.py are collected as test modules, next to the default test_*.py pattern.
+"""
+import pytest
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
