@@ -166,3 +166,17 @@ def test_generation_batch_layout():
     assert packed["input_ids"].shape == (4, 3)
     with pytest.raises(ValueError, match="response_ids"):
         GenerationBatch(prompt_ids=[[1]], response_ids=[[2]], group_size=2)
+
+
+def test_optional_readers_name_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    f = tmp_path / "x.parquet"
+    f.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError, match=r"fastpmd\[data\]"):
+        load_problems(f)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # the hub path is opt-in ("hf:") and never runs here
+    with pytest.raises(ImportError, match=r"fastpmd\[data\]"):
+        load_problems("hf:BytedTsinghua-SIA/DAPO-Math-17k")

@@ -1,10 +1,12 @@
 """Answer extraction and math rewards on tricky answers."""
 import threading
+import time
 
 import pytest
 import torch
 
 from fastpmd.train.rewards import (
+    _HELPER,
     RewardConfig,
     extract_answer,
     is_equivalent,
@@ -124,18 +126,36 @@ def test_math_reward_validates_arguments():
         math_reward("Answer: 1", "1", timeout_s=0)
 
 
-def test_is_equivalent_works_off_the_main_thread():
-    # signal-based time-outs are unavailable in threads; the comparison must still work (and not raise).
+HUGE = "(10^{10^{10}})!"  # sympy would evaluate this for ever without a time-out
+
+
+def test_time_out_counts_as_incorrect_in_the_main_thread():
+    t0 = time.monotonic()
+    assert math_reward(f"Answer: {HUGE}", "7", timeout_s=1.0) == -1.0
+    assert time.monotonic() - t0 < 60
+
+
+def test_is_equivalent_off_the_main_thread_uses_the_helper_process():
+    # signal-based time-outs only work in a main thread: off it, checks go to a helper process
     result = {}
 
     def run():
         result["eq"] = is_equivalent("0.5", "\\frac{1}{2}")
         result["ne"] = is_equivalent("0.6", "\\frac{1}{2}")
+        t0 = time.monotonic()
+        result["huge"] = math_reward(f"Answer: {HUGE}", "7", timeout_s=1.0)
+        result["fast"] = time.monotonic() - t0 < 60
 
     t = threading.Thread(target=run)
     t.start()
-    t.join(timeout=60)
-    assert result == {"eq": True, "ne": False}
+    t.join(timeout=240)
+    assert result == {"eq": True, "ne": False, "huge": -1.0, "fast": True}
+    # a stopped (or killed) helper is restarted by the next check
+    _HELPER.stop()
+    t = threading.Thread(target=lambda: result.update(again=is_equivalent("1/2", "0.5")))
+    t.start()
+    t.join(timeout=240)
+    assert result["again"] is True
 
 
 def test_overlong_answer_is_exact_match_only():

@@ -5,22 +5,30 @@ Conventions (DAPO, as in the PMD-mean recipe): the last 300 characters of a resp
 unparsable, time-out) -> ``incorrect`` (-1). Comparison: a normalised exact match first (cheap), then
 ``math_verify`` with the gold answer FIRST (``verify(parse(gold), parse(answer))``; verify is not symmetric).
 
-Time-outs: ``math_verify`` guards its parsing and comparison with ``signal.alarm`` (POSIX, main thread only).
-In the main thread we pass it ``timeout_s`` (rounded up to whole seconds). Off the main thread signals are not
-available, so there the comparison runs without a timer; answers are capped at ``MAX_ANSWER_CHARS`` characters
-(longer ones are compared by exact match only) to keep sympy away from pathological inputs. Nothing here
-raises on bad model output: every failure counts as incorrect.
+Time-outs: ``math_verify`` guards each parse and comparison with ``signal.alarm`` (POSIX, main thread only),
+so in the main thread we pass it ``timeout_s`` (rounded up to whole seconds; a check makes a few such calls,
+so it is bounded by a small multiple of ``timeout_s``). Off the main thread signals are unavailable: there the
+math_verify step runs in a helper process (started on first use; this file loaded by path, without torch)
+where the same alarms work, and the caller also gives up (and kills the helper) after a deadline. Answers
+longer than ``MAX_ANSWER_CHARS`` are compared by exact match only. Nothing here raises on bad model output:
+every failure or time-out counts as incorrect.
 """
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import math
 import re
+import select
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DAPO_WINDOW",
@@ -133,37 +141,85 @@ def normalize_answer(ans: str) -> str:
     return s.lstrip("+") if re.fullmatch(r"\+\d+(\.\d+)?", s) else s
 
 
-def _timeout_arg(timeout_s: float) -> int | None:
-    # signal.alarm only works in the main thread and takes whole seconds.
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return max(1, math.ceil(timeout_s))
-
-
-def is_equivalent(answer: str, gold: str, *, timeout_s: float = 5.0) -> bool:
-    """True when ``answer`` matches ``gold``: normalised exact match, else math_verify (gold first).
-
-    Never raises on bad input strings and never hangs in the main thread: errors and time-outs give False.
-    """
-    if normalize_answer(answer) == normalize_answer(gold):
-        return True
-    if len(answer) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
-        return False
+def _math_verify_equal(answer: str, gold: str, timeout_s: float) -> bool:
+    """math_verify, gold first, with its signal time-outs (call in a main thread). False on any failure."""
     from math_verify import parse, verify  # heavy (sympy): imported on first use
     from math_verify.errors import TimeoutException
 
-    t = _timeout_arg(timeout_s)
+    t = max(1, math.ceil(timeout_s))
     try:
         # Wrapping in \boxed{} makes math_verify read the string as one LaTeX expression
         # ("2\sqrt{3}" would otherwise parse as 2).
         g = parse(f"\\boxed{{{gold}}}", parsing_timeout=t) or parse(gold, parsing_timeout=t)
         a = parse(f"\\boxed{{{answer}}}", parsing_timeout=t) or parse(answer, parsing_timeout=t)
-        if not g or not a:
-            return False
-        return bool(verify(g, a, timeout_seconds=t))
+        return bool(g and a and verify(g, a, timeout_seconds=t))
     except (Exception, TimeoutException):  # TimeoutException derives from BaseException
         logging.getLogger(__name__).debug("math_verify failed on %r vs %r", answer, gold, exc_info=True)
         return False
+
+
+def _serve() -> None:
+    """Helper-process loop: one JSON request [answer, gold, timeout_s] per line in, one JSON bool out."""
+    for line in sys.stdin:
+        answer, gold, timeout_s = json.loads(line)
+        print(json.dumps(_math_verify_equal(answer, gold, timeout_s)), flush=True)
+
+
+class _Helper:
+    """The helper process for checks off the main thread (one at a time; restarted after a kill)."""
+
+    STARTUP_S = 120.0  # first request: allowance for starting Python and importing sympy/math_verify
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def check(self, answer: str, gold: str, timeout_s: float) -> bool:
+        with self.lock:
+            budget = 10 * max(1, math.ceil(timeout_s)) + 5  # a few parses and comparisons, each alarm-bounded
+            try:
+                if self.proc is None or self.proc.poll() is not None:
+                    code = ("import importlib.util as u, sys; s = u.spec_from_file_location('_fastpmd_rewards', "
+                            f"{__file__!r}); m = u.module_from_spec(s); sys.modules[s.name] = m; "
+                            "s.loader.exec_module(m); m._serve()")
+                    self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                    budget += self.STARTUP_S
+                self.proc.stdin.write(json.dumps([answer, gold, timeout_s]) + "\n")
+                self.proc.stdin.flush()
+                ready, _, _ = select.select([self.proc.stdout], [], [], budget)
+                line = self.proc.stdout.readline() if ready else ""
+                if line:
+                    return bool(json.loads(line))
+            except (OSError, ValueError):
+                pass
+            self.stop()  # timed out or broken: kill it, the next check starts a fresh one
+            return False
+
+
+_HELPER = _Helper()
+
+
+def is_equivalent(answer: str, gold: str, *, timeout_s: float = 5.0) -> bool:
+    """True when ``answer`` matches ``gold``: normalised exact match, else math_verify (gold first).
+
+    Never raises on bad input strings and never hangs (see the module docstring): errors and time-outs give
+    False.
+    """
+    if normalize_answer(answer) == normalize_answer(gold):
+        return True
+    if len(answer) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return False
+    if threading.current_thread() is threading.main_thread():
+        return _math_verify_equal(answer, gold, timeout_s)
+    return _HELPER.check(answer, gold, timeout_s)
 
 
 def math_reward(
@@ -216,4 +272,6 @@ def score_batch(responses: Sequence[str], golds: Sequence[str], cfg: RewardConfi
         math_reward(r, g, style=cfg.style, correct=cfg.correct, incorrect=cfg.incorrect, timeout_s=cfg.timeout_s)
         for r, g in zip(responses, golds)
     ]
+    import torch
+
     return torch.tensor(out, dtype=torch.float32)  # [B]
