@@ -20,8 +20,11 @@ import os
 from dataclasses import dataclass, field
 
 ENV_AUTOTUNE = "FASTPMD_AUTOTUNE"
-# Bytes of the per-chunk dlogits buffer of the backward pass ([n, chunk_v] in the operand dtype).
-DLOGITS_BUDGET_BYTES = 64 << 20
+# Bytes of the per-chunk dlogits buffer of the backward pass ([n, chunk_v] in the operand dtype); env
+# FASTPMD_DLOGITS_MB overrides. Larger chunks mean fewer fp32 read-modify-write passes over grad_hidden: at
+# n = 16384, H = 3584, V = 152064 (bf16) 256 MiB gives 19 chunks of 8192 columns (8.9 GB of grad_hidden traffic),
+# 64 MiB gives 75 chunks of 2048 (35 GB). Peak extra memory = this buffer + the fp32 grad_hidden accumulator.
+DLOGITS_BUDGET_BYTES = int(os.environ.get("FASTPMD_DLOGITS_MB", "256")) << 20
 # Forward vocab split: aim for this many programs per SM so that short batches still fill the GPU.
 PROGRAMS_PER_SM = 8
 

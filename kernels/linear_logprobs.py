@@ -17,7 +17,7 @@ rather than atomics. Fully fused alternatives must read-modify-write one of the 
 for 128x128 tiles, far below the H100 ridge point of 295 flop/byte (and fp32 atomics add contention and
 non-determinism). With chunks, grad_weight rows are written exactly once (fp32 accumulation over all tokens in
 registers, deterministic) and grad_hidden is read-modified-written once per chunk: intensity
-2*n*H*chunk_v / (8*n*H) = chunk_v/4 flop/byte (512 at chunk_v = 2048, n = 16384 with the 64 MiB budget).
+2*n*H*chunk_v / (8*n*H) = chunk_v/4 flop/byte (2048 at chunk_v = 8192: n = 16384, 256 MiB budget).
 The dlogits buffer holds chunk_v columns, never the whole vocabulary (configs.DLOGITS_BUDGET_BYTES).
 dlogits precision: bf16 inputs -> bf16 buffer (bf16 has fp32's exponent range); fp16 and fp32 inputs -> fp32
 buffer (fp16 would flush small p*g to zero), multiplied on TF32 (fp16) or exact fp32 (fp32) dots.

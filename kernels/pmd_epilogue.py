@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import arch_of, kernel, tl, triton
+from ._runtime import arch_of, kernel, tl
 from . import configs
 from .linear_logprobs import linear_grads, validate_linear
 from .logits import logits_stats
