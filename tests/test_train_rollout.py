@@ -162,6 +162,8 @@ def test_vllm_engine_without_vllm_names_the_extra(monkeypatch, tmp_path):
         VLLMEngine(tmp_path / "missing")
     with pytest.raises(ValueError, match="weight_sync"):
         VLLMEngine(tmp_path, weight_sync="magic")
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        VLLMEngine(tmp_path, tensor_parallel_size=2)
 
 
 class _FakeLLM:
@@ -178,7 +180,7 @@ class _FakeLLM:
         return True
 
     def collective_rpc(self, fn, args=()):
-        self.calls.append(("rpc", [n for n, _ in args[0]], args[1]))
+        self.calls.append(("rpc", [n for n, _ in args[0]], args[1]))  # consumes the stream
 
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))

@@ -3,14 +3,15 @@
 An offline ``vllm.LLM`` fed token ids (``skip_tokenizer_init=True``: the model directory needs only
 ``config.json`` and the weights). The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set by
 the constructor), so ``update_weights`` hands the trainer's tensors to the worker by reference through
-``llm.collective_rpc`` (no serialisation). Colocated on one GPU, ``sleep``/``wake`` release and restore vLLM's
+``llm.collective_rpc`` (no serialisation; streamed, one tensor at a time). Tensor parallelism is not
+supported (it needs worker processes). Colocated on one GPU, ``sleep``/``wake`` release and restore vLLM's
 memory (weights offloaded, KV cache dropped) around the training phase.
 
 Weight sync (``weight_sync``): "reload" uses the worker's ``reload_weights`` (vLLM's in-place reload that
 re-runs weight post-processing: needed where vLLM repacks weights after loading, e.g. its CPU backend, which
 replaces every linear weight by a packed copy, or quantised models); "load" calls
-``worker.model_runner.model.load_weights`` directly (the classic path, cheapest for plain CUDA models, stale
-on the CPU backend); "auto" picks "reload" when the worker has it, else "load". After every update the
+``worker.model_runner.model.load_weights`` directly (the classic path, cheapest for plain CUDA models; on the
+CPU backend it fails, the packed layers have no weight loader left); "auto" picks "reload" when the worker has it, else "load". After every update the
 prefix cache is reset (cached KV blocks were computed with the old weights).
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ VLLM_INSTALL_HINT = ("VLLMEngine needs vLLM: pip install 'fastpmd[vllm]' "
 WEIGHT_SYNC = ("auto", "reload", "load")
 
 
-def _load_weights_on_worker(worker: Any, weights: list[tuple[str, torch.Tensor]], mode: str) -> str:
+def _load_weights_on_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]], mode: str) -> str:
     """Runs inside each vLLM worker (``collective_rpc`` passes the worker as the first argument)."""
     if mode == "auto":
         mode = "reload" if hasattr(worker, "reload_weights") else "load"
@@ -93,6 +94,8 @@ class VLLMEngine:
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         if weight_sync not in WEIGHT_SYNC:
             raise ValueError(f"weight_sync must be one of {WEIGHT_SYNC}, got {weight_sync!r}")
+        if llm_kwargs.get("tensor_parallel_size", 1) != 1 or llm_kwargs.get("pipeline_parallel_size", 1) != 1:
+            raise ValueError("tensor_parallel_size/pipeline_parallel_size: VLLMEngine runs one in-process worker")
         if enable_sleep_mode and not torch.cuda.is_available():
             raise ValueError("enable_sleep_mode needs CUDA (vLLM's sleep mode is GPU-only)")
         eos_id = _eos_from_config(model_dir) if eos_id is None else int(eos_id)
@@ -173,9 +176,9 @@ class VLLMEngine:
         While asleep, only the weights are woken for the update (the KV cache stays released until ``wake``),
         the usual order of a colocated step: generate, sleep, train, update_weights, wake.
         """
-        weights = [(name, t.detach()) for name, t in named_tensors]
-        if not weights:
-            return
+        # Streamed: the worker lives in this process, so a generator reaches model loading as is and a trainer
+        # that gathers one full tensor at a time never holds a second full copy of the model.
+        weights = ((name, t.detach()) for name, t in named_tensors)
         if self._asleep and not self._weights_awake:
             self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
