@@ -12,7 +12,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'f
 
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from fastpmd.train.rollout import RolloutEngine, SamplingConfig  # noqa: E402
+from fastpmd.train.rollout import HFEngine, RolloutEngine, SamplingConfig  # noqa: E402
 from fastpmd.train.rollout_vllm import VLLMEngine  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -99,6 +99,22 @@ def test_update_weights_changes_outputs_and_restores(setup):
     # restoring the original weights restores the original samples exactly (same seed)
     engine.update_weights(original.items())
     assert engine.generate(PROMPTS, s) == before
+
+
+def test_greedy_matches_hf_engine_before_and_after_an_update(setup):
+    # same weights, same greedy tokens as the Hugging Face engine; then load another model's weights
+    engine, model = setup
+    greedy = SamplingConfig(n=2, temperature=0.0, max_new_tokens=8)
+    hf = HFEngine(model, EOS, pad_id=0)
+    assert engine.generate(PROMPTS, greedy) == hf.generate(PROMPTS, greedy)
+    torch.manual_seed(1)
+    other = Qwen2ForCausalLM(model.config).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    engine.update_weights(other.state_dict().items())
+    want = HFEngine(other, EOS, pad_id=0).generate(PROMPTS, greedy)
+    assert want != hf.generate(PROMPTS, greedy)  # the two models really differ
+    assert engine.generate(PROMPTS, greedy) == want
+    engine.update_weights(original.items())
 
 
 def test_sleep_without_sleep_mode_is_a_noop(setup):

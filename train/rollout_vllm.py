@@ -132,10 +132,11 @@ class VLLMEngine:
 
     def _params(self, sampling: SamplingConfig, index: int):
         seed = None if sampling.seed is None else sampling.seed + index * sampling.n
+        greedy = sampling.temperature == 0  # vLLM rejects greedy with n > 1: one sample, copied n times
         return self._vllm.SamplingParams(
-            n=sampling.n,
+            n=1 if greedy else sampling.n,
             temperature=sampling.temperature,
-            top_p=sampling.top_p,
+            top_p=1.0 if greedy else sampling.top_p,
             top_k=0,
             min_p=0.0,
             repetition_penalty=1.0,
@@ -161,6 +162,7 @@ class VLLMEngine:
         result, logprobs = [], []
         for out in outs:
             comps = sorted(out.outputs, key=lambda c: c.index)
+            comps = comps * sampling.n if len(comps) == 1 else comps  # greedy
             result.append([trim_response(list(c.token_ids), self.eos_id, sampling.max_new_tokens) for c in comps])
             if self.record_logprobs:
                 logprobs.append([
