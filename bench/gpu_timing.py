@@ -92,9 +92,25 @@ def main(argv: list[str] | None = None) -> int:
                 lp.sum().backward()
         return run
 
+    def kernel_only():  # fastpmd.kernels directly on the [N, H] rows: no mask compaction copies
+        from fastpmd.kernels import fused_linear_pmd_loss_triton
+        h2 = hidden.detach().view(N, H).requires_grad_()
+        cu = torch.arange(0, N + 1, T, device=dev, dtype=torch.int32)
+        div = torch.full((B,), float(T), device=dev)
+        nseq = torch.tensor(float(B), device=dev)
+
+        def run():
+            h2.grad = weight.grad = None
+            loss, _, _ = fused_linear_pmd_loss_triton(h2, weight, targets.view(N), None, old.view(N), adv, cu, div,
+                                                      0.01, 1.0, nseq)
+            loss.backward()
+        return run
+
     cases = []
     for be in a.backends.split(","):
         cases.append((f"fused_linear_pmd_loss fwd+bwd [{be}]", fused(be), flops_fb))
+    if "triton" in a.backends:
+        cases.append(("kernels.fused_linear_pmd_loss_triton f+b", kernel_only(), flops_fb))
     if "triton" in a.backends:
         cases.append(("linear_logprobs fwd [triton]", logprobs(False), flops_f))
         cases.append(("linear_logprobs fwd+bwd [triton]", logprobs(True), flops_fb))

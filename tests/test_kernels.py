@@ -228,6 +228,50 @@ def test_empty_batch():
     assert w1.grad.abs().sum().item() == 0.0 and h1.grad.shape == (0, H)
 
 
+@in_process
+@pytest.mark.parametrize("arch", ["90", "80"])
+def test_pinned_gpu_configs_under_interpreter(arch, monkeypatch):
+    """The pinned sm_90/sm_80 block sizes and group orderings (128-wide tiles, GROUP 8 with a partial last group,
+    several vocab splits and backward chunks), run by the interpreter (on a GPU: compiled, same configs)."""
+    if DEV == "cpu":
+        for name, fam in configs.CONFIGS.items():
+            monkeypatch.setitem(fam, "interp", fam[arch])
+    n, h, v = 1050, 40, 520                         # 9 token tiles: one full group of 8 + a partial one
+    monkeypatch.setattr(configs, "DLOGITS_BUDGET_BYTES", n * 2 * 256)      # 3 backward chunks
+    hid, w, b, tgt = _inputs(torch.bfloat16, n=n, h=h, v=v, scale=0.2, seed=10)
+    h1, w1, b1 = _leaves(hid, w, b)
+    lp, ent = linear_logprobs_triton(h1, w1, tgt, b1, 0.8, True)
+    gl = torch.linspace(-1.0, 1.0, n, device=DEV, dtype=torch.float64)
+    ((lp.double() * gl).sum() + ent.double().sum() * 0.1).backward()
+    h2, w2, b2 = _leaves(hid.double(), w.double(), b.double())
+    lp64, ent64 = _ref(h2, w2, b2, tgt, 0.8)
+    ((lp64 * gl).sum() + ent64.sum() * 0.1).backward()
+    _close(lp, lp64, 1e-5, "logp")
+    _close(ent, ent64, 1e-5, "entropy")
+    for got, ref, name in ((h1, h2, "grad_hidden"), (w1, w2, "grad_weight"), (b1, b2, "grad_bias")):
+        _close(got.grad, ref.grad, TOL[torch.bfloat16], name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA: the pinned GPU configs (128-wide tiles) on a realistic shape")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_pinned_configs_multi_chunk(dtype, monkeypatch):
+    n, h, v = 1531, 520, 9001                        # several token tiles, vocab splits and backward chunks
+    monkeypatch.setattr(configs, "DLOGITS_BUDGET_BYTES", n * 4 * 1024)
+    hid, w, b, tgt = _inputs(dtype, n=n, h=h, v=v, scale=0.1, seed=9)
+    h1, w1, b1 = _leaves(hid, w, b)
+    lp, ent = linear_logprobs_triton(h1, w1, tgt, b1, 0.8, True)
+    gl = torch.randn(n, device=DEV, dtype=torch.float64)
+    ((lp.double() * gl).sum() + ent.double().sum() * 0.1).backward()
+    h2, w2, b2 = _leaves(hid.double(), w.double(), b.double())
+    lp64, ent64 = _ref(h2, w2, b2, tgt, 0.8)
+    ((lp64 * gl).sum() + ent64.sum() * 0.1).backward()
+    _close(lp, lp64, 1e-5, "logp")
+    _close(ent, ent64, 1e-5, "entropy")
+    for got, ref, name in ((h1, h2, "grad_hidden"), (w1, w2, "grad_weight"), (b1, b2, "grad_bias")):
+        _close(got.grad, ref.grad, TOL[dtype], name)
+
+
 @pytest.mark.skipif(IN_PROCESS, reason="kernels run in this process")
 def test_interpreter_subprocess():
     run_module_in_subprocess(__file__)
