@@ -1,0 +1,80 @@
+"""FSDP2 over two gloo processes gives the same loss and gradients as one process on a fixed batch (fp32 tiny
+model), through the trainer's own accumulation and normalisation (uneven micro-batches included)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+WORKER = textwrap.dedent('''
+    import json, random, sys
+    import torch, torch.distributed as dist
+    import fastpmd
+    from fastpmd.train.cli import build_config
+    from fastpmd.train.data import pack_batch
+    from fastpmd.train.parallelize import init_distributed
+    from fastpmd.train.trainer import Trainer, loss_config
+
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    cfg, _ = build_config(["--out", out + "/run", "--prompts-per-step", "8", "--n", "4", "--mini-batches", "1",
+                           "--micro-batch-seqs", "5", "--warmup-steps", "0", "--no-progress",
+                           "--set", "model.activation_checkpointing=True"])
+    d = init_distributed("cpu")
+    tr = Trainer(cfg, d)
+    P, n, W = 8, 4, d.world_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [tr.task.encode(p) for p in tr.task.arith.sample(P, random.Random(0))]
+    responses = [torch.randint(3, 19, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist() + [2]
+                 for _ in range(P * n)]
+    rewards = (torch.rand(P * n, generator=g) > 0.5).float()
+    lo, hi = d.rank * P // W, (d.rank + 1) * P // W  # this rank's prompts
+    mine = slice(lo * n, hi * n)
+    results = {}
+    for name, loss_type in [("pmd-mean", "grpo"), ("grpo", "grpo"), ("grpo", "dapo"), ("pg", "grpo")]:
+        tr.cfg.loss.name, tr.cfg.loss.grpo_loss_type = name, loss_type
+        tr.loss_cfg = loss_config(tr.cfg)
+        batch = pack_batch([p for p in prompts[lo:hi] for _ in range(n)], responses[mine], 0)
+        logp, _ = tr.old_logprobs(batch)
+        shift = 0.05 * ((batch["targets"] % 3) - 1).float() * batch["loss_mask"]  # Delta != 0, same per token
+        batch.update(old_logprobs=logp + shift, advantages=fastpmd.advantages_for(tr.loss_cfg, rewards, n)[mine])
+        tr._batch = batch
+        stats = tr.accumulate_gradients(torch.arange((hi - lo) * n))
+        loss = stats["loss"].reshape(1).clone()
+        dist.all_reduce(loss)
+        grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).tolist()
+                 for k, p in tr.policy.named_parameters()}
+        tr.optimizer.zero_grad(set_to_none=True)
+        results[f"{name}/{loss_type}"] = {"loss": loss.item() / W, "grads": grads}
+    if d.rank == 0:
+        json.dump(results, open(out + f"/world{W}.json", "w"))
+    dist.destroy_process_group()
+''')
+
+
+def _run(tmp_path, world):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(script),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((tmp_path / f"world{world}.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    one, two = _run(tmp_path, 1), _run(tmp_path, 2)
+    for key in one:
+        assert two[key]["loss"] == pytest.approx(one[key]["loss"], rel=1e-5, abs=1e-7), key
+        assert one[key]["grads"].keys() == two[key]["grads"].keys()
+        norm = 0.0
+        for name, g1 in one[key]["grads"].items():
+            a, b = torch.tensor(g1), torch.tensor(two[key]["grads"][name])
+            norm += float(a.square().sum())
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
+        assert norm > 0, key  # the batch really produced a gradient

@@ -1,0 +1,188 @@
+"""Training configuration: plain dataclasses with documented defaults, validated before any work starts.
+
+The defaults are the paper's recipe (PMD_NOTES.md, "Training recipe"): 512 prompts x 16 responses per generation
+batch, 16 optimizer steps per batch (mini-batches of 32 prompts), temperature 1.0, AdamW lr 1e-6, weight decay 0.01,
+constant schedule, grad-norm clipping 1.0, loss `pmd-mean`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+LOSSES = ("pmd-mean", "pmd-part", "grpo", "gspo", "pg")
+ESTIMATORS = ("mean", "loo")
+
+
+@dataclass
+class ModelConfig:
+    """Which policy to train."""
+
+    name_or_path: str = ""  # HF model directory or hub id; "" with `arch` set builds a random model from config
+    arch: str = ""  # "tiny-qwen2" | "tiny-qwen3" | "tiny-qwen3-moe": random model built from `arch_kwargs`
+    arch_kwargs: dict = field(default_factory=dict)  # overrides of the tiny config (hidden_size, num_layers, ...)
+    tokenizer: str = ""  # "char" for fastpmd.train.data.CharTokenizer; "" = the model directory's HF tokenizer
+    attn_implementation: str = "auto"  # "auto": flash_attention_2 on CUDA when installed, else sdpa
+    param_dtype: str = "bfloat16"  # FSDP compute/param dtype; "float32" allowed (CPU/gloo: bf16 on CPU is slow)
+    reduce_dtype: str = "float32"  # FSDP gradient reduce dtype
+    activation_checkpointing: bool = True  # recompute each decoder block in backward
+    seed: int = 0  # seed of random initialisation (tiny archs) and of the whole run
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from."""
+
+    task: str = "math"  # "math" (problems from `path`, DAPO template) | "arithmetic" (ArithmeticTask)
+    path: str = ""  # jsonl/parquet file or dataset name for task "math"
+    eval_path: str = ""  # held-out problems for task "math" ("" = no eval)
+    max_prompt_len: int = 2048  # prompts longer than this (tokens) are dropped at load time
+    arith_kwargs: dict = field(default_factory=dict)  # ArithmeticTask options (digits, ...) for task "arithmetic"
+    eval_size: int = 200  # held-out problems used per eval (arithmetic: ArithmeticTask.heldout(eval_size))
+
+
+@dataclass
+class RolloutConfig:
+    """Generation of the batch (step 1 of the loop) and of evals."""
+
+    engine: str = "hf"  # "hf" (HFEngine, any device) | "vllm" (VLLMEngine, CUDA)
+    prompts_per_step: int = 512  # P prompts per generation batch (global, across ranks)
+    n: int = 16  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+    eval_n: int = 32  # samples per held-out problem (Avg@k, Pass@k, Maj@k)
+    eval_temperature: float = 1.0
+    eval_top_p: float = 0.7
+
+
+@dataclass
+class RewardSpec:
+    """Step 2: rewards (math-verify, DAPO convention)."""
+
+    correct: float = 1.0
+    incorrect: float = -1.0  # DAPO uses +1/-1; the CPU demo uses 0/1
+
+
+@dataclass
+class LossSpec:
+    """Step 4: the policy loss, chosen by name."""
+
+    name: str = "pmd-mean"  # one of LOSSES
+    tau: float = 0.01  # PMD temperature (paper's scripts: 0.01; 30B figure: 0.1)
+    estimator: str = "loo"  # pmd-mean baseline: "mean" (paper) or "loo" (released code, RLOO)
+    length_norm: bool = True  # divide each sequence's term by its token count ("seq-mean-token-mean")
+    grpo_loss_type: str = "grpo"  # grpo / gspo aggregation: grpo | bnpo | dapo | dr_grpo
+    epsilon_low: float | None = None  # clip range; None = the loss's default
+    epsilon_high: float | None = None
+    chunk_size: int | None = None  # LM-head chunk size of fastpmd (None = its default)
+    backend: str = "auto"  # fastpmd backend: auto | naive | torch | triton
+
+
+@dataclass
+class OptimConfig:
+    """Step 4: optimizer steps over mini-batches of the generation batch."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 0  # linear LR warm-up over this many optimizer steps, then constant
+    grad_clip: float = 1.0
+    mini_batches: int = 16  # k optimizer steps per generation batch (512 prompts / 32 per mini-batch)
+    micro_batch_seqs: int = 64  # sequences per forward/backward (gradient accumulation inside a mini-batch)
+
+
+@dataclass
+class WarmupConfig:
+    """Optional supervised warm-up before RL (training problems only; used by the CPU demo)."""
+
+    steps: int = 0  # 0 = no warm-up
+    batch_size: int = 64
+    lr: float = 3e-3
+    noise: float = 0.0  # fraction of warm-up answers replaced by a near miss (gold + d, 1 <= |d| <= noise_span)
+    noise_span: int = 3
+
+
+@dataclass
+class RunConfig:
+    """Loop length, output, checkpoints, logging."""
+
+    out: str = "runs/fastpmd"  # output directory: metrics.jsonl, checkpoints/, plots, hf/ export
+    max_steps: int = 100  # generation batches (RL steps)
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    eval_every: int = 0  # eval every N steps (0 = only before the first and after the last step)
+    resume: bool = False  # resume from OUT/checkpoints/latest
+    export_hf: bool = True  # save_pretrained the final policy to OUT/hf
+    tensorboard: bool = False
+    plots: bool = True  # PNG training curves at the end
+    progress: bool = True  # tqdm progress bar (rank 0)
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    threads: int = 0  # torch intra-op CPU threads per process (0 = torch's default; the CPU demo uses 1)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; `fastpmd train --help` lists the command-line overrides."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardSpec = field(default_factory=RewardSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Raise ValueError naming the first bad field; called before any model or data is touched."""
+
+    def need(ok: bool, name: str, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"config {name}: {msg}")
+
+    m, d, r, lo, o, w, run = cfg.model, cfg.data, cfg.rollout, cfg.loss, cfg.optim, cfg.warmup, cfg.run
+    need(bool(m.name_or_path) != bool(m.arch), "model.name_or_path/model.arch", "set exactly one of them")
+    need(m.arch in ("", "tiny-qwen2", "tiny-qwen3", "tiny-qwen3-moe"), "model.arch", f"unknown arch {m.arch!r}")
+    need(m.param_dtype in ("bfloat16", "float32", "float16"), "model.param_dtype", f"bad dtype {m.param_dtype!r}")
+    need(m.reduce_dtype in ("bfloat16", "float32"), "model.reduce_dtype", f"bad dtype {m.reduce_dtype!r}")
+    need(m.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
+         f"unknown {m.attn_implementation!r}")
+    need(d.task in ("math", "arithmetic"), "data.task", f"must be 'math' or 'arithmetic', got {d.task!r}")
+    need(d.task != "math" or bool(d.path), "data.path", "task 'math' needs a problem file or dataset name")
+    need(d.eval_size >= 0, "data.eval_size", "must be >= 0")
+    need(r.engine in ("hf", "vllm"), "rollout.engine", f"must be 'hf' or 'vllm', got {r.engine!r}")
+    need(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
+    need(r.n >= 2, "rollout.n", "group-relative losses need at least 2 responses per prompt")
+    need(r.temperature > 0, "rollout.temperature", "must be > 0")
+    need(0 < r.top_p <= 1 and 0 < r.eval_top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(r.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
+    need(r.eval_n >= 1, "rollout.eval_n", "must be >= 1")
+    need(lo.name in LOSSES, "loss.name", f"must be one of {LOSSES}, got {lo.name!r}")
+    need(lo.tau > 0, "loss.tau", "must be > 0")
+    need(lo.estimator in ESTIMATORS, "loss.estimator", f"must be one of {ESTIMATORS}, got {lo.estimator!r}")
+    need(lo.grpo_loss_type in ("grpo", "bnpo", "dapo", "dr_grpo"), "loss.grpo_loss_type", "unknown")
+    need(lo.backend in ("auto", "naive", "torch", "triton"), "loss.backend", f"unknown {lo.backend!r}")
+    need(lo.chunk_size is None or lo.chunk_size > 0, "loss.chunk_size", "must be > 0")
+    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
+    need(o.mini_batches >= 1, "optim.mini_batches", "must be >= 1")
+    need(o.micro_batch_seqs >= 1, "optim.micro_batch_seqs", "must be >= 1")
+    need(w.steps >= 0 and w.batch_size > 0 and w.lr > 0, "warmup", "steps >= 0, batch_size > 0, lr > 0")
+    need(0.0 <= w.noise < 1.0 and w.noise_span >= 1, "warmup.noise", "noise in [0, 1), noise_span >= 1")
+    need(run.max_steps >= 1, "run.max_steps", "must be >= 1")
+    need(run.save_every >= 0, "run.save_every", "must be >= 0")
+    need(run.eval_every >= 0, "run.eval_every", "must be >= 0")
+    need(run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto|cpu|cuda, got {run.device!r}")
+    need(run.threads >= 0, "run.threads", "must be >= 0")
+    need(bool(run.out), "run.out", "output directory must be set")
+    need(r.prompts_per_step % world_size == 0, "rollout.prompts_per_step",
+         f"{r.prompts_per_step} prompts do not split over {world_size} ranks")
+    local = r.prompts_per_step // world_size
+    need(local % o.mini_batches == 0, "optim.mini_batches",
+         f"{local} prompts per rank do not split into {o.mini_batches} mini-batches of whole prompt groups")
+    need(r.engine != "vllm" or run.device != "cpu", "rollout.engine", "vllm needs CUDA")

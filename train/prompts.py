@@ -1,0 +1,109 @@
+"""The task as the trainer sees it: a resumable prompt stream, the tokenizer (encode a problem, decode a response)
+and the reward of a decoded response. Two tasks: "math" (problem files, DAPO template, math-verify rewards) and
+"arithmetic" (the offline synthetic task with its character tokenizer).
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .config import TrainConfig
+from .data import DAPO_TEMPLATE, PLAIN_TEMPLATE, ArithmeticTask, CharTokenizer, Problem, format_prompt, load_problems
+from .rewards import math_reward
+
+
+class HFTokenizer:
+    """Adapter giving a Hugging Face tokenizer the CharTokenizer surface the trainer uses."""
+
+    def __init__(self, name_or_path: str):
+        import transformers
+
+        self.tok = transformers.AutoTokenizer.from_pretrained(name_or_path)
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_id
+        self.vocab_size = len(self.tok)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if self.tok.chat_template:  # instruct/base models with a template: one user turn
+            return list(self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                                     add_generation_prompt=True, return_dict=False))
+        return self.tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def save_pretrained(self, path) -> None:
+        self.tok.save_pretrained(path)
+
+
+class CharPromptTokenizer(CharTokenizer):
+    """CharTokenizer whose prompts start with bos."""
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text, add_bos=True)
+
+
+def make_tokenizer(cfg: TrainConfig):
+    if cfg.model.tokenizer == "char":
+        return CharPromptTokenizer()
+    return HFTokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+
+
+class Task:
+    """Prompts, templates and rewards of one run. `next_prompts` is deterministic given `state_dict()`."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, rank: int, world_size: int):
+        self.cfg, self.tok, self.rank, self.world = cfg, tokenizer, rank, world_size
+        d = cfg.data
+        self.seed = cfg.model.seed
+        if d.task == "arithmetic":
+            self.arith = ArithmeticTask(self.seed, **d.arith_kwargs)
+            self.template = PLAIN_TEMPLATE
+            self.rng = random.Random(f"prompts-{self.seed}-{rank}")
+            n_eval = min(d.eval_size, len(self.arith.heldout()))
+            self.eval_problems = self.arith.heldout(n_eval) if n_eval else []
+        else:
+            self.arith = None
+            self.template = DAPO_TEMPLATE
+            self.problems = self._fit(load_problems(d.path))
+            if not self.problems:
+                raise ValueError(f"data.path: no problems of at most {d.max_prompt_len} tokens in {d.path!r}")
+            self._perm = (-1, None)
+            self.position = 0  # global index of the next prompt in the shuffled epoch order
+            self.eval_problems = self._fit(load_problems(d.eval_path))[: d.eval_size or None] if d.eval_path else []
+
+    def _fit(self, problems: list[Problem]) -> list[Problem]:
+        return [p for p in problems if len(self.encode(p)) <= self.cfg.data.max_prompt_len]
+
+    def encode(self, problem: Problem) -> list[int]:
+        return self.tok.encode_prompt(format_prompt(problem, self.template))
+
+    def reward(self, response: str, gold: str) -> float:
+        r = self.cfg.reward
+        style = "arith" if self.arith is not None else "dapo"
+        return math_reward(response, gold, style=style, correct=r.correct, incorrect=r.incorrect)
+
+    def next_prompts(self, n_local: int) -> list[Problem]:
+        """This rank's share of the next generation batch (n_local prompts)."""
+        if self.arith is not None:
+            return self.arith.sample(n_local, self.rng)
+        out, N = [], len(self.problems)
+        start = self.position + self.rank * n_local
+        for g in range(start, start + n_local):
+            epoch, i = divmod(g, N)
+            if self._perm[0] != epoch:  # each epoch a fresh seeded shuffle
+                self._perm = (epoch, torch.randperm(N, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch)))
+            out.append(self.problems[int(self._perm[1][i])])
+        self.position += n_local * self.world
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate()} if self.arith is not None else {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.arith is not None:
+            self.rng.setstate(state["rng"])
+        else:
+            self.position = state["position"]

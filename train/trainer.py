@@ -1,0 +1,309 @@
+"""The RL loop. One `train_step` is the paper's recipe:
+
+1. generate P prompts x n responses with the rollout engine (each rank its share of the prompts);
+2. score them (rewards);
+3. recompute the old log-probs pi_t with the trainer's own model (`fastpmd.linear_logprobs`, no grad);
+4. take k optimizer steps over mini-batches of whole prompt groups, the loss chosen by name; the model's final
+   hidden states and the LM head weight go straight into the fused loss (no logits);
+5. push the new weights into the rollout engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import fastpmd
+
+from . import checkpoint
+from .config import TrainConfig, validate
+from .data import pack_batch
+from .metrics import MetricsLogger, peak_memory, plot_curves
+from .model import Policy, build_hf_model, hf_state_key, reset_rotary
+from .parallelize import DTYPES, Dist, apply_activation_checkpointing, apply_fsdp
+from .prompts import Task, make_tokenizer
+from .rollout import HFEngine, SamplingConfig
+
+
+def loss_config(cfg: TrainConfig) -> fastpmd.LossConfig:
+    lo = cfg.loss
+    estimator = lo.estimator if lo.name == "pmd-mean" else None
+    return fastpmd.LossConfig(name=lo.name, tau=lo.tau, estimator=estimator, length_norm=lo.length_norm,
+                              loss_type=lo.grpo_loss_type, epsilon_low=lo.epsilon_low, epsilon_high=lo.epsilon_high,
+                              max_completion_length=cfg.rollout.max_new_tokens)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _slice(batch: dict, idx: torch.Tensor) -> dict:
+    """Rows idx of a packed batch, trimmed to its longest sequence."""
+    out = {k: v[idx] for k, v in batch.items()}
+    L = int((out["prompt_lengths"] + out["response_lengths"]).max())
+    return {k: (v[:, :L] if v.dim() == 2 else v) for k, v in out.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, d: Dist):
+        validate(cfg, d.world_size)
+        self.loss_cfg = loss_config(cfg)  # ValueError on a bad loss/estimator pair, before any work
+        self.cfg, self.d = cfg, d
+        self.out = Path(cfg.run.out)
+        if not cfg.run.resume and (self.out / "checkpoints" / "latest").exists():
+            raise ValueError(f"run.out: {self.out} already holds a run; pass --resume or choose another --out")
+        self.tok = make_tokenizer(cfg)
+        self.task = Task(cfg, self.tok, d.rank, d.world_size)
+        self.policy, self.hf = self._build_policy()
+        self.engine = self._build_engine()
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                           weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)))
+        self.step = 0
+        self.p_local = cfg.rollout.prompts_per_step // d.world_size
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def _build_policy(self):
+        """Meta-device model -> activation checkpointing -> fully_shard -> materialise -> weights from rank 0."""
+        m, dev = self.cfg.model, self.d.device
+        full = build_hf_model(m, torch.device("cpu"), tokenizer=self.tok) if self.d.is_main else None
+        hf = build_hf_model(m, dev, tokenizer=self.tok, meta=True)
+        if m.activation_checkpointing:
+            apply_activation_checkpointing(hf)
+        policy = apply_fsdp(Policy(hf), m, dev)
+        policy.to_empty(device=dev)
+        reset_rotary(hf, dev)
+        checkpoint.load_full_state(policy, {"hf." + k: v for k, v in full.state_dict().items()} if full else {})
+        del full
+        policy.train()
+        return policy, hf
+
+    def _build_engine(self):
+        """A separate generation copy of the model (or vLLM) that receives the weights after every step."""
+        r, dev = self.cfg.rollout, self.d.device
+        if r.engine == "vllm":
+            from .rollout_vllm import VLLMEngine
+
+            return VLLMEngine(self.cfg.model.name_or_path)
+        gen = build_hf_model(dataclasses.replace(self.cfg.model, attn_implementation="sdpa"), dev,
+                             tokenizer=self.tok, meta=True)
+        gen.to_empty(device=dev)
+        reset_rotary(gen, dev)
+        gen.to(DTYPES[self.cfg.model.param_dtype]).eval()
+        engine = HFEngine(gen, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
+        self._sync_weights(engine)
+        return engine
+
+    def _sync_weights(self, engine=None) -> None:
+        """Step 5: stream full (all-gathered) parameters, one at a time, into the rollout engine."""
+        engine = engine or self.engine
+
+        def named():
+            for name, p in self.policy.named_parameters():
+                yield hf_state_key(name), p.full_tensor() if hasattr(p, "full_tensor") else p
+
+        with torch.no_grad():
+            engine.update_weights(named())
+
+    def sampling(self, step: int) -> SamplingConfig:
+        r = self.cfg.rollout  # a distinct, reproducible seed per (run, step, rank)
+        return SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                              seed=(self.cfg.model.seed * 1_000_003 + step) * 1024 + self.d.rank)
+
+    # -------------------------------------------------------------------------------------- one RL step
+    def train_step(self) -> dict:
+        cfg, n, dev = self.cfg, self.cfg.rollout.n, self.d.device
+        t0 = time.perf_counter()
+        problems = self.task.next_prompts(self.p_local)
+        prompt_ids = [self.task.encode(p) for p in problems]
+        self.engine.wake()
+        responses = [r for group in self.engine.generate(prompt_ids, self.sampling(self.step)) for r in group]
+        self.engine.sleep()  # 1. [P_local * n] responses
+        t_gen = time.perf_counter() - t0
+        texts = [self.tok.decode(r) for r in responses]
+        rewards = torch.tensor([self.task.reward(t, problems[i // n].answer) for i, t in enumerate(texts)],
+                               dtype=torch.float32)  # 2. [B]
+        batch = pack_batch([p for p in prompt_ids for _ in range(n)], responses, self.tok.pad_id)
+        t1 = time.perf_counter()
+        old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32
+        adv = fastpmd.advantages_for(self.loss_cfg, rewards, n)  # [B]
+        batch.update(old_logprobs=old_logp, advantages=adv)
+        stats = [self.update(mb) for mb in self.minibatches()]  # 4. k optimizer steps
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t_update = time.perf_counter() - t1
+        self._sync_weights()  # 5.
+        return self._step_metrics(batch, rewards, entropy, stats, t_gen, t_update)
+
+    @torch.no_grad()
+    def old_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi_t log-probs [B, L] (0 off the loss mask) and entropies of the current policy, by micro-batch."""
+        B, L = batch["input_ids"].shape
+        logp = torch.zeros(B, L)
+        ent = torch.zeros(B, L)
+        lo = self.cfg.loss
+        for idx in torch.arange(B).split(self.cfg.optim.micro_batch_seqs):
+            mb = _to(_slice(batch, idx), self.d.device)
+            head = lambda h, w: fastpmd.linear_logprobs(h, w, mb["targets"], mask=mb["loss_mask"],  # noqa: E731
+                                                        return_entropy=True, chunk_size=lo.chunk_size,
+                                                        backend=lo.backend)
+            lp, e = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(), head)
+            logp[idx, : lp.shape[1]] = lp.cpu()
+            ent[idx, : e.shape[1]] = e.cpu()
+        self._batch = batch
+        return logp, ent
+
+    def minibatches(self):
+        """k mini-batches of whole prompt groups, in an order shuffled reproducibly per step."""
+        n, k = self.cfg.rollout.n, self.cfg.optim.mini_batches
+        g = torch.Generator().manual_seed(self.cfg.model.seed * 7_919 + self.step)
+        prompts = torch.randperm(self.p_local, generator=g)
+        for chunk in prompts.chunk(k):
+            yield (chunk[:, None] * n + torch.arange(n)).reshape(-1)  # sequence indices
+
+    def update(self, idx: torch.Tensor) -> dict:
+        """One optimizer step on the sequences idx (a mini-batch): accumulate, clip to grad_clip, AdamW, LR step."""
+        stats = self.accumulate_gradients(idx)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**stats, "grad_norm": grad_norm.detach()}
+
+    def accumulate_gradients(self, idx: torch.Tensor) -> dict:
+        """Backward over micro-batches of idx with global normalisers, so the sum equals one big batch's loss."""
+        batch, dev = self._batch, self.d.device
+        n_seq = float(idx.numel())  # same on every rank; FSDP averages over ranks -> the global mean
+        tokens = batch["loss_mask"][idx].sum().float().reshape(1)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(tokens)
+        n_items = tokens.item() / dist.get_world_size()  # global token count / world (dapo/bnpo normaliser)
+        stats: dict[str, torch.Tensor] = {}
+        for micro in idx.split(self.cfg.optim.micro_batch_seqs):
+            mb = _to(_slice(batch, micro), dev)
+            loss, metrics = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(),
+                                        self._loss_head(mb, n_seq, n_items, micro.numel()))
+            loss.backward()
+            w = micro.numel() / n_seq
+            stats["loss"] = stats.get("loss", 0.0) + loss.detach()  # already globally normalised: a sum
+            stats["logratio_mean"] = stats.get("logratio_mean", 0.0) + metrics["logratio_mean"] * w
+            lo_min = metrics["logratio_min"]
+            stats["logratio_min"] = torch.minimum(stats["logratio_min"], lo_min) if "logratio_min" in stats else lo_min
+        return stats
+
+    def _loss_head(self, mb: dict, n_seq: float, n_items: float, micro_seqs: int):
+        """head_fn(hidden [b, L, H], weight [V, H]) -> (loss, metrics) for the configured loss."""
+        lo, spec = self.loss_cfg, self.cfg.loss
+        tgt, mask, old, adv = mb["targets"], mb["loss_mask"], mb["old_logprobs"], mb["advantages"]
+        if lo.is_pmd:  # fused: no [N, V] logits, chunked over the LM head
+            return lambda h, w: fastpmd.fused_linear_pmd_loss(h, w, tgt, mask, old, adv, tau=lo.tau,
+                                                              length_norm=lo.length_norm, chunk_size=spec.chunk_size,
+                                                              num_sequences=n_seq, backend=spec.backend)
+
+        def head(h, w):
+            logp = fastpmd.linear_logprobs(h, w, tgt, mask=mask, chunk_size=spec.chunk_size, backend=spec.backend)
+            cfg = dataclasses.replace(lo, loss_type="dapo") if lo.loss_type == "bnpo" else lo
+            loss, metrics = fastpmd.compute_loss(cfg, logp, old, adv, mask, num_sequences=n_seq, num_items=n_items)
+            if lo.name in ("grpo", "gspo") and lo.loss_type in ("grpo", "dr_grpo"):
+                loss = loss * (micro_seqs / n_seq)  # these average over the micro-batch: reweight to the mini-batch
+            return loss, metrics
+
+        return head
+
+    def _step_metrics(self, batch, rewards, entropy, stats, t_gen, t_update) -> dict:
+        """Reduce across ranks with two collectives and one host sync."""
+        dev, W = self.d.device, dist.get_world_size()
+        mask = batch["loss_mask"]
+        k = len(stats)
+        local = torch.stack([
+            rewards.mean(), (entropy * mask).sum() / mask.sum(), mask.sum(1).float().mean(),
+            sum(s["loss"].float().cpu() for s in stats) / k, sum(s["logratio_mean"].float().cpu() for s in stats) / k,
+            sum(s["grad_norm"].float().cpu() for s in stats) / k, (rewards > rewards.min()).float().mean(),
+        ]).to(dev)
+        lo_min = torch.stack([s["logratio_min"].float() for s in stats]).min().reshape(1).to(dev)
+        tokens = torch.tensor([float(batch["attention_mask"].sum()), float(mask.sum())], device=dev)
+        if W > 1:
+            dist.all_reduce(local)
+            dist.all_reduce(tokens)
+            dist.all_reduce(lo_min, op=dist.ReduceOp.MIN)
+        v = (local / W).tolist()
+        total_tokens, resp_tokens = tokens.tolist()
+        row = {"kind": "train", "step": self.step, "reward_mean": v[0], "entropy": v[1], "response_len_mean": v[2],
+               "loss": v[3], "logratio_mean": v[4], "logratio_min": lo_min.item(), "grad_norm": v[5],
+               "lr": self.scheduler.get_last_lr()[0], "update_s": t_update, "gen_s": t_gen,
+               "tokens_per_s": total_tokens / t_update, "ms_per_token": 1000 * t_update / total_tokens,
+               "gen_ms_per_token": 1000 * t_gen / max(resp_tokens, 1)}
+        return {**row, **peak_memory(dev)}
+
+    # ------------------------------------------------------------------------------------------ the run
+    def evaluate(self) -> dict | None:
+        """Held-out Avg@k / Pass@k / Maj@k on rank 0 (others wait)."""
+        from .evaluation import evaluate
+
+        r, res = self.cfg.rollout, None
+        if self.d.is_main and self.task.eval_problems:
+            sampling = SamplingConfig(n=r.eval_n, temperature=r.eval_temperature, top_p=r.eval_top_p,
+                                      max_new_tokens=r.max_new_tokens, seed=self.cfg.model.seed + 12_345)
+            threshold = (self.cfg.reward.correct + self.cfg.reward.incorrect) / 2
+            self.engine.wake()
+            res = evaluate(self.engine, self.task.eval_problems, k=r.eval_n, sampling=sampling,
+                           reward_fn=self.task.reward, encode=self.tok.encode_prompt, decode=self.tok.decode,
+                           template=self.task.template, answer_style="arith" if self.task.arith else "dapo",
+                           threshold=threshold)
+            self.engine.sleep()
+        dist.barrier()
+        return res
+
+    def _save(self) -> None:
+        checkpoint.save(self.out, self.step, self.policy, self.optimizer,
+                        {"step": self.step, "scheduler": self.scheduler.state_dict(), "task": self.task.state_dict()})
+
+    def _resume(self) -> int:
+        step = checkpoint.latest_step(self.out) if self.cfg.run.resume else None
+        if step is None:
+            return 0
+        extra = checkpoint.load(self.out, step, self.policy, self.optimizer)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.task.load_state_dict(extra["task"])
+        self._sync_weights()
+        return step
+
+    def fit(self) -> list[dict]:
+        """Warm-up (fresh runs), then RL steps to run.max_steps with evals, checkpoints, export and plots."""
+        run, main = self.cfg.run, self.d.is_main
+        self.step = self._resume()
+        log = MetricsLogger(self.out, enabled=main, total_steps=run.max_steps, start_step=self.step,
+                            progress=run.progress, tensorboard=run.tensorboard)
+        log.truncate_after(self.step) if self.step else log.truncate_after(-1)
+        rows = []
+        if self.step == 0:
+            if self.cfg.warmup.steps:
+                from .warmup import supervised_warmup
+
+                log.log({"kind": "warmup", "step": 0, **supervised_warmup(self)})
+                self._sync_weights()
+            if (res := self.evaluate()) is not None:
+                log.log({"kind": "eval", "step": 0, **res})
+        while self.step < run.max_steps:
+            self.step += 1
+            row = self.train_step()
+            log.log(row)
+            rows.append(row)
+            last = self.step == run.max_steps
+            if last or (run.eval_every and self.step % run.eval_every == 0):
+                if (res := self.evaluate()) is not None:
+                    log.log({"kind": "eval", "step": self.step, **res})
+            if last or (run.save_every and self.step % run.save_every == 0):
+                self._save()
+        if run.export_hf:
+            checkpoint.export_hf(self.out / "hf", self.policy, self.hf, self.tok)
+        log.close()
+        if main and run.plots:
+            plot_curves(self.out)
+        return rows
