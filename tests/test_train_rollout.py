@@ -158,8 +158,9 @@ def test_vllm_engine_without_vllm_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the constructor sets it; restored afterwards
     with pytest.raises(ImportError, match=r"fastpmd\[vllm\]"):
         VLLMEngine(tmp_path)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="model_dir"):
-        VLLMEngine(tmp_path / "missing")
+        VLLMEngine(tmp_path / "empty")
     with pytest.raises(ValueError, match="weight_sync"):
         VLLMEngine(tmp_path, weight_sync="magic")
     with pytest.raises(ValueError, match="tensor_parallel_size"):

@@ -57,11 +57,26 @@ def _eos_from_config(model_dir: Path) -> int | None:
     return None
 
 
+def _eos_from_hub(name: str) -> int | None:
+    from transformers import AutoConfig, GenerationConfig
+
+    for load in (GenerationConfig.from_pretrained, AutoConfig.from_pretrained):
+        try:
+            eos = getattr(load(name), "eos_token_id", None)
+        except (OSError, ValueError):
+            continue
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int):
+            return eos
+    return None
+
+
 class VLLMEngine:
     """Rollout engine over an offline ``vllm.LLM`` (see the module docstring).
 
-    ``eos_id``: the end token (read from the model directory's generation_config/config when None); it is
-    passed as a stop token, since vLLM has no tokenizer to take it from. ``seed`` seeds the engine; a
+    ``model_dir``: a local model directory (``config.json`` + weights) or a hub name. ``eos_id``: the end token
+    (when None: the first ``eos_token_id`` of the generation config, else of the model config; pass the
+    tokenizer's to be sure); it is passed as a stop token, since vLLM has no tokenizer to take it from. ``seed`` seeds the engine; a
     ``SamplingConfig.seed`` makes a ``generate`` call reproducible (prompt i samples with seeds
     ``seed + i * n + j``, so equal prompts in one call still get different samples). ``record_logprobs``
     keeps the sampled tokens' log-probs after temperature/top-p (``logprobs_mode="processed_logprobs"``)
@@ -85,8 +100,8 @@ class VLLMEngine:
         record_logprobs: bool = False,
         **llm_kwargs: Any,
     ):
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
+        local = Path(model_dir)
+        if local.exists() and not (local / "config.json").is_file():
             raise ValueError(f"model_dir: no config.json in {model_dir}")
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -98,7 +113,9 @@ class VLLMEngine:
             raise ValueError("tensor_parallel_size/pipeline_parallel_size: VLLMEngine runs one in-process worker")
         if enable_sleep_mode and not torch.cuda.is_available():
             raise ValueError("enable_sleep_mode needs CUDA (vLLM's sleep mode is GPU-only)")
-        eos_id = _eos_from_config(model_dir) if eos_id is None else int(eos_id)
+        if eos_id is None:  # a hub name (not a local directory) is left to vLLM and transformers to resolve
+            eos_id = _eos_from_config(local) if local.exists() else _eos_from_hub(str(model_dir))
+        eos_id = None if eos_id is None else int(eos_id)
         if eos_id is None:
             raise ValueError("eos_id: not given and no eos_token_id in the model directory's configs")
         # The engine core must live in this process: weights then travel to the worker by reference, and
