@@ -36,8 +36,11 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
 
-    def meta(self) -> dict:
-        return {**self.blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
+    def meta(self, fp32_operands: bool = False) -> dict:
+        """Launch keywords. fp32 operands (fp32 inputs, the fp16 path's fp32 dlogits) take twice the shared
+        memory per stage, so they run with at most 2 stages (sm_90 matmul: 4 x 64 KiB would exceed 227 KiB)."""
+        stages = min(self.num_stages, 2) if fp32_operands else self.num_stages
+        return {**self.blocks, "num_warps": self.num_warps, "num_stages": stages}
 
 
 def _c(warps, stages, **blocks):
@@ -81,6 +84,12 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
         "interp": [_c(1, 1, BLOCK=16)],
     },
 }
+
+
+def logits_family(arch: str, fp32_inputs: bool) -> str:
+    """Config family of the logits tile kernel: fp32 inputs use exact FMA dots, for which the Hopper 128x128x64
+    wgmma tiles spill heavily (kernels report: 3.7 KB of stack); they take the Ampere tiles (no spills)."""
+    return "80" if (arch == "90" and fp32_inputs) else arch
 
 
 def autotune_enabled() -> bool:

@@ -74,11 +74,12 @@ def linear_grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, tempera
     gb = torch.zeros(V, device=dev, dtype=torch.float32) if need_b else None
     if n > 0 and any(needs):
         dz_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
-        cfg = configs.pick("logits_bwd", arch)
+        fam = configs.logits_family(arch, hidden.dtype == torch.float32)
+        cfg = configs.pick("logits_bwd", fam)
         cv = chunk_columns(n, V, torch.finfo(dz_dtype).bits // 8, cfg.blocks["BLOCK_V"])
         dz = torch.empty(n, cv, device=dev, dtype=dz_dtype)     # [n, chunk_v] dlogits buffer
         if configs.autotune_enabled() and arch != "interp":      # time candidates on the first chunk (scratch)
-            cfg = configs.pick("logits_bwd", arch, (H, V, n.bit_length(), str(hidden.dtype)), bench=lambda c: (
+            cfg = configs.pick("logits_bwd", fam, (H, V, n.bit_length(), str(hidden.dtype)), bench=lambda c: (
                 dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, 0,
                               min(V, cv), dz, arch, c)))
         for i, v0 in enumerate(range(0, V, cv)):

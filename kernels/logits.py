@@ -196,6 +196,7 @@ def logits_stats(hidden, weight, bias, targets, temperature: float, with_entropy
     if n == 0:
         return logp, lse, ent
     flags = dot_flags(hidden.dtype, weight.dtype)
+    fam = configs.logits_family(arch, hidden.dtype == torch.float32)
 
     def launch(c):  # one forward pass with config c; returns the per-split partials
         n_tiles = triton.cdiv(n, c.blocks["BLOCK_N"])
@@ -210,10 +211,10 @@ def logits_stats(hidden, weight, bias, targets, temperature: float, with_entropy
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 0, 0,
             1.0 / temperature,
             BACKWARD=False, HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, HAS_GRAD_ENT=False,
-            **flags, **c.meta())
+            **flags, **c.meta(hidden.dtype == torch.float32))
         return parts, t_part, n_splits
 
-    cfg = configs.pick("logits_fwd", arch, (H, V, n.bit_length(), str(hidden.dtype)), bench=launch)
+    cfg = configs.pick("logits_fwd", fam, (H, V, n.bit_length(), str(hidden.dtype)), bench=launch)
     parts, t_part, n_splits = launch(cfg)
     mcfg = configs.pick("merge", arch)
     _merge_kernel[(triton.cdiv(n, mcfg.blocks["BLOCK"]),)](
@@ -226,7 +227,7 @@ def dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temper
                   v_begin: int, v_end: int, out: torch.Tensor, arch: str, cfg=None):
     """Backward: write dloss/dlogits for vocab columns [v_begin, v_end) into out[:, :v_end - v_begin]."""
     n, H = hidden.shape
-    cfg = cfg or configs.pick("logits_bwd", arch)
+    cfg = cfg or configs.pick("logits_bwd", configs.logits_family(arch, hidden.dtype == torch.float32))
     bn, bv = cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_V"]
     n_tiles, n_vt = triton.cdiv(n, bn), triton.cdiv(v_end - v_begin, bv)
     has_ge = g_ent is not None
@@ -238,4 +239,4 @@ def dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temper
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         1.0 / temperature,
         BACKWARD=True, HAS_BIAS=bias is not None, WITH_ENTROPY=False, HAS_GRAD_ENT=has_ge,
-        **dot_flags(hidden.dtype, weight.dtype), **cfg.meta())
+        **dot_flags(hidden.dtype, weight.dtype), **cfg.meta(hidden.dtype == torch.float32))

@@ -97,7 +97,7 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: b
         grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(N, cfg.blocks["BLOCK_N"]),)
         _matmul_kernel[grid](a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                              out.stride(0), out.stride(1), ACCUMULATE=accumulate and out is c, **flags,
-                             **cfg.meta())
+                             **cfg.meta(torch.float32 in (a.dtype, b.dtype)))
 
     if configs.autotune_enabled() and arch != "interp":
         scratch = torch.empty_like(c)  # autotuning must not touch the accumulator

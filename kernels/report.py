@@ -30,12 +30,13 @@ from .pmd_epilogue import _pmd_epilogue_kernel
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TC_OP = {80: "HMMA", 90: "HGMMA"}
-_DT = {"bf16": "bf16", "fp16": "fp16"}
+_DT = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 D = [["tt.divisibility", 16]]
 
 
 def _variants(dt: str):
-    """(name, kernel, config family, args) with args: name -> '*type' | 'i32' | 'i32D' | 'fp32' | constexpr value.
+    """(name, kernel, config family, args, tensor-core tiles?, fp32 operands?) with args: name -> '*type' | 'i32' |
+    'i32D' | 'fp32' | constexpr value.
     'i32D' marks an int the JIT would see divisible by 16; a contiguous stride is the constexpr 1, as the JIT
     specialises it."""
     f = "*fp32"
@@ -44,13 +45,13 @@ def _variants(dt: str):
         m_ptr=f, s_ptr=f, t_ptr=f, x_ptr=f, lse_ptr=f, ent_ptr=f, glogp_ptr=f, gent_ptr=f,
         n_tokens="i32", hidden_size="i32D", vocab_begin="i32D", vocab_end="i32D", tiles_per_split="i32",
         n_splits="i32", stride_hn="i32D", stride_hh=1, stride_wv="i32D", stride_wh=1,
-        inv_temperature="fp32", HAS_BIAS=True, DOT_FP32=False, DOT_IEEE=False)
+        inv_temperature="fp32", HAS_BIAS=True, DOT_FP32=dt == "fp32", DOT_IEEE=dt == "fp32")
     dz_t = "*bf16" if dt == "bf16" else "*fp32"
     fwd = dict(logits_common, dz_ptr=f, stride_dzn="i32D", stride_dzv="i32D", BACKWARD=False, WITH_ENTROPY=True,
                HAS_GRAD_ENT=False)
     bwd = dict(logits_common, dz_ptr=dz_t, stride_dzn="i32D", stride_dzv=1, BACKWARD=True, WITH_ENTROPY=False,
                HAS_GRAD_ENT=True)
-    mm_flags = dict(DOT_FP32=dt != "bf16", DOT_IEEE=False)   # fp16 path: fp32 dlogits x fp16 -> TF32
+    mm_flags = dict(DOT_FP32=dt != "bf16", DOT_IEEE=dt == "fp32")   # fp16: fp32 dlogits x fp16 -> TF32
     grad_h = dict(a_ptr=dz_t, b_ptr=f"*{dt}", c_ptr=f, M="i32D", N="i32D", K="i32D", stride_am="i32D", stride_ak=1,
                   stride_bk="i32D", stride_bn=1, stride_cm="i32D", stride_cn=1, ACCUMULATE=True, **mm_flags)
     grad_w = dict(a_ptr=dz_t, b_ptr=f"*{dt}", c_ptr=f"*{dt}", M="i32D", N="i32D", K="i32D", stride_am=1,
@@ -60,12 +61,14 @@ def _variants(dt: str):
                  n_splits="i32", WITH_ENTROPY=True)
     epi = dict(logp_ptr=f, old_ptr=f, adv_ptr=f, cu_ptr="*i32", div_ptr=f, nseq_ptr=f, delta_ptr=f, term_ptr=f,
                gtok_ptr=f, n_segments="i32", tau="fp32")
-    return [("logits_fwd", _logits_tile_kernel, "logits_fwd", fwd, True),
-            ("logits_bwd", _logits_tile_kernel, "logits_bwd", bwd, True),
-            ("merge", _merge_kernel, "merge", merge, False),
-            ("matmul_grad_hidden", _matmul_kernel, "matmul", grad_h, True),
-            ("matmul_grad_weight", _matmul_kernel, "matmul", grad_w, True),
-            ("pmd_epilogue", _pmd_epilogue_kernel, "pmd_epilogue", epi, False)]
+    tc = dt != "fp32"       # fp32 inputs use exact fp32 (FMA) dots by design: no tensor-core requirement
+    f32 = dt == "fp32"
+    return [("logits_fwd", _logits_tile_kernel, "logits_fwd", fwd, tc, f32),
+            ("logits_bwd", _logits_tile_kernel, "logits_bwd", bwd, tc, f32),
+            ("merge", _merge_kernel, "merge", merge, False, False),
+            ("matmul_grad_hidden", _matmul_kernel, "matmul", grad_h, tc, dt != "bf16"),
+            ("matmul_grad_weight", _matmul_kernel, "matmul", grad_w, tc, dt != "bf16"),
+            ("pmd_epilogue", _pmd_epilogue_kernel, "pmd_epilogue", epi, False, False)]
 
 
 def _source(kern, args: dict, cfg: configs.Config) -> ASTSource:
@@ -108,15 +111,17 @@ def report(arch: int, out: Path, dtypes=("bf16",), all_configs: bool = False) ->
     fam = str(arch) if arch >= 90 else "80"
     rows = []
     for dt in dtypes:
-        for name, kern, cname, args, has_tiles in _variants(_DT[dt]):
-            cands = configs.CONFIGS[cname][fam]
+        for name, kern, cname, args, has_tiles, fp32_ops in _variants(_DT[dt]):
+            cfam = configs.logits_family(fam, dt == "fp32") if cname.startswith("logits") else fam
+            cands = configs.CONFIGS[cname][cfam]
             for ci, cfg in enumerate(cands if all_configs else cands[:1]):
-                row = {"kernel": name, "dtype": dt, "arch": f"sm_{arch}", "config": ci, **cfg.meta()}
+                meta = cfg.meta(fp32_ops)
+                row = {"kernel": name, "dtype": dt, "arch": f"sm_{arch}", "config": ci, **meta}
                 stem = f"{name}_{dt}_sm{arch}_cfg{ci}"
                 t0 = time.time()
                 try:
                     ck = triton.compile(_source(kern, args, cfg), target=GPUTarget("cuda", arch, 32),
-                                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                                        options={"num_warps": meta["num_warps"], "num_stages": meta["num_stages"]})
                     (out / f"{stem}.cubin").write_bytes(ck.asm["cubin"])
                     (out / f"{stem}.ptx").write_text(ck.asm["ptx"])
                     row.update(_inspect(out / f"{stem}.cubin"), shared_bytes=int(ck.metadata.shared),
