@@ -17,9 +17,14 @@ One policy-mirror-descent step from ``pi`` (a distribution over K actions) with 
   with ``chi^2(pi' || pi) = E_pi[u^2] - 1``. (The paper's constant in front of chi^2 may be written differently;
   this module's convention is the one above, and the tests check it.) Also ``lam = KL(pi || pi')``.
 
+Why the stationary point is the minimiser: in ``v = log u`` the objective is convex and the feasible set
+``E_pi[e^v] <= 1`` is convex; the unconstrained minimiser ``v = A/tau`` violates it (Jensen), so the minimum
+sits on ``E_pi[e^v] = 1`` with a non-negative multiplier, which is ``tau*lam``.
+
 Numerics: with ``x = log(lam) + A/tau``, ``W(e^x)`` is the Wright omega function ``omega(x)`` and
-``log u = A/tau - omega(x)``; ``log(lam)`` is found by Brent's method on a log-space normalisation equation, so
-the update is stable for small ``tau`` (0.01 and below) and rewards of any bounded range.
+``log u = A/tau - omega(x)``. ``log(lam)`` solves the log-space normalisation ``log E_pi[u] = 0`` (bracketed, then
+safeguarded Newton, vectorised over a batch), so the update is stable for small ``tau`` (0.01 and far below) and
+any bounded rewards; probabilities down to the smallest doubles are fine.
 
 Finite-sample side (the paper's estimation-error analysis): from n rollouts, PMD-mean estimates its baseline
 ``E_pi[r]`` by the sample mean, PMD-part estimates ``tau*log Z`` by ``tau*log mean_j exp(r_j/tau)``;
@@ -33,8 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.special import logsumexp, wrightomega
+from scipy.special import wrightomega
 
 __all__ = [
     "PMDMeanUpdate",
@@ -84,6 +88,16 @@ def _prepare(pi, rewards) -> tuple[np.ndarray, np.ndarray]:
     return pi / total, r.copy()
 
 
+def _logsumexp(a: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    """Plain-numpy logsumexp (scipy's is several times slower on small rows); all -inf gives -inf."""
+    a = np.asarray(a, dtype=np.float64)
+    m = np.max(a, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        out = np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True)) + m
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+
 def _log(pi: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.log(pi)
@@ -114,7 +128,7 @@ def tau_log_partition(pi, rewards, tau) -> float | np.ndarray:
     """``tau * log E_pi[exp(r/tau)]`` (the soft value; tends to max r on the support as tau -> 0)."""
     tau = _check_tau(tau)
     pi, r = _prepare(pi, rewards)
-    return _scalar_or_array(tau * logsumexp(_log(pi) + r / tau, axis=-1))
+    return _scalar_or_array(tau * _logsumexp(_log(pi) + r / tau, axis=-1))
 
 
 def pmd_part_update(pi, rewards, tau) -> PMDPartUpdate:
@@ -122,7 +136,7 @@ def pmd_part_update(pi, rewards, tau) -> PMDPartUpdate:
     tau = _check_tau(tau)
     pi, r = _prepare(pi, rewards)
     logpi = _log(pi)
-    log_z = logsumexp(logpi + r / tau, axis=-1, keepdims=True)
+    log_z = _logsumexp(logpi + r / tau, axis=-1, keepdims=True)
     log_ratio = r / tau - log_z
     new = np.exp(logpi + log_ratio)
     new /= new.sum(-1, keepdims=True)
@@ -151,71 +165,113 @@ class PMDMeanUpdate:
 
 
 _S_FLOOR = -700.0  # log(lam) below this is treated as lam -> 0 (the update then equals the KL step to ~1e-300)
+_MAX_ITERS = 200  # Newton with bisection fallback; bracket width <= ~1400, so bisection alone needs ~100
 
 
-def _solve_log_lam(logpi: np.ndarray, a: np.ndarray) -> float:
-    """log(lam) with sum_y pi(y) exp(a(y) - omega(s + a(y))) = 1 for one row; a = A/tau, support only.
+def _g(logpi: np.ndarray, x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """log E_pi[u] at log(lam) = s, rows [R, K]; strictly decreasing in s."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _logsumexp(logpi + x - np.real(wrightomega(s[:, None] + x)), axis=-1)
 
-    g(s) = logsumexp(log pi + a - omega(s + a)) is strictly decreasing in s. g(-inf) = log E_pi[e^a] > 0
-    (Jensen, a centred and non-constant), and at s = log(max a) the best action has u = 1 exactly and every
-    other u < 1, so g < 0 there.
+
+def _solve_log_lam(logpi: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """log(lam) per row with E_pi[exp(x - omega(log(lam) + x))] = 1; x = A/tau, logpi -inf off the support.
+
+    g(s) = log E_pi[u] decreases strictly in s; g(-inf) = log E_pi[e^x] > 0 (Jensen, x centred and
+    non-constant), and at s = log(max x) the best action has u = 1 exactly and all others u < 1, so g < 0.
+    Bracket in log space, then safeguarded Newton (vectorised over rows). Rows where rounding leaves no resolvable
+    Jensen gap get -inf (lam -> 0: the KL limit, exact to the precision of the data).
     """
-
-    def g(s: float) -> float:
-        return float(logsumexp(logpi + a - np.real(wrightomega(s + a))))
-
-    hi = float(np.log(a.max()))
-    while g(hi) > 0:  # not expected (see above); guards rounding in the centring
-        hi += 1.0
+    rows = x.shape[0]
+    xmax = np.where(np.isfinite(logpi), x, -np.inf).max(-1)
+    out = np.full(rows, -np.inf)
+    ok = xmax > 0  # max x <= 0 only through rounding of the centring; then lam is below resolution
+    if not ok.any():
+        return out
+    lp, xx = logpi[ok], x[ok]
+    hi = np.log(xmax[ok])
+    for _ in range(8):  # absorbs rounding in the centring (g(hi) < 0 in exact arithmetic)
+        bad = _g(lp, xx, hi) > 0
+        if not bad.any():
+            break
+        hi = np.where(bad, hi + 1.0, hi)
     lo = hi - 1.0
-    step = 1.0
-    while g(lo) <= 0:
-        step *= 2.0
-        lo = hi - step
-        if lo < _S_FLOOR:
-            return -np.inf if g(_S_FLOOR) <= 0 else brentq(g, _S_FLOOR, hi, xtol=1e-13, rtol=1e-15)
-    return brentq(g, lo, hi, xtol=1e-13, rtol=1e-15)
+    gap = np.ones_like(hi)
+    floor = np.zeros(hi.shape, bool)
+    for _ in range(16):
+        need = (_g(lp, xx, lo) <= 0) & ~floor
+        if not need.any():
+            break
+        gap = np.where(need, 2.0 * gap, gap)
+        lo = np.where(need, np.maximum(hi - gap, _S_FLOOR), lo)
+        floor |= need & (lo <= _S_FLOOR)
+    kl_limit = _g(lp, xx, lo) <= 0  # even lam = e^-700 over-shrinks: no resolvable gap
+    # Safeguarded Newton: g'(s) = -E_w[omega/(1+omega)], w the normalised terms of g; bisect when a Newton
+    # step leaves the bracket. Each iteration keeps g(lo) > 0 >= g(hi).
+    s = hi.copy()
+    active = np.ones(s.shape, bool)
+    for _ in range(_MAX_ITERS):
+        with np.errstate(over="ignore", invalid="ignore"):
+            om = np.real(wrightomega(s[:, None] + xx))
+            terms = lp + xx - om
+            gs = _logsumexp(terms, axis=-1)
+            w = np.exp(terms - gs[:, None])
+            dg = -(w * om / (1.0 + om)).sum(-1)
+        root = np.abs(gs) <= 4 * np.finfo(float).eps  # g at rounding level: log(lam) is as good as it gets
+        pos = gs > 0
+        lo = np.where(pos, s, lo)
+        hi = np.where(pos, hi, s)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            newton = s - gs / dg
+        inside = np.isfinite(newton) & (newton > lo) & (newton < hi)
+        s_new = np.where(inside, newton, 0.5 * (lo + hi))
+        tol = 1e-14 * (1.0 + np.abs(s))
+        small = (np.abs(s_new - s) <= tol) | (hi - lo <= tol)
+        s = np.where(active & ~root, s_new, s)  # converged rows stay where they are
+        active &= ~(root | small)
+        if not active.any():
+            break
+    s[kl_limit] = -np.inf
+    out[ok] = s
+    return out
 
 
 def pmd_mean_update(pi, rewards, tau) -> PMDMeanUpdate:
     """Exact minimiser over the simplex of ``E_pi[(A - tau*log(pi'/pi))^2]``, ``A = r - E_pi[r]``.
 
     ``pi'(y) = pi(y) W(lam e^{A(y)/tau}) / lam``; see the module docstring. Leading dimensions are a batch
-    (solved row by row). Stable for tau down to (well below) 0.01 with rewards in [-1, 1].
+    (solved together). Stable for tau down to (well below) 0.01 with rewards in [-1, 1].
     """
     tau = _check_tau(tau)
     pi, r = _prepare(pi, rewards)
-    batch = pi.shape[:-1]
-    k = pi.shape[-1]
-    pi2, r2 = pi.reshape(-1, k), r.reshape(-1, k)
-    log_ratio = np.zeros_like(pi2)
-    adv = np.zeros_like(pi2)
-    log_lam = np.full(pi2.shape[0], -np.inf)
-    for i in range(pi2.shape[0]):
-        p, rew = pi2[i], r2[i]
-        sup = p > 0
-        a = rew - p @ rew
-        a -= p @ a  # second centring pass: E_pi[A] = 0 to rounding
-        adv[i] = a
-        rs = rew[sup]
-        if rs.max() == rs.min():  # constant reward on the support: the objective is minimised by pi' = pi
-            log_ratio[i] = np.where(sup, 0.0, a / tau)
-            continue
-        x = a / tau
-        s = _solve_log_lam(np.log(p[sup]), x[sup])
-        log_lam[i] = s
-        lr = x - np.real(wrightomega(s + x)) if np.isfinite(s) else x.copy()
-        lr -= logsumexp(np.log(p[sup]) + lr[sup])  # exact normalisation (removes the root-finder's residual)
-        log_ratio[i] = lr
-    new = np.where(pi2 > 0, np.exp(_log(pi2) + log_ratio), 0.0)
+    batch, k = pi.shape[:-1], pi.shape[-1]
+    p, rew = pi.reshape(-1, k), r.reshape(-1, k)
+    sup = p > 0
+    logpi = _log(p)
+    a = rew - (p * rew).sum(-1, keepdims=True)
+    a -= (p * a).sum(-1, keepdims=True)  # second centring pass: E_pi[A] = 0 to rounding
+    x = a / tau
+    r_sup_max = np.where(sup, rew, -np.inf).max(-1)
+    r_sup_min = np.where(sup, rew, np.inf).min(-1)
+    moves = r_sup_max > r_sup_min  # constant reward on the support: pi' = pi minimises the objective
+    s = np.full(p.shape[0], -np.inf)
+    if moves.any():
+        s[moves] = _solve_log_lam(logpi[moves], x[moves])
+    with np.errstate(over="ignore", invalid="ignore"):
+        omega = np.where(np.isfinite(s)[:, None], np.real(wrightomega(s[:, None] + x)), 0.0)
+    log_ratio = x - omega
+    log_ratio -= _logsumexp(np.where(sup, logpi + log_ratio, -np.inf), axis=-1, keepdims=True)  # exact norm.
+    log_ratio[~moves] = np.where(sup[~moves], 0.0, x[~moves])
+    new = np.where(sup, np.exp(np.where(sup, logpi, 0.0) + log_ratio), 0.0)
     new /= new.sum(-1, keepdims=True)
-    lam = np.exp(log_lam).reshape(batch)
+    new[~moves] = p[~moves]
+    lam = np.exp(s).reshape(batch)
     return PMDMeanUpdate(
         pi=new.reshape(pi.shape),
         log_ratio=log_ratio.reshape(pi.shape),
         lam=_scalar_or_array(lam),
         chi2_coef=_scalar_or_array(tau * lam / 2.0),
-        advantage=adv.reshape(pi.shape),
+        advantage=a.reshape(pi.shape),
         tau=tau,
     )
 
@@ -274,14 +330,14 @@ def partition_baseline(rewards, tau, *, loo: bool = False, axis: int = -1) -> np
     n = r.shape[-1]
     z = r / tau
     if not loo:
-        return tau * (logsumexp(z, axis=-1) - np.log(n))
+        return tau * (_logsumexp(z, axis=-1) - np.log(n))
     if n < 2:
         raise ValueError("leave-one-out needs n >= 2")
     # logsumexp over j != i: mask the diagonal of an [.., n, n] stack (n is a group size, small).
     stack = np.broadcast_to(z[..., None, :], z.shape + (n,)).copy()
     idx = np.arange(n)
     stack[..., idx, idx] = -np.inf
-    out = tau * (logsumexp(stack, axis=-1) - np.log(n - 1))
+    out = tau * (_logsumexp(stack, axis=-1) - np.log(n - 1))
     return np.moveaxis(out, -1, axis)
 
 
