@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastpmd kernels-report", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, action="append", choices=[80, 90],
                    help="compute capability to compile for (repeatable; default 90)")
-    p.add_argument("--out", required=True, type=Path, help="output directory for cubins and report.json")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output directory: DIR/sm_<arch>/ gets the cubins, PTX and report.json")
     p.add_argument("--dtype", action="append", choices=sorted(_DT), help="operand dtype (default bf16)")
     p.add_argument("--all-configs", action="store_true", help="also compile the autotuning candidates")
     a = p.parse_args(argv)
