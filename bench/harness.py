@@ -52,6 +52,12 @@ def _error(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {text[:300]}"
 
 
+def _release(device: torch.device, e: Entry) -> None:
+    """After a failure (often out of memory), give the allocator's cache back so the next method starts clean."""
+    if e.skip and device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def prepare(entries: list[Entry], inp: Inputs) -> None:
     """Build every entry's step (skips carry their reason; a build error becomes the skip reason)."""
     device = inp.hidden.device
@@ -85,11 +91,19 @@ def time_entries(entries: list[Entry], inp: Inputs, warmup: int, reps: int,
         except Exception as exc:  # noqa: BLE001 - e.g. torch.compile failing on this platform
             e.skip, e.step = _error(exc), None
             tick(warmup)
+        _release(device, e)
     live = [e for e in entries if not e.skip]
     for _ in range(reps):
         for e in live:
-            dt, _ = _timed(e.step, device)
-            e.times_s.append(dt)
+            if e.skip:
+                tick(1)
+                continue
+            try:
+                dt, _ = _timed(e.step, device)
+                e.times_s.append(dt)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory in a later repetition
+                e.skip, e.step, e.times_s = _error(exc), None, []
+                _release(device, e)
             tick(1)
     for e in entries:
         e.step = None

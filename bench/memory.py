@@ -10,8 +10,8 @@ step's own gradients are).
   cannot hide the step's own allocations. Without clear_refs (not Linux), the fallback skips the warm-up and
   uses resource.getrusage(...).ru_maxrss; `mem_method` in the row says which was used.
 - CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated at the baseline;
-  `device_mem_mb` is the device's used memory read through nvidia-ml-py (driver view: includes the caching
-  allocator's reserve and the CUDA context) when that package is installed.
+  `device_mem_mb` is the device's used memory after the step, read through nvidia-ml-py (driver view: includes
+  the caching allocator's reserve and the CUDA context) when that package is installed.
 
 Run as `python -m fastpmd.bench.memory` with a JSON job on stdin; prints one JSON list on the last line.
 """

@@ -110,6 +110,7 @@ def test_cli_writes_outputs(tmp_path):
     assert main(["--preset", "qwen2.5-7b"]) == 2  # no --tokens: a clear error, not a traceback
 
 
+@pytest.mark.slow
 def test_core_check_on_tiny_shapes(monkeypatch):
     """Both core-check measurements (memory in fresh processes) on tiny stand-in shapes; verdicts, not values."""
     monkeypatch.setattr(core_check, "CORE_TIME_SHAPE", Shape(4, 16, 32, 512, "float32", "full", 4))
