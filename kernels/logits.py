@@ -11,9 +11,9 @@ Block decomposition (program = one BLOCK_N token tile x one contiguous range of 
         for k0 in 0..H step BLOCK_H:                            # pipelined (num_stages) through shared memory
             acc += tl.dot(hidden[rows, k0:k0+BH], weight[cols, k0:k0+BH].T)   # bf16/fp16 operands, fp32 acc
         z = (acc + bias[cols]) * inv_temperature                # stays on chip
-        forward:  online max m, sum-exp s, sum-exp*z t (entropy), target logit x  -> per-split partials [S, n]
+        forward:  online max m, sum-exp s, sum exp*(z-m) t (entropy), target logit x -> per-split partials [S, n]
         backward: dz tile -> dlogits chunk buffer [n, chunk_v] (operand dtype; fp32 for fp16/fp32 inputs)
-    merge kernel (forward only): lse = logsumexp over splits; logp = x - lse; entropy = lse - t / s
+    merge kernel (forward only): lse = logsumexp over splits; logp = x - lse; entropy = log(s) - t / s
 Programs are ordered in groups of GROUP_N token tiles x all vocab splits so that the programs resident at the
 same time share hidden and weight tiles through L2 (about GROUP_N + n_resident/GROUP_N distinct tiles).
 
@@ -64,7 +64,7 @@ def _logits_tile_kernel(
     rows = row0 + r_loc
     row_ok = rows < n_tokens
     # 32-bit offsets (validate_linear keeps every operand < 2**31 elements); scalar tile bases + in-tile offsets;
-    # padded rows/columns load the last valid row/column and are masked out after the dot.
+    # padded rows load the last valid row (never stored); padded vocab columns are masked (-inf logits).
     r_ld = tl.minimum(rows, n_tokens - 1) - row0
     h_base = hidden_ptr + row0 * stride_hn
     tgt = tl.load(targets_ptr + row0 + r_ld).to(tl.int32)    # [BN]
@@ -119,9 +119,10 @@ def _logits_tile_kernel(
             m_new = tl.maximum(m, tl.max(z, 1))
             alpha = tl.exp(m - m_new)
             e = tl.exp(z - m_new[:, None])
+            if WITH_ENTROPY:  # t = sum e*(z - m), relative to the running max: entropy = log(s) - t/s, no cancellation
+                t = (alpha * (t + s * tl.where(s > 0, m - m_new, 0.0))
+                     + tl.sum(tl.where(col_ok[None, :], e * (z - m_new[:, None]), 0.0), 1))
             s = s * alpha + tl.sum(e, 1)
-            if WITH_ENTROPY:
-                t = t * alpha + tl.sum(tl.where(col_ok[None, :], e * z, 0.0), 1)
             x += tl.sum(tl.where(hit, z, 0.0), 1)
             m = m_new
 
@@ -156,16 +157,18 @@ def _merge_kernel(
         m_new = tl.maximum(mx, mj)
         a = tl.exp(mx - m_new)
         b = tl.exp(mj - m_new)
-        sm = sm * a + tl.load(s_ptr + off, mask=ok, other=0.0) * b
-        if WITH_ENTROPY:
-            tz = tz * a + tl.load(t_ptr + off, mask=ok, other=0.0) * b
+        sj = tl.load(s_ptr + off, mask=ok, other=0.0)
+        if WITH_ENTROPY:  # partials are relative to their own max m_j; re-base to m_new
+            tj = tl.load(t_ptr + off, mask=ok, other=0.0)
+            tz = a * (tz + sm * tl.where(sm > 0, mx - m_new, 0.0)) + b * (tj + sj * (mj - m_new))
+        sm = sm * a + sj * b
         xt += tl.load(x_ptr + off, mask=ok, other=0.0)
         mx = m_new
     lse = mx + tl.log(sm)
     tl.store(lse_ptr + rows, lse, mask=ok)
     tl.store(logp_ptr + rows, xt - lse, mask=ok)
     if WITH_ENTROPY:
-        tl.store(ent_ptr + rows, lse - tz / sm, mask=ok)
+        tl.store(ent_ptr + rows, tl.log(sm) - tz / sm, mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
