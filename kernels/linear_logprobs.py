@@ -69,9 +69,10 @@ def linear_grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, tempera
     n, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    gh = torch.zeros(n, H, device=dev, dtype=torch.float32) if need_h else None
-    gw = torch.zeros_like(weight) if need_w else None
-    gb = torch.zeros(V, device=dev, dtype=torch.float32) if need_b else None
+    alloc = torch.empty if n > 0 else torch.zeros   # with tokens, every entry is written by the chunk loop
+    gh = alloc(n, H, device=dev, dtype=torch.float32) if need_h else None           # [n, H] fp32 accumulator
+    gw = alloc(V, H, device=dev, dtype=weight.dtype) if need_w else None           # [V, H], rows written once
+    gb = alloc(V, device=dev, dtype=torch.float32) if need_b else None             # [V]
     if n > 0 and any(needs):
         dz_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
         fam = configs.logits_family(arch, hidden.dtype == torch.float32)
