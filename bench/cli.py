@@ -61,11 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `fastpmd bench`; returns the exit status (core-check: 1 when a check fails)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from .runner import BenchConfig, run
+
     try:
         pre = _shapes_and_preset(args)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for but CUDA is not available")
+        cfg = BenchConfig(shapes=pre.shapes, methods=tuple(args.methods), losses=tuple(args.losses or pre.losses),
+                          warmup=pre.warmup if args.warmup is None else args.warmup,
+                          reps=pre.reps if args.reps is None else args.reps, device=str(device),
+                          memory=not args.no_memory, floor=not args.no_floor, seed=args.seed, tau=args.tau,
+                          quiet=args.quiet)
     except ValueError as exc:
         print(f"fastpmd bench: {exc}", file=sys.stderr)
         return 2
@@ -73,27 +80,20 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = report.machine_info(device, argv)
     meta["preset"] = pre.name
-    if pre.name == "core-check":
+    if pre.name == "core-check":  # fixed methods, shapes and repetitions: the targets' own protocol
         from .core_check import run_core_check
 
         rows, checks = run_core_check(pre, device, memory=not args.no_memory, quiet=args.quiet)
         meta["checks"] = checks
         status = 1 if any(c["verdict"] == "FAIL" for c in checks) else 0
     else:
-        from .runner import BenchConfig, run
-
-        cfg = BenchConfig(shapes=pre.shapes, methods=tuple(args.methods), losses=tuple(args.losses or pre.losses),
-                          warmup=args.warmup or pre.warmup, reps=args.reps or pre.reps, device=str(device),
-                          memory=not args.no_memory, floor=not args.no_floor, seed=args.seed, tau=args.tau,
-                          quiet=args.quiet)
         rows = run(cfg)
         status = 0
-    text = report.markdown(rows, meta)
-    if pre.name != "core-check" or not args.quiet:
-        print(text)
-    if args.out:
+    if args.out:  # results first: nothing measured is lost if the report below fails
         files = report.write(rows, meta, args.out)
         print(f"fastpmd bench: wrote {', '.join(str(p) for p in files.values())}", file=sys.stderr)
+    if pre.name != "core-check" or not args.quiet:
+        print(report.markdown(rows, meta))
     return status
 
 

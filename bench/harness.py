@@ -128,7 +128,9 @@ def timing_row(e: Entry, inp: Inputs, floor_ms: float | None) -> dict:
            "device": str(inp.hidden.device), "status": "skipped" if e.skip else "ok", "reason": e.skip or "",
            "note": e.method.note(inp.hidden.device), "reps": len(e.times_s), "ms_per_token": None,
            "ms_median": None, "ms_q1": None, "ms_q3": None, "ms_min": None, "ms_max": None, "flops": None,
-           "tflops": None, "floor_ms": floor_ms, "ratio_to_floor": None, "loss_value": e.loss_value}
+           "tflops": None, "floor_ms": floor_ms, "ratio_to_floor": None, "loss_value": e.loss_value,
+           "peak_mem_mb": None, "grads_mb": inp.grad_bytes() / 2**20, "inputs_mb": inp.nbytes() / 2**20,
+           "device_mem_mb": None, "mem_method": None}
     if e.skip or not e.times_s:
         return row
     stats = summary(e.times_s)

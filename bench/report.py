@@ -85,9 +85,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 skipped.append(f"- {r['method']} / {r['loss']}: {r['reason']}")
                 continue
             iqr = f"{_fmt(r['ms_q1'])}-{_fmt(r['ms_q3'])}" if r.get("ms_q1") is not None else "-"
-            mm = f"{_fmt(r['ms_min'])}-{_fmt(r['ms_max'])}" if r.get("ms_min") is not None else "-"
-            out.append(f"| {r['method']} | {r['loss']} | {_fmt(r['ms_per_token'])} | {_fmt(r['ms_median'])} | {iqr} "
-                       f"| {mm} | {_fmt(r['peak_mem_mb'])} | {_fmt(r['tflops'])} | {_fmt(r['ratio_to_floor'])} |")
+            mm = f"{_fmt(r['ms_min'])}-{_fmt(r.get('ms_max'))}" if r.get("ms_min") is not None else "-"
+            out.append(f"| {r['method']} | {r['loss']} | {_fmt(r.get('ms_per_token'))} | {_fmt(r.get('ms_median'))} | {iqr} "
+                       f"| {mm} | {_fmt(r.get('peak_mem_mb'))} | {_fmt(r.get('tflops'))} | {_fmt(r.get('ratio_to_floor'))} |")
         out.append("")
     notes = sorted({f"- {r['method']}: {r['note']}" for r in rows if r.get("note")})
     if notes:
@@ -151,7 +151,13 @@ def write(rows: list[dict], meta: dict, out_dir: str | os.PathLike) -> dict[str,
     files = {"results": out / "results.json", "meta": out / "meta.json", "markdown": out / "results.md"}
     files["results"].write_text(json.dumps(rows, indent=1))
     files["meta"].write_text(json.dumps(meta, indent=1))
-    files["markdown"].write_text(markdown(rows, meta))
+    files["markdown"].write_text(markdown(rows, meta) + _checks_md(meta))
     for p in plot(rows, out):
         files[p.stem] = p
     return files
+
+
+def _checks_md(meta: dict) -> str:
+    """core-check's PASS/FAIL lines, when the run made them."""
+    checks = meta.get("checks") or []
+    return "".join(["\n## Checks\n\n", *(f"    {c['line']}\n" for c in checks)]) if checks else ""

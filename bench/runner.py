@@ -83,8 +83,7 @@ def time_all(cfg: BenchConfig) -> list[dict]:
             floor_ms = summary(floor.times_s)["ms_median"] if floor else None
             for e in entries:
                 row = timing_row(e, inp, floor_ms)
-                row.update(shape_index=si, peak_mem_mb=None, grads_mb=inp.grad_bytes() / 2**20,
-                           inputs_mb=inp.nbytes() / 2**20, device_mem_mb=None, mem_method=None)
+                row["shape_index"] = si
                 rows.append(row)
         del inp
     if bar is not None:

@@ -11,7 +11,7 @@ from fastpmd.bench.cli import main
 from fastpmd.bench.harness import Entry, time_entries
 from fastpmd.bench.inputs import make_inputs
 from fastpmd.bench.presets import Shape, preset, shape_for_tokens
-from fastpmd.bench.report import REQUIRED_KEYS
+from fastpmd.bench.report import REQUIRED_KEYS, markdown
 from fastpmd.bench.runner import BenchConfig, run
 
 TINY = preset("tiny").shapes
@@ -108,6 +108,7 @@ def test_cli_writes_outputs(tmp_path):
     assert json.loads((out / "meta.json").read_text())["versions"]["torch"]
     assert (out / "ms_per_token.png").stat().st_size > 0
     assert main(["--preset", "qwen2.5-7b"]) == 2  # no --tokens: a clear error, not a traceback
+    assert main(["--preset", "tiny", "--reps", "0"]) == 2
 
 
 @pytest.mark.slow
@@ -122,6 +123,8 @@ def test_core_check_on_tiny_shapes(monkeypatch):
     assert {r["method"] for r in mem} == {"fastpmd-torch", "naive"}
     assert all(r["peak_mem_mb"] > 0 and r["grads_mb"] > 0 for r in mem), mem
     assert any(r["method"] == "cce" and r["status"] == "skipped" for r in rows)
+    assert "| naive | pmd-mean |" in markdown(rows, {})
+    assert all(k in r for r in rows for k in REQUIRED_KEYS)
 
 
 def test_bench_dir_is_not_in_default_run():
