@@ -6,6 +6,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from .config import TrainConfig, validate
@@ -78,8 +79,12 @@ def build_config(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespac
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fastpmd train`; returns the exit status."""
-    cfg, args = build_config(argv)
-    validate(cfg)  # world-size-independent checks before any process group or model exists
+    try:
+        cfg, args = build_config(argv)
+        validate(cfg)  # world-size-independent checks before any process group or model exists
+    except ValueError as e:
+        print(f"fastpmd train: error: {e}", file=sys.stderr)
+        return 2
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0

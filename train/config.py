@@ -53,6 +53,7 @@ class RolloutConfig:
     eval_n: int = 32  # samples per held-out problem (Avg@k, Pass@k, Maj@k)
     eval_temperature: float = 1.0
     eval_top_p: float = 0.7
+    gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU while awake (it sleeps during the update)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class LossSpec:
 
     name: str = "pmd-mean"  # one of LOSSES
     tau: float = 0.01  # PMD temperature (paper's scripts: 0.01; 30B figure: 0.1)
-    estimator: str = "loo"  # pmd-mean baseline: "mean" (paper) or "loo" (released code, RLOO)
+    estimator: str = "mean"  # pmd-mean baseline: "mean" (paper) or "loo" (released code: RLOO, n/(n-1) x mean)
     length_norm: bool = True  # divide each sequence's term by its token count ("seq-mean-token-mean")
     grpo_loss_type: str = "grpo"  # grpo / gspo aggregation: grpo | bnpo | dapo | dr_grpo
     epsilon_low: float | None = None  # clip range; None = the loss's default
@@ -160,6 +161,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(0 < r.top_p <= 1 and 0 < r.eval_top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(r.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
     need(r.eval_n >= 1, "rollout.eval_n", "must be >= 1")
+    need(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     need(lo.name in LOSSES, "loss.name", f"must be one of {LOSSES}, got {lo.name!r}")
     need(lo.tau > 0, "loss.tau", "must be > 0")
     need(lo.estimator in ESTIMATORS, "loss.estimator", f"must be one of {ESTIMATORS}, got {lo.estimator!r}")

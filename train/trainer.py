@@ -89,7 +89,11 @@ class Trainer:
         if r.engine == "vllm":
             from .rollout_vllm import VLLMEngine
 
-            return VLLMEngine(self.cfg.model.name_or_path)
+            engine = VLLMEngine(self.cfg.model.name_or_path, eos_id=self.tok.eos_id, seed=self.cfg.model.seed,
+                                gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=True,
+                                max_model_len=self.cfg.data.max_prompt_len + r.max_new_tokens)
+            self._sync_weights(engine)
+            return engine
         gen = build_hf_model(dataclasses.replace(self.cfg.model, attn_implementation="sdpa"), dev,
                              tokenizer=self.tok, meta=True)
         gen.to_empty(device=dev)
@@ -117,7 +121,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- one RL step
     def train_step(self) -> dict:
-        cfg, n, dev = self.cfg, self.cfg.rollout.n, self.d.device
+        n, dev = self.cfg.rollout.n, self.d.device
         t0 = time.perf_counter()
         problems = self.task.next_prompts(self.p_local)
         prompt_ids = [self.task.encode(p) for p in problems]
@@ -133,6 +137,7 @@ class Trainer:
         old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32
         adv = fastpmd.advantages_for(self.loss_cfg, rewards, n)  # [B]
         batch.update(old_logprobs=old_logp, advantages=adv)
+        self._batch = batch  # the generation batch the mini-batches index into
         stats = [self.update(mb) for mb in self.minibatches()]  # 4. k optimizer steps
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -155,7 +160,6 @@ class Trainer:
             lp, e = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(), head)
             logp[idx, : lp.shape[1]] = lp.cpu()
             ent[idx, : e.shape[1]] = e.cpu()
-        self._batch = batch
         return logp, ent
 
     def minibatches(self):
@@ -280,7 +284,7 @@ class Trainer:
         self.step = self._resume()
         log = MetricsLogger(self.out, enabled=main, total_steps=run.max_steps, start_step=self.step,
                             progress=run.progress, tensorboard=run.tensorboard)
-        log.truncate_after(self.step) if self.step else log.truncate_after(-1)
+        log.truncate_after(self.step if self.step else -1)  # a fresh run starts an empty metrics.jsonl
         rows = []
         if self.step == 0:
             if self.cfg.warmup.steps:
