@@ -87,7 +87,7 @@ def memory_rows(res: dict[str, dict], device: torch.device) -> list[dict]:
         rows.append({"method": name, "loss": "pmd-mean", "tokens": s.rows, "rows": s.rows, "batch": s.batch,
                      "seq_len": s.seq_len, "hidden": s.hidden, "vocab": s.vocab, "dtype": s.dtype, "mask": s.mask,
                      "device": str(device), "status": "skipped" if "error" in r else "ok",
-                     "reason": r.get("error", ""), "note": "memory only", "ms_per_token": None,
+                     "reason": r.get("error", ""), "note": "", "phase": "memory", "ms_per_token": None,
                      "ms_median": None, "tflops": None, "ratio_to_floor": None,
                      "peak_mem_mb": r.get("peak_mem_mb"), "grads_mb": r.get("grads_mb"),
                      "inputs_mb": r.get("inputs_mb"), "device_mem_mb": r.get("device_mem_mb"),

@@ -119,7 +119,7 @@ def test_core_check_on_tiny_shapes(monkeypatch):
     monkeypatch.setattr(methods.CutCrossEntropy, "unavailable", lambda self, d: "left out of this test")
     rows, checks = core_check.run_core_check(preset("core-check"), CPU, quiet=True)
     assert [c["verdict"] in ("PASS", "FAIL") for c in checks] == [True] * 4
-    mem = [r for r in rows if r["note"] == "memory only"]
+    mem = [r for r in rows if r.get("phase") == "memory"]
     assert {r["method"] for r in mem} == {"fastpmd-torch", "naive"}
     assert all(r["peak_mem_mb"] > 0 and r["grads_mb"] > 0 for r in mem), mem
     assert any(r["method"] == "cce" and r["status"] == "skipped" for r in rows)
