@@ -35,15 +35,24 @@ def matmul_operand(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def chunk_logits(h: torch.Tensor, w_op: torch.Tensor, bias: torch.Tensor | None, inv_temp: float) -> torch.Tensor:
-    """z = ((h @ W.T + bias) * inv_temp) in the accumulation dtype. h [c, H], w_op [V, H] -> [c, V]."""
+def logits_buffer(rows: int, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One [rows, V] block reused by every chunk of a pass: no allocation (and no page faults) per chunk."""
+    return torch.empty(rows, weight.shape[0], dtype=dtype, device=weight.device)
+
+
+def chunk_logits(h: torch.Tensor, w_op: torch.Tensor, bias: torch.Tensor | None, inv_temp: float,
+                 buf: torch.Tensor | None = None) -> torch.Tensor:
+    """z = ((h @ W.T + bias) * inv_temp) in the accumulation dtype. h [c, H], w_op [V, H] -> [c, V],
+    written into buf[:c] when given and the product's dtype is the accumulation dtype."""
     acc = acc_dtype(h.dtype)
     if w_op.dtype != h.dtype:  # CPU half path: w_op was upcast
         h = h.to(w_op.dtype)
+    out = buf[: h.shape[0]] if (buf is not None and h.dtype == acc) else None
     if bias is not None:
-        z = torch.addmm(bias.to(h.dtype), h, w_op.T)
+        z = torch.addmm(bias.to(h.dtype), h, w_op.T, out=out) if out is not None else torch.addmm(
+            bias.to(h.dtype), h, w_op.T)
     else:
-        z = h @ w_op.T
+        z = torch.mm(h, w_op.T, out=out) if out is not None else h @ w_op.T
     z = z.to(acc)
     if inv_temp != 1.0:
         z.mul_(inv_temp)
@@ -101,7 +110,10 @@ def chunk_grad_logits(z, lse, targets, g_logp, g_ent, entropy, inv_temp: float) 
 def chunk_backward_matmuls(gz, h, w_op, grad_h_out, grad_w_acc, grad_b_acc) -> None:
     """grad_h_out [c, H] (written, or None) = gz @ W; grad_w_acc [V, H] += gz.T @ h; grad_b_acc [V] += sum(gz)."""
     if grad_h_out is not None:
-        grad_h_out.copy_(gz.to(w_op.dtype) @ w_op)
+        if grad_h_out.dtype == gz.dtype == w_op.dtype:
+            torch.mm(gz, w_op, out=grad_h_out)
+        else:
+            grad_h_out.copy_(gz.to(w_op.dtype) @ w_op)
     if grad_w_acc is not None:
         grad_w_acc.addmm_(gz.T, h.to(grad_w_acc.dtype))
     if grad_b_acc is not None:
@@ -118,9 +130,10 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         entropy = torch.empty(n if return_entropy else 0, dtype=acc, device=hidden.device)
         w_op = matmul_operand(weight)
+        buf = logits_buffer(min(chunk, n), weight, acc)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            z = chunk_logits(hidden[s:e], w_op, bias, inv_temp)
+            z = chunk_logits(hidden[s:e], w_op, bias, inv_temp, buf)
             if return_entropy:
                 lse[s:e], logp[s:e], entropy[s:e] = chunk_forward_stats(z, targets[s:e], True)
             else:
@@ -142,9 +155,10 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+        buf = logits_buffer(min(ctx.chunk, n), weight, acc)
         for s in range(0, n, ctx.chunk):
             e = min(n, s + ctx.chunk)
-            z = chunk_logits(hidden[s:e], w_op, bias, ctx.inv_temp)
+            z = chunk_logits(hidden[s:e], w_op, bias, ctx.inv_temp, buf)
             gz = chunk_grad_logits(
                 z, lse[s:e], targets[s:e], g_logp[s:e],
                 None if g_ent is None else g_ent[s:e], None if g_ent is None else entropy[s:e], ctx.inv_temp,

@@ -23,7 +23,7 @@ import torch
 
 from ._checks import check_lm_head, check_positive, check_same_shape, check_tensor, check_targets_in_range
 from .chunked import acc_dtype, chunk_backward_matmuls, chunk_exp_stats_, chunk_logits, default_chunk_rows
-from .chunked import grad_from_exp_, matmul_operand
+from .chunked import grad_from_exp_, logits_buffer, matmul_operand
 from .logprobs import linear_logprobs, resolve_backend
 from .losses import count_or, pmd_divisor, pmd_loss, pmd_metrics
 
@@ -59,10 +59,11 @@ class SequenceChunkedPMD(torch.autograd.Function):
         logp = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         delta = torch.zeros(n_seq, dtype=acc, device=hidden.device)
         adv, divisor, old = adv.to(acc), divisor.to(acc), old.to(acc)
+        buf = logits_buffer(max(e - s for s, e, _, _ in chunks), weight, acc)
         for s, e, sa, sb in chunks:
             if e == s:
                 continue
-            z = chunk_logits(hidden[s:e], w_op, bias, inv_temp)  # [c, V]
+            z = chunk_logits(hidden[s:e], w_op, bias, inv_temp, buf)  # [c, V]
             _, logp[s:e], sumexp = chunk_exp_stats_(z, targets[s:e])  # z <- exp(z - rowmax)
             local = seg_ids[s:e] - sa
             delta[sa:sb].index_add_(0, local, logp[s:e] - old[s:e])
