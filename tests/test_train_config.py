@@ -41,10 +41,10 @@ def test_print_config(capsys):
     (["--loss", "ppo"], "loss.name"),
     (["--tau", "0"], "loss.tau"),
     (["--estimator", "median"], "loss.estimator"),
-    (["--n", "1"], "rollout.n"),
+    (["--group-size", "1"], "rollout.n"),
     (["--max-steps", "0"], "run.max_steps"),
     (["--lr", "-1"], "optim.lr"),
-    (["--prompts-per-step", "30"], "optim.mini_batches"),  # 30 prompts do not split into 4 mini-batches
+    (["--prompts-per-step", "31"], "optim.mini_batches"),  # 31 prompts do not split into 2 mini-batches
     (["--device", "tpu"], "run.device"),
     (["--set", "optim.nope=1"], "optim.nope"),
     (["--set", "optim.lr"], "SECTION.FIELD=VALUE"),

@@ -13,7 +13,8 @@ from fastpmd.train.cli import build_config
 from fastpmd.train.parallelize import init_distributed, shutdown_distributed
 from fastpmd.train.trainer import Trainer
 
-TINY = ["--preset", "tiny-arith", "--prompts-per-step", "8", "--n", "4", "--mini-batches", "2", "--warmup-steps", "2",
+TINY = ["--preset", "tiny-arith", "--prompts-per-step", "8", "--group-size", "4", "--mini-batches", "2",
+        "--warmup-steps", "2",
         "--eval-n", "1", "--set", "data.eval_size=4", "--max-new-tokens", "4", "--no-progress"]
 KEYS = {"step", "reward_mean", "loss", "entropy", "logratio_min", "logratio_mean", "grad_norm", "response_len_mean",
         "tokens_per_s", "ms_per_token", "mem_peak_rss_gib"}

@@ -20,7 +20,8 @@ WORKER = textwrap.dedent('''
 
     torch.set_num_threads(1)
     out = sys.argv[1]
-    cfg, _ = build_config(["--out", out + "/run", "--prompts-per-step", "8", "--n", "4", "--mini-batches", "1",
+    cfg, _ = build_config(["--out", out + "/run", "--prompts-per-step", "8", "--group-size", "4",
+                           "--mini-batches", "1",
                            "--micro-batch-seqs", "5", "--warmup-steps", "0", "--no-progress",
                            "--set", "model.activation_checkpointing=True"])
     d = init_distributed("cpu")

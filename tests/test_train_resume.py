@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-TINY = ["--preset", "tiny-arith", "--prompts-per-step", "8", "--n", "4", "--mini-batches", "2", "--warmup-steps", "2",
+TINY = ["--preset", "tiny-arith", "--prompts-per-step", "8", "--group-size", "4", "--mini-batches", "2",
+        "--warmup-steps", "2",
         "--eval-n", "1", "--set", "data.eval_size=4", "--max-new-tokens", "4", "--no-progress", "--no-plots",
         "--eval-every", "2"]
 TIMING = ("update_s", "gen_s", "tokens_per_s", "ms_per_token", "gen_ms_per_token", "warmup_s")

@@ -19,7 +19,7 @@ FLAGS = {
     "--model": ("model.name_or_path", str), "--param-dtype": ("model.param_dtype", str), "--seed": ("model.seed", int),
     "--data": ("data.path", str), "--eval-data": ("data.eval_path", str),
     "--engine": ("rollout.engine", str), "--prompts-per-step": ("rollout.prompts_per_step", int),
-    "--n": ("rollout.n", int), "--temperature": ("rollout.temperature", float),
+    "--group-size": ("rollout.n", int), "--temperature": ("rollout.temperature", float),
     "--max-new-tokens": ("rollout.max_new_tokens", int), "--eval-n": ("rollout.eval_n", int),
     "--loss": ("loss.name", str), "--tau": ("loss.tau", float), "--estimator": ("loss.estimator", str),
     "--backend": ("loss.backend", str), "--chunk-size": ("loss.chunk_size", int),

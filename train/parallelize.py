@@ -71,8 +71,10 @@ def shutdown_distributed() -> None:
 
 def apply_activation_checkpointing(hf: nn.Module) -> None:
     """Recompute every decoder block in backward (HF's non-reentrant checkpointing; parameter names unchanged)."""
-    enable = getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def apply_fsdp(policy: nn.Module, cfg: ModelConfig, device: torch.device) -> nn.Module:
