@@ -7,6 +7,7 @@ constant schedule, grad-norm clipping 1.0, loss `pmd-mean`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 
 LOSSES = ("pmd-mean", "pmd-part", "grpo", "gspo", "pg")
@@ -181,6 +182,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(run.eval_every >= 0, "run.eval_every", "must be >= 0")
     need(run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto|cpu|cuda, got {run.device!r}")
     need(run.threads >= 0, "run.threads", "must be >= 0")
+    need(not run.tensorboard or importlib.util.find_spec("tensorboard") is not None, "run.tensorboard",
+         "needs the tensorboard package (pip install tensorboard)")
     need(bool(run.out), "run.out", "output directory must be set")
     need(r.prompts_per_step % world_size == 0, "rollout.prompts_per_step",
          f"{r.prompts_per_step} prompts do not split over {world_size} ranks")
