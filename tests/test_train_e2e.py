@@ -87,3 +87,35 @@ def test_torchrun_two_processes_checkpoint(tmp_path):
     ckpt = tmp_path / "checkpoints" / "step_000002"
     assert (ckpt / "rank0.pt").is_file() and (ckpt / "rank1.pt").is_file() and (ckpt / ".metadata").is_file()
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def _local_hf_tokenizer(path):
+    """A small byte-level BPE tokenizer trained in memory and saved as a Hugging Face tokenizer (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Solve the following math problem step by step. Answer: 42", "What is 1+1?"] * 10, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(path)
+
+
+def test_math_task_with_hf_tokenizer(tmp_path, world_of_one):
+    """The math path: problem file, DAPO template, HF tokenizer, math-verify rewards (+1/-1), epoch shuffling."""
+    _local_hf_tokenizer(tmp_path / "tok")
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"problem": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n"
+                                for i in range(5)))
+    cfg, _ = build_config(TINY + ["--out", str(tmp_path / "run"), "--max-steps", "2", "--warmup-steps", "0",
+                                  "--prompts-per-step", "4", "--group-size", "2", "--mini-batches", "1",
+                                  "--max-new-tokens", "6", "--data", str(problems), "--eval-data", str(problems),
+                                  "--no-export", "--no-plots", "--set", "data.task='math'",
+                                  "--set", f"model.tokenizer='{tmp_path / 'tok'}'", "--set", "reward.incorrect=-1.0"])
+    trainer = Trainer(cfg, world_of_one)
+    assert trainer.task.template.startswith("Solve the following math problem")
+    rows = trainer.fit()
+    assert len(rows) == 2 and all(-1.0 <= r["reward_mean"] <= 1.0 for r in rows)
+    assert trainer.task.state_dict() == {"position": 8}  # 2 steps x 4 prompts, across an epoch boundary (5)
