@@ -31,6 +31,11 @@ def _rows(out):
     return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith("mem_")} for r in rows]
 
 
+def _run(cmd):
+    proc = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def _weights(out):
     return load_file(str(out / "hf" / "model.safetensors"))
 
@@ -39,8 +44,7 @@ def _weights(out):
 def test_kill_and_resume_is_exact(tmp_path):
     steps = "6"
     ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref, "--max-steps", steps, "--save-every", "1"), check=True, env=_env(), timeout=300,
-                   capture_output=True)
+    _run(_cmd(ref, "--max-steps", steps, "--save-every", "1"))
 
     run = tmp_path / "run"
     proc = subprocess.Popen(_cmd(run, "--max-steps", steps, "--save-every", "1"), env=_env(),
@@ -58,8 +62,7 @@ def test_kill_and_resume_is_exact(tmp_path):
         f.write(json.dumps({"kind": "train", "step": killed_at + 1, "reward_mean": -1.0}) + "\n")
         f.write('{"kind": "train", "st')  # and a line cut mid-write
 
-    subprocess.run(_cmd(run, "--max-steps", steps, "--save-every", "1", "--resume"), check=True, env=_env(),
-                   timeout=300, capture_output=True)
+    _run(_cmd(run, "--max-steps", steps, "--save-every", "1", "--resume"))
     assert _rows(run) == _rows(ref)
     assert [r["step"] for r in _rows(run) if r["kind"] == "train"] == list(range(1, int(steps) + 1))
     a, b = _weights(ref), _weights(run)

@@ -55,12 +55,14 @@ def init_distributed(requested_device: str = "auto") -> Dist:
     """Join (or create, for a plain single process) the default process group; backend chosen by device."""
     device = pick_device(requested_device)
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python -m fastpmd.train`: a world of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "RANK" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend=backend)
+        else:  # plain `python -m fastpmd.train`: a world of one (the environment is left untouched)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1)
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
