@@ -1,1 +1,4 @@
-"""The fastpmd trainer (imported as fastpmd.train)."""
+"""The fastpmd trainer (imported as fastpmd.train): `fastpmd train ...` or `python -m fastpmd.train ...`."""
+from .cli import main
+
+__all__ = ["main"]
