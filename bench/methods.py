@@ -16,6 +16,7 @@ Flop accounting (R = B*T rows given, n = trained tokens, 2*H*V flops per row per
 """
 from __future__ import annotations
 
+import abc
 import importlib.util
 from typing import Callable
 
@@ -49,7 +50,7 @@ def _hv(inp: Inputs) -> float:
     return 2.0 * inp.shape.hidden * inp.shape.vocab
 
 
-class Method:
+class Method(abc.ABC):
     """Base adapter. Subclasses set `name`, `losses`, and implement `build` and `flops`."""
 
     name = ""
@@ -69,11 +70,13 @@ class Method:
         """Implementation detail worth a footnote (the impl or flags used)."""
         return ""
 
+    @abc.abstractmethod
     def build(self, inp: Inputs, cfg) -> Step:
-        raise NotImplementedError
+        """The step function: one forward+backward of this method on `inp` with loss config `cfg`."""
 
+    @abc.abstractmethod
     def flops(self, inp: Inputs, cfg) -> float:
-        raise NotImplementedError
+        """The flops this method really does per step."""
 
 
 def _backward(loss: torch.Tensor) -> torch.Tensor:
