@@ -180,3 +180,23 @@ def test_optional_readers_name_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # the hub path is opt-in ("hf:") and never runs here
     with pytest.raises(ImportError, match=r"fastpmd\[data\]"):
         load_problems("hf:BytedTsinghua-SIA/DAPO-Math-17k")
+
+
+def test_parquet_dapo_and_aime_schemas(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    dapo = tmp_path / "dapo.parquet"
+    pq.write_table(pa.table({
+        "prompt": [[{"role": "user", "content": "What is 2+3?"}], [{"role": "user", "content": "What is 2+3?"}],
+                   [{"role": "user", "content": "Compute 7*6."}]],
+        "reward_model": [{"ground_truth": "5", "style": "rule"}, {"ground_truth": "5", "style": "rule"},
+                         {"ground_truth": "42", "style": "rule"}],
+    }), dapo)
+    probs = load_problems(dapo)
+    assert [p.answer for p in probs] == ["5", "42"]  # the duplicate prompt is dropped
+    assert "2+3" in probs[0].prompt
+    aime = tmp_path / "aime.parquet"
+    pq.write_table(pa.table({"problem": ["Find x if x+1=3."], "answer": ["2"]}), aime)
+    (p,) = load_problems(aime)
+    assert p.answer == "2" and "x+1=3" in p.prompt
