@@ -59,14 +59,12 @@ def chunk_logits(h: torch.Tensor, w_op: torch.Tensor, bias: torch.Tensor | None,
     return z
 
 
-def chunk_forward_stats(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
-    """From logits z [c, V]: (lse [c], logp [c], entropy [c] or None). Leaves z unchanged."""
+def chunk_entropy_stats(z: torch.Tensor, targets: torch.Tensor):
+    """From logits z [c, V]: (lse [c], logp [c], entropy [c]). Leaves z unchanged."""
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(1, targets[:, None])[:, 0] - lse
-    entropy = None
-    if want_entropy:
-        logp_all = z - lse[:, None]  # H = -sum_k p_k log p_k (not lse - E[z]: that cancels when peaked)
-        entropy = -torch.bmm(logp_all.exp().unsqueeze(1), logp_all.unsqueeze(2)).view(-1)
+    logp_all = z - lse[:, None]  # H = -sum_k p_k log p_k (not lse - E[z]: that cancels when peaked)
+    entropy = -torch.bmm(logp_all.exp().unsqueeze(1), logp_all.unsqueeze(2)).view(-1)
     return lse, logp, entropy
 
 
@@ -135,7 +133,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             e = min(n, s + chunk)
             z = chunk_logits(hidden[s:e], w_op, bias, inv_temp, buf)
             if return_entropy:
-                lse[s:e], logp[s:e], entropy[s:e] = chunk_forward_stats(z, targets[s:e], True)
+                lse[s:e], logp[s:e], entropy[s:e] = chunk_entropy_stats(z, targets[s:e])
             else:
                 lse[s:e], logp[s:e], _ = chunk_exp_stats_(z, targets[s:e])
             del z

@@ -24,7 +24,7 @@ import torch
 from ._checks import check_lm_head, check_positive, check_same_shape, check_tensor, check_targets_in_range
 from .chunked import acc_dtype, chunk_backward_matmuls, chunk_exp_stats_, chunk_logits, default_chunk_rows
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
-from .logprobs import linear_logprobs, resolve_backend
+from .logprobs import compact_rows, linear_logprobs, resolve_backend
 from .losses import count_or, pmd_divisor, pmd_loss, pmd_metrics
 
 
@@ -47,8 +47,8 @@ class SequenceChunkedPMD(torch.autograd.Function):
     """Loss and gradients in the forward (6*N*H*V flops); the backward scales them. Inputs are compacted rows."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, old, adv, seg_ids, divisor, num_seq, tau, inv_temp, chunks):
-        # hidden [n, H], targets/old/seg_ids [n], adv/divisor [B], num_seq 0-d
+    def forward(ctx, hidden, weight, bias, targets, old, adv, seg_ids, valid, divisor, num_seq, tau, inv_temp, chunks):
+        # hidden [n, H], targets/old/seg_ids [n], adv/divisor/valid [B], num_seq 0-d
         acc = acc_dtype(hidden.dtype)
         n_seq = adv.shape[0]
         w_op = matmul_operand(weight)
@@ -72,9 +72,7 @@ class SequenceChunkedPMD(torch.autograd.Function):
             chunk_backward_matmuls(gz, hidden[s:e], w_op, None if grad_h is None else grad_h[s:e], grad_w, grad_b)
             del z, gz
         resid = adv - tau * delta
-        lengths = torch.zeros(n_seq, dtype=torch.long, device=hidden.device).index_add_(
-            0, seg_ids, torch.ones_like(seg_ids))
-        loss = torch.where(lengths > 0, resid.square() / (2 * tau) / divisor, 0.0).sum() / num_seq
+        loss = torch.where(valid, resid.square() / (2 * tau) / divisor, 0.0).sum() / num_seq
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(delta, logp)
@@ -87,7 +85,7 @@ class SequenceChunkedPMD(torch.autograd.Function):
         grad_h = None if grad_h is None else (grad_h * g.to(grad_h.dtype))
         grad_w = None if grad_w is None else grad_w.mul_(g.to(grad_w.dtype)).to(ctx.dtypes[0])
         grad_b = None if grad_b is None else grad_b.mul_(g.to(grad_b.dtype)).to(ctx.dtypes[1])
-        return grad_h, grad_w, grad_b, *([None] * 9)
+        return grad_h, grad_w, grad_b, *([None] * 10)
 
 
 def fused_linear_pmd_loss(
@@ -133,9 +131,7 @@ def fused_linear_pmd_loss(
                         num_sequences=num_sequences)
 
     lengths = mask.sum(-1)  # [B]
-    idx = mask.reshape(-1).nonzero().squeeze(1)  # host sync: the compacted row count
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # [n, H]
-    t = targets.reshape(-1).index_select(0, idx).long()  # [n]
+    h, t, idx = compact_rows(hidden, targets, mask)  # [n, H], [n]; host sync: the compacted row count
     check_targets_in_range(t, weight.shape[0])
     old = old_logprobs.reshape(-1).index_select(0, idx)  # [n]
     acc = acc_dtype(hidden.dtype)
@@ -161,7 +157,7 @@ def fused_linear_pmd_loss(
             return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
                             num_sequences=num_sequences)
         seg_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=hidden.device), lengths)
-        loss, delta, _ = SequenceChunkedPMD.apply(h, weight, bias, t, old, adv, seg_ids, divisor, num_seq, tau,
-                                                  1.0 / temperature, chunks)
+        loss, delta, _ = SequenceChunkedPMD.apply(h, weight, bias, t, old, adv, seg_ids, lengths > 0, divisor,
+                                                  num_seq, tau, 1.0 / temperature, chunks)
     resid = adv - tau * delta
     return loss, pmd_metrics(loss, delta, resid, advantages, lengths)

@@ -231,6 +231,21 @@ def test_empty_batch():
     assert w1.grad.abs().sum().item() == 0.0 and h1.grad.shape == (0, H)
 
 
+def _check_entropy_and_grads(hid, w, b, tgt, gl):
+    """Kernels vs the float64 reference at temperature 0.8: log-probs, entropy, and the gradients of
+    sum(gl * logp) + 0.1 * sum(entropy) w.r.t. hidden, weight and bias."""
+    h1, w1, b1 = _leaves(hid, w, b)
+    lp, ent = linear_logprobs_triton(h1, w1, tgt, b1, 0.8, True)
+    ((lp.double() * gl).sum() + ent.double().sum() * 0.1).backward()
+    h2, w2, b2 = _leaves(hid.double(), w.double(), b.double())
+    lp64, ent64 = _ref(h2, w2, b2, tgt, 0.8)
+    ((lp64 * gl).sum() + ent64.sum() * 0.1).backward()
+    _close(lp, lp64, 1e-5, "logp")
+    _close(ent, ent64, 1e-5, "entropy")
+    for got, ref, name in ((h1, h2, "grad_hidden"), (w1, w2, "grad_weight"), (b1, b2, "grad_bias")):
+        _close(got.grad, ref.grad, TOL[hid.dtype], name)
+
+
 @in_process
 @pytest.mark.parametrize("arch", ["90", "80"])
 def test_pinned_gpu_configs_under_interpreter(arch, monkeypatch):
@@ -242,17 +257,7 @@ def test_pinned_gpu_configs_under_interpreter(arch, monkeypatch):
     n, h, v = 1050, 40, 520                         # 9 token tiles: one full group of 8 + a partial one
     monkeypatch.setattr(configs, "DLOGITS_BUDGET_BYTES", n * 2 * 256)      # 3 backward chunks
     hid, w, b, tgt = _inputs(torch.bfloat16, n=n, h=h, v=v, scale=0.2, seed=10)
-    h1, w1, b1 = _leaves(hid, w, b)
-    lp, ent = linear_logprobs_triton(h1, w1, tgt, b1, 0.8, True)
-    gl = torch.linspace(-1.0, 1.0, n, device=DEV, dtype=torch.float64)
-    ((lp.double() * gl).sum() + ent.double().sum() * 0.1).backward()
-    h2, w2, b2 = _leaves(hid.double(), w.double(), b.double())
-    lp64, ent64 = _ref(h2, w2, b2, tgt, 0.8)
-    ((lp64 * gl).sum() + ent64.sum() * 0.1).backward()
-    _close(lp, lp64, 1e-5, "logp")
-    _close(ent, ent64, 1e-5, "entropy")
-    for got, ref, name in ((h1, h2, "grad_hidden"), (w1, w2, "grad_weight"), (b1, b2, "grad_bias")):
-        _close(got.grad, ref.grad, TOL[torch.bfloat16], name)
+    _check_entropy_and_grads(hid, w, b, tgt, torch.linspace(-1.0, 1.0, n, device=DEV, dtype=torch.float64))
 
 
 @pytest.mark.gpu
@@ -262,17 +267,7 @@ def test_gpu_pinned_configs_multi_chunk(dtype, monkeypatch):
     n, h, v = 1531, 520, 9001                        # several token tiles, vocab splits and backward chunks
     monkeypatch.setattr(configs, "DLOGITS_BUDGET_BYTES", n * 4 * 1024)
     hid, w, b, tgt = _inputs(dtype, n=n, h=h, v=v, scale=0.1, seed=9)
-    h1, w1, b1 = _leaves(hid, w, b)
-    lp, ent = linear_logprobs_triton(h1, w1, tgt, b1, 0.8, True)
-    gl = torch.randn(n, device=DEV, dtype=torch.float64)
-    ((lp.double() * gl).sum() + ent.double().sum() * 0.1).backward()
-    h2, w2, b2 = _leaves(hid.double(), w.double(), b.double())
-    lp64, ent64 = _ref(h2, w2, b2, tgt, 0.8)
-    ((lp64 * gl).sum() + ent64.sum() * 0.1).backward()
-    _close(lp, lp64, 1e-5, "logp")
-    _close(ent, ent64, 1e-5, "entropy")
-    for got, ref, name in ((h1, h2, "grad_hidden"), (w1, w2, "grad_weight"), (b1, b2, "grad_bias")):
-        _close(got.grad, ref.grad, TOL[dtype], name)
+    _check_entropy_and_grads(hid, w, b, tgt, torch.randn(n, device=DEV, dtype=torch.float64))
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="kernels run in this process")
