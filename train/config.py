@@ -23,6 +23,8 @@ class ModelConfig:
     arch_kwargs: dict = field(default_factory=dict)  # overrides of the tiny config (hidden_size, num_layers, ...)
     tokenizer: str = ""  # "char" for fastpmd.train.data.CharTokenizer; "" = the model directory's HF tokenizer
     attn_implementation: str = "auto"  # "auto": flash_attention_2 on CUDA when installed, else sdpa
+    pack_row_tokens: int = 256  # sdpa/eager: pack sequences into rows of max(this, longest) tokens (attention
+    #   cost N * row); 0, or flash_attention_2 (varlen, no dense mask): the whole micro-batch in one row
     param_dtype: str = "bfloat16"  # FSDP compute/param dtype; "float32" allowed (CPU/gloo: bf16 on CPU is slow)
     reduce_dtype: str = "float32"  # FSDP gradient reduce dtype
     activation_checkpointing: bool = True  # recompute each decoder block in backward
@@ -152,6 +154,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(m.reduce_dtype in ("bfloat16", "float32"), "model.reduce_dtype", f"bad dtype {m.reduce_dtype!r}")
     need(m.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
          f"unknown {m.attn_implementation!r}")
+    need(m.pack_row_tokens >= 0, "model.pack_row_tokens", "must be >= 0")
     need(d.task in ("math", "arithmetic"), "data.task", f"must be 'math' or 'arithmetic', got {d.task!r}")
     need(d.task != "math" or bool(d.path), "data.path", "task 'math' needs a problem file or dataset name")
     need(d.eval_size >= 0, "data.eval_size", "must be >= 0")

@@ -90,21 +90,53 @@ def reset_rotary(hf: nn.Module, device: torch.device) -> None:
             hf.model.rotary_emb = type(rot)(config=hf.config)
 
 
-class Policy(nn.Module):
-    """FSDP root around an HF causal LM. forward(batch, head_fn) -> head_fn(hidden [B, L, H], lm_head weight)."""
+def pack_layout(valid: torch.Tensor, row_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where each real token of a right-padded batch goes in a packed [R, C] grid (one host sync).
 
-    def __init__(self, hf: nn.Module):
+    valid: [B, L] bool, each row a prefix of True. Sequences are placed in order, whole, into rows of capacity
+    C = max(row_tokens, longest sequence); row_tokens None puts everything into one row (C = total tokens).
+    Returns dest [N] (flat indices into the [R * C] grid, in the row-major order of valid's True entries),
+    used [R] (real tokens per row; the rest of a row is free) and C.
+    """
+    lengths = valid.sum(1).tolist()
+    C = max(sum(lengths) if row_tokens is None else max(row_tokens, max(lengths, default=0)), 1)
+    starts, used = [], [0]
+    for n in lengths:
+        if used[-1] + n > C:
+            used.append(0)
+        starts.append((len(used) - 1) * C + used[-1])
+        used[-1] += n
+    first = torch.tensor(starts, dtype=torch.long, device=valid.device)  # [B]
+    dest = (first[:, None] + torch.arange(valid.shape[1], device=valid.device))[valid]  # [N]
+    return dest, torch.tensor(used, dtype=torch.long, device=valid.device), C
+
+
+class Policy(nn.Module):
+    """FSDP root around an HF causal LM. forward(batch, head_fn) -> head_fn(hidden [B, L, H], lm_head weight).
+
+    row_tokens None packs the whole batch into one [1, N] row (flash-attn varlen: attention costs sum L_i^2);
+    an int packs it into rows of at most max(row_tokens, longest) tokens, which bounds sdpa's dense
+    block-diagonal mask and attention to N * C instead of N^2 (10-token sequences: 256 per token, not 2,560).
+    """
+
+    def __init__(self, hf: nn.Module, row_tokens: int | None = None):
         super().__init__()
         self.hf = hf
+        self.row_tokens = row_tokens
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor,
                 head_fn: Callable[[torch.Tensor, torch.Tensor], object]):
-        """input_ids, position_ids, valid: [B, L] (valid = real prompt/response token, not padding)."""
+        """input_ids, position_ids, valid: [B, L] (valid = real prompt/response token, a prefix of each row)."""
         B, L = input_ids.shape
-        packed_ids = input_ids[valid][None]  # [1, N]
-        packed_pos = position_ids[valid][None]  # [1, N]
+        dest, used, C = pack_layout(valid, self.row_tokens)  # [N], [R]
+        R = used.numel()
+        # free slots at a row's end hold a dummy sequence (token 0, positions 0, 1, ...): its own attention block
+        free_pos = (torch.arange(C, device=used.device) - used[:, None]).clamp(min=0).reshape(-1)  # [R * C]
+        packed_pos = free_pos.index_put((dest,), position_ids[valid]).view(R, C)
+        packed_ids = torch.zeros(R * C, dtype=input_ids.dtype, device=input_ids.device).index_put(
+            (dest,), input_ids[valid]).view(R, C)
         out = self.hf.model(input_ids=packed_ids, position_ids=packed_pos, use_cache=False)
-        h = out.last_hidden_state[0]  # [N, H]
+        h = out.last_hidden_state.reshape(R * C, -1)[dest]  # [N, H]
         hidden = h.new_zeros(B, L, h.shape[-1]).index_put((valid.nonzero(as_tuple=True)), h)  # [B, L, H]
         return head_fn(hidden, self.hf.lm_head.weight)
 

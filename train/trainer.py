@@ -75,7 +75,9 @@ class Trainer:
         hf = build_hf_model(m, dev, tokenizer=self.tok, meta=True)
         if m.activation_checkpointing:
             apply_activation_checkpointing(hf)
-        policy = apply_fsdp(Policy(hf), m, dev)
+        varlen = hf.config._attn_implementation == "flash_attention_2"
+        policy = apply_fsdp(Policy(hf, row_tokens=None if varlen or not m.pack_row_tokens else m.pack_row_tokens),
+                            m, dev)
         policy.to_empty(device=dev)
         reset_rotary(hf, dev)
         checkpoint.load_full_state(policy, {"hf." + k: v for k, v in full.state_dict().items()} if full else {})
