@@ -144,6 +144,24 @@ def test_hf_engine_update_weights_copy_and_shared():
         eng.update_weights([("model.norm.weight", torch.zeros(3))])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="offload moves the copy off an accelerator: needs CUDA"))])
+def test_hf_engine_offload_sleep_update_wake(device):
+    src, dst = tiny_model(seed=3), tiny_model(seed=4).to(device)
+    eng = HFEngine(dst, EOS, PAD, offload=True)
+    greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=6)
+    before = eng.generate(PROMPTS, greedy)
+    eng.sleep()
+    assert all(p.device.type == "cpu" for p in dst.parameters())  # parked in host memory (cpu: stays)
+    eng.wake()
+    assert all(p.device.type == device for p in dst.parameters())
+    assert eng.generate(PROMPTS, greedy) == before
+    eng.sleep()
+    eng.update_weights((k, v.to(device)) for k, v in src.state_dict().items())  # lands in the host copy
+    eng.wake()
+    assert [o[0] for o in eng.generate(PROMPTS, greedy)] == [greedy_reference(src, p, 6) for p in PROMPTS]
+
+
 def test_hf_engine_restores_training_mode():
     model = tiny_model().train()
     HFEngine(model, EOS, PAD).generate(PROMPTS[:1], SamplingConfig(max_new_tokens=2, seed=0))

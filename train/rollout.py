@@ -76,10 +76,13 @@ class HFEngine:
     Pass the training model itself to share its weights (``update_weights`` then finds every tensor already
     in place and copies nothing), or a separate copy (``update_weights`` copies into it). The model's own
     generation defaults (top_k, repetition penalty, ...) are overridden: sampling is plain temperature/top-p.
-    ``batch_size`` caps the prompts per ``generate`` call (each expands to n rows).
+    ``batch_size`` caps the prompts per ``generate`` call (each expands to n rows). ``offload=True`` (a separate
+    copy on an accelerator) parks the copy in host memory between ``sleep`` and ``wake``, so that it takes no
+    accelerator memory while the trainer updates; weight updates made while asleep land in the host copy.
     """
 
-    def __init__(self, model: torch.nn.Module, eos_id: int, pad_id: int, *, batch_size: int | None = None):
+    def __init__(self, model: torch.nn.Module, eos_id: int, pad_id: int, *, batch_size: int | None = None,
+                 offload: bool = False):
         if not hasattr(model, "generate"):
             raise ValueError("model must be a Hugging Face generation model (with .generate)")
         if batch_size is not None and batch_size < 1:
@@ -88,6 +91,8 @@ class HFEngine:
         self.eos_id = int(eos_id)
         self.pad_id = int(pad_id)
         self.batch_size = batch_size
+        self.offload = offload
+        self.device = next(model.parameters()).device  # where generation runs
 
     def _generation_config(self, sampling: SamplingConfig):
         from transformers import GenerationConfig
@@ -170,7 +175,14 @@ class HFEngine:
             dst.data.copy_(tensor.detach())
 
     def sleep(self) -> None:
-        """No-op: the HF engine holds no cache between calls."""
+        """With ``offload``: move the model to host memory and free the accelerator's cache. Else a no-op (the
+        HF engine holds no KV cache between calls)."""
+        if self.offload and self.device.type != "cpu":
+            self.model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def wake(self) -> None:
-        """No-op (see ``sleep``)."""
+        """Undo ``sleep``: the model back on its generation device (a no-op without ``offload``)."""
+        if self.offload:
+            self.model.to(self.device)

@@ -101,8 +101,10 @@ class Trainer:
         gen.to_empty(device=dev)
         reset_rotary(gen, dev)
         gen.to(DTYPES[self.cfg.model.param_dtype]).eval()
-        engine = HFEngine(gen, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
+        # the copy lives on the accelerator only while it generates (host memory during the update)
+        engine = HFEngine(gen, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, offload=dev.type == "cuda")
         self._sync_weights(engine)
+        engine.sleep()
         return engine
 
     def _sync_weights(self, engine=None) -> None:
