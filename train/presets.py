@@ -23,10 +23,11 @@ def tiny_arith() -> TrainConfig:
         loss=LossSpec(name="pmd-mean", tau=0.1, estimator="mean"),
         # lr 1e-3 and above made this tiny model's RL drift down after a first rise; 5e-4 climbed steadily
         optim=OptimConfig(lr=5e-4, weight_decay=0.0, warmup_steps=10, mini_batches=2, micro_batch_seqs=256),
-        # noisy warm-up: half of the answers are near misses, so RL starts near 0.2 and sharpens towards the
-        # answer the model half-knows (held-out problems are never seen)
-        warmup=WarmupConfig(steps=300, batch_size=64, lr=2e-3, noise=0.5, noise_span=3),
-        run=RunConfig(out="runs/tiny-arith", max_steps=200, eval_every=50, save_every=50, device="cpu", threads=1),
+        # noisy warm-up: half of the answers are near misses, so RL starts near 0.3 and sharpens towards the
+        # answer the model half-knows (held-out problems are never seen); 1000 steps (about 60 s) leave the model
+        # knowing the method well enough that RL gains +0.38 to +0.51 on four seeds (300 steps: +0.27 to +0.31)
+        warmup=WarmupConfig(steps=1000, batch_size=64, lr=2e-3, noise=0.5, noise_span=3),
+        run=RunConfig(out="runs/tiny-arith", max_steps=300, eval_every=50, save_every=50, device="cpu", threads=1),
     )
 
 
