@@ -1,5 +1,6 @@
 """FSDP2 over two gloo processes gives the same loss and gradients as one process on a fixed batch (fp32 tiny
-model), through the trainer's own accumulation and normalisation (uneven micro-batches included)."""
+model), through the trainer's own accumulation and normalisation (uneven micro-batches included); and the number
+of FSDP collectives per optimizer step."""
 import json
 import os
 import subprocess
@@ -50,6 +51,18 @@ WORKER = textwrap.dedent('''
                  for k, p in tr.policy.named_parameters()}
         tr.optimizer.zero_grad(set_to_none=True)
         results[f"{name}/{loss_type}"] = {"loss": loss.item() / W, "grads": grads}
+    # collectives of one optimizer step's accumulation (2 blocks, micro-batches of 5 sequences)
+    import collections
+    import torch.distributed.fsdp._fully_shard._fsdp_collectives as fc
+    calls = collections.Counter()
+    for cls, key in [(fc.DefaultAllGather, "all_gather"), (fc.DefaultReduceScatter, "reduce_scatter")]:
+        def counted(self, *a, _orig=cls.__call__, _key=key, **k):
+            calls[_key] += 1
+            return _orig(self, *a, **k)
+        cls.__call__ = counted
+    idx = torch.arange((hi - lo) * n)
+    tr.accumulate_gradients(idx)
+    results["collectives"] = {**calls, "micro_batches": len(idx.split(5)), "blocks": len(tr.hf.model.layers)}
     if d.rank == 0:
         json.dump(results, open(out + f"/world{W}.json", "w"))
     dist.destroy_process_group()
@@ -70,6 +83,15 @@ def _run(tmp_path, world):
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
     one, two = _run(tmp_path, 1), _run(tmp_path, 2)
+    # FSDP2 over 2 ranks: the root (embeddings, norm, LM head) is gathered and reduce-scattered once per optimizer
+    # step, across all micro-batches and loss chunks; each block is gathered for forward and again for backward
+    # (the last block stays gathered) and reduce-scattered once per micro-batch.
+    c = two.pop("collectives")
+    one.pop("collectives")
+    m, blocks = c["micro_batches"], c["blocks"]
+    assert m == 4 and blocks == 2
+    assert c["all_gather"] == 1 + m * (2 * blocks - 1)
+    assert c["reduce_scatter"] == 1 + m * blocks
     for key in one:
         assert two[key]["loss"] == pytest.approx(one[key]["loss"], rel=1e-5, abs=1e-7), key
         assert one[key]["grads"].keys() == two[key]["grads"].keys()

@@ -6,7 +6,8 @@ Model of the update phase (one micro-batch of T tokens per GPU, bf16 compute, fp
   (FSDP2 CPUOffloadPolicy) all three live in host memory instead;
 - gathered working set: the root unit (embeddings, final norm, LM head) in bf16 for the whole step, two decoder
   blocks in bf16 (the current one and the prefetched one), and one block's unsharded gradient in fp32 (the reduce
-  dtype) while it is reduce-scattered, plus the root's unsharded fp32 gradients at the end of backward;
+  dtype) while it is reduce-scattered, plus the root's unsharded fp32 gradients (accumulated across the step's
+  micro-batches);
 - activations with checkpointing: every block's input [T, H] bf16, plus one block's recomputed intermediates and
   their gradients (x2) during its backward; MoE blocks add the dispatched copies of the tokens for top-k experts;
 - the loss: naive = bf16 logits + fp32 log-softmax + fp32 grad of [T, V]; fused (fastpmd) = one chunk of fp32

@@ -4,8 +4,10 @@ decoder block, then the root.
 Sharding layout (one FSDP unit per decoder block + the root):
 - each decoder block: all-gathered just before its forward, resharded after it, gathered again for backward;
 - the root `Policy` holds the embeddings, the final norm and the LM head. FSDP keeps the root unsharded from its
-  forward through its backward, so the LM head weight is all-gathered once per micro-batch, stays gathered across
-  every chunk of the fused loss, and its gradient is reduce-scattered once (fp32 reduce by default).
+  forward through its backward, and the trainer keeps it so across an optimizer step's micro-batches
+  (`Trainer.accumulate_gradients`), so the LM head weight is all-gathered once per optimizer step, stays gathered
+  across every micro-batch and chunk of the fused loss, and its gradient is reduce-scattered once per step (fp32
+  reduce by default).
 The run is always a process group, world size 1 included, so one code path serves one and many processes.
 """
 from __future__ import annotations

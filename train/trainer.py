@@ -193,7 +193,14 @@ class Trainer:
             dist.all_reduce(tokens)
         n_items = tokens.item() / dist.get_world_size()  # global token count / world (dapo/bnpo normaliser)
         stats: dict[str, torch.Tensor] = {}
-        for micro in idx.split(self.cfg.optim.micro_batch_seqs):
+        micros = idx.split(self.cfg.optim.micro_batch_seqs)
+        for i, micro in enumerate(micros):
+            # The root (embeddings, final norm, LM head) stays gathered and accumulates its gradient unsharded
+            # across the micro-batches: one all-gather and one reduce-scatter per optimizer step. Blocks
+            # reduce-scatter after every micro-batch.
+            last = i == len(micros) - 1
+            self.policy.set_requires_gradient_sync(last, recurse=False)
+            self.policy.set_reshard_after_backward(last, recurse=False)
             mb = _to(_slice(batch, micro), dev)
             loss, metrics = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(),
                                         self._loss_head(mb, n_seq, n_items, micro.numel()))
