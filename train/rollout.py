@@ -91,8 +91,8 @@ class HFEngine:
         self.eos_id = int(eos_id)
         self.pad_id = int(pad_id)
         self.batch_size = batch_size
-        self.offload = offload
         self.device = next(model.parameters()).device  # where generation runs
+        self.offload = offload and self.device.type != "cpu"  # nothing to move off a CPU
 
     def _generation_config(self, sampling: SamplingConfig):
         from transformers import GenerationConfig
@@ -177,7 +177,7 @@ class HFEngine:
     def sleep(self) -> None:
         """With ``offload``: move the model to host memory and free the accelerator's cache. Else a no-op (the
         HF engine holds no KV cache between calls)."""
-        if self.offload and self.device.type != "cpu":
+        if self.offload:
             self.model.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
