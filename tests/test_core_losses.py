@@ -172,15 +172,33 @@ def test_grpo_matches_liger(loss_type, level):
 
 
 def test_loss_config_dispatch():
+    """Each name reaches its own loss and estimator: the value equals the direct call (a wrong dispatch differs)."""
     torch.manual_seed(4)
     logp = torch.randn(4, 3)
+    old = logp - 0.3 * torch.rand(4, 3)
     mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[1, 2] = False
     r = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    direct = {
+        "pmd-mean": lambda: fastpmd.pmd_loss(logp, old, fastpmd.advantages(r, group_size=2, estimator="mean"),
+                                             mask, tau=0.1),
+        "pmd-part": lambda: fastpmd.pmd_loss(logp, old, fastpmd.advantages(r, group_size=2, estimator="partition",
+                                                                           tau=0.1), mask, tau=0.1),
+        "grpo": lambda: fastpmd.grpo_loss(logp, old, fastpmd.advantages(r, group_size=2, estimator="grpo"), mask),
+        "gspo": lambda: fastpmd.gspo_loss(logp, old, fastpmd.advantages(r, group_size=2, estimator="grpo"), mask),
+        "pg": lambda: fastpmd.pg_loss(logp, old, fastpmd.advantages(r, group_size=2, estimator="loo"), mask),
+    }
+    assert set(direct) == set(fastpmd.LOSS_NAMES)
+    values = {}
     for name in fastpmd.LOSS_NAMES:
         cfg = fastpmd.LossConfig(name=name, tau=0.1)
         adv = fastpmd.advantages_for(cfg, r, group_size=2)
-        loss, met = fastpmd.compute_loss(cfg, logp, logp - 0.1, adv, mask)
-        assert torch.isfinite(loss) and "loss" in met
+        loss, met = fastpmd.compute_loss(cfg, logp, old, adv, mask)
+        want, _ = direct[name]()
+        torch.testing.assert_close(loss, want, rtol=0, atol=0)
+        assert "loss" in met
+        values[name] = float(loss)
+    assert len(set(values.values())) == len(values)  # the five losses differ on this batch
     with pytest.raises(ValueError, match="estimator"):
         fastpmd.LossConfig(name="pmd-mean", estimator="partition")
     with pytest.raises(ValueError, match="name"):

@@ -1,8 +1,8 @@
 """Training configuration: plain dataclasses with documented defaults, validated before any work starts.
 
-The defaults are the paper's recipe (PMD_NOTES.md, "Training recipe"): 512 prompts x 16 responses per generation
-batch, 16 optimizer steps per batch (mini-batches of 32 prompts), temperature 1.0, AdamW lr 1e-6, weight decay 0.01,
-constant schedule, grad-norm clipping 1.0, loss `pmd-mean`.
+The defaults are the recipe of the paper's released scripts (summarised in docs/training.md): 512 prompts x 16
+responses per generation batch, 16 optimizer steps per batch (mini-batches of 32 prompts), temperature 1.0, AdamW
+lr 1e-6, weight decay 0.01, constant schedule, grad-norm clipping 1.0, loss `pmd-mean`.
 """
 from __future__ import annotations
 
