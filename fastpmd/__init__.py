@@ -17,6 +17,7 @@ from .objectives import LOSS_NAMES, LossConfig, advantages_for, compute_loss
 __version__ = "0.1.0"
 
 __all__ = [
-    "ESTIMATORS", "LOSS_NAMES", "TAU_MIN", "LossConfig", "advantages", "advantages_for", "compute_loss", "finite_checks",
+    "ESTIMATORS", "LOSS_NAMES", "TAU_MIN", "LossConfig", "advantages", "advantages_for", "compute_loss",
+    "finite_checks",
     "fused_linear_pmd_loss", "grpo_loss", "gspo_loss", "linear_logprobs", "pg_loss", "pmd_loss",
 ]

@@ -85,6 +85,10 @@ def check_count(name: str, value, fallback: torch.Tensor) -> torch.Tensor | floa
     return check_positive(name, value)
 
 
+class NonFiniteInputError(ValueError):
+    """Raised by the finite-value checks: a tensor holds NaN/inf where it is used."""
+
+
 def finite_checks_enabled() -> bool:
     """True inside `finite_checks()` or, outside any, when FASTPMD_CHECK_FINITE is 1/true/yes/on."""
     if _finite_override[0] is not None:
@@ -115,7 +119,7 @@ def check_finite(name: str, t: torch.Tensor | None, where: torch.Tensor | None =
     count = int(bad.sum())
     if count:
         first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name} holds {count} non-finite value(s) (NaN or inf), the first at index {first}")
+        raise NonFiniteInputError(f"{name} holds {count} non-finite value(s) (NaN or inf), the first at index {first}")
 
 
 def check_device(name: str, t: torch.Tensor | None, ref_name: str, device: torch.device) -> None:
