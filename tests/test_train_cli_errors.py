@@ -66,6 +66,15 @@ BAD = [  # (argv, field named in the message); {tmp} is replaced by the test's t
     (["--set", "model.arch=''", "--model", "{tmp}/no-such-model"], "model.name_or_path"),
     (["--set", "model.tokenizer='./no-such-tokenizer'"], "model.tokenizer"),
     (["--set", "warmup.lr=nan"], "warmup"),
+    (["--set", "model.arch_kwargs={'hidden_size': 0}"], "model.arch_kwargs"),
+    (["--set", "model.arch_kwargs={'hidden_size': 63}"], "model.arch_kwargs"),  # 4 heads
+    (["--set", "model.arch_kwargs={'nope': 1}"], "model.arch_kwargs"),
+    (["--set", "model.arch_kwargs={'num_key_value_heads': 3}"], "model.arch_kwargs"),
+    (["--set", "model.attn_implementation=flash_attention_2"], "model.attn_implementation"),
+    (["--set", "model.tokenizer=''"], "model.tokenizer"),
+    (["--data", "{tmp}/a_file.jsonl"], "data.path"),
+    (["--set", "data.task=math", "--data", "{tmp}/a_file"], "data.path"),  # not JSON lines
+    (["--set", "model.arch=''", "--model", "{tmp}"], "model.name_or_path"),  # a directory without config.json  # task arithmetic reads no file: not silently ignored
     (["--set", "rollout.eval_top_p=inf"], "rollout.eval_top_p"),
 ]
 

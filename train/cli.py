@@ -104,6 +104,29 @@ def check_out(out: Path, resume: bool) -> None:
                          "--out")
 
 
+def check_arch(m) -> None:
+    """A tiny arch's overrides: known fields of its HF config, positive sizes, heads that divide."""
+    from .model import tiny_config
+
+    try:
+        default = tiny_config(m.arch, 64, 0, 1, 2)
+        hf = tiny_config(m.arch, 64, 0, 1, 2, **m.arch_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config model.arch_kwargs: {e}") from None
+    unknown = sorted(k for k in m.arch_kwargs if not hasattr(default, k))
+    if unknown:
+        raise ValueError(f"config model.arch_kwargs: unknown field(s) {unknown} of {type(default).__name__}")
+    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "max_position_embeddings", "num_hidden_layers"):
+        v = getattr(hf, k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config model.arch_kwargs: {k} must be a positive int, got {v!r}")
+    if hf.num_attention_heads % hf.num_key_value_heads:
+        raise ValueError("config model.arch_kwargs: num_attention_heads must be a multiple of num_key_value_heads")
+    if getattr(hf, "head_dim", None) is None and hf.hidden_size % hf.num_attention_heads:
+        raise ValueError("config model.arch_kwargs: hidden_size must be a multiple of num_attention_heads")
+
+
 def preflight(cfg: TrainConfig) -> None:
     """Checks of the environment, after validate() and before any process group or model: the device, the
     loss backend, the rollout engine, data files, the model/tokenizer directory, the arithmetic task's options,
@@ -114,7 +137,7 @@ def preflight(cfg: TrainConfig) -> None:
 
     from fastpmd.logprobs import resolve_backend
 
-    from .data import ArithmeticTask
+    from .data import ArithmeticTask, load_problems
 
     run, d, m, r = cfg.run, cfg.data, cfg.model, cfg.rollout
     cuda = torch.cuda.is_available()
@@ -128,8 +151,25 @@ def preflight(cfg: TrainConfig) -> None:
     if r.engine == "vllm" and (device.type != "cuda" or importlib.util.find_spec("vllm") is None):
         raise ValueError("config rollout.engine: 'vllm' needs CUDA and the vllm package; use --engine hf")
     for name, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
-        if d.task == "math" and path and not path.startswith("hf:") and not Path(path).is_file():
-            raise ValueError(f"config {name}: no such file {path!r} (prefix hub data sets with 'hf:')")
+        if d.task == "math" and path and not path.startswith("hf:"):
+            if not Path(path).is_file():
+                raise ValueError(f"config {name}: no such file {path!r} (prefix hub data sets with 'hf:')")
+            try:  # a local file is read twice (here and by the trainer): cheap next to a run
+                load_problems(path)
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                raise ValueError(f"config {name}: cannot read problems from {path!r}: {e}") from None
+    if m.name_or_path and _looks_local(m.name_or_path) and Path(m.name_or_path).expanduser().is_dir() and not (
+            Path(m.name_or_path).expanduser() / "config.json").is_file():
+        raise ValueError(f"config model.name_or_path: {m.name_or_path!r} has no config.json (not a HF model directory)")
+    if m.attn_implementation == "flash_attention_2" and (device.type != "cuda" or
+                                                         importlib.util.find_spec("flash_attn") is None):
+        raise ValueError("config model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package")
+    if m.arch:
+        check_arch(m)
+        if not m.tokenizer:
+            raise ValueError("config model.tokenizer: a tiny arch needs a tokenizer ('char' or a directory)")
+    if d.task != "math" and (d.path or d.eval_path):
+        raise ValueError(f"config data.path/data.eval_path: task {d.task!r} reads no file (set data.task=math)")
     for name, path in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
         if path and path != "char" and _looks_local(path) and not Path(path).expanduser().exists():
             raise ValueError(f"config {name}: no such directory {path!r}")
