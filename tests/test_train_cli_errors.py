@@ -74,7 +74,7 @@ BAD = [  # (argv, field named in the message); {tmp} is replaced by the test's t
     (["--set", "model.tokenizer=''"], "model.tokenizer"),
     (["--data", "{tmp}/a_file.jsonl"], "data.path"),
     (["--set", "data.task=math", "--data", "{tmp}/a_file"], "data.path"),  # not JSON lines
-    (["--set", "model.arch=''", "--model", "{tmp}"], "model.name_or_path"),  # a directory without config.json  # task arithmetic reads no file: not silently ignored
+    (["--set", "model.arch=''", "--model", "{tmp}"], "model.name_or_path"),  # a directory without config.json
     (["--set", "rollout.eval_top_p=inf"], "rollout.eval_top_p"),
 ]
 

@@ -160,7 +160,8 @@ def preflight(cfg: TrainConfig) -> None:
                 raise ValueError(f"config {name}: cannot read problems from {path!r}: {e}") from None
     if m.name_or_path and _looks_local(m.name_or_path) and Path(m.name_or_path).expanduser().is_dir() and not (
             Path(m.name_or_path).expanduser() / "config.json").is_file():
-        raise ValueError(f"config model.name_or_path: {m.name_or_path!r} has no config.json (not a HF model directory)")
+        raise ValueError(f"config model.name_or_path: {m.name_or_path!r} has no config.json (not a HF model "
+                         "directory)")
     if m.attn_implementation == "flash_attention_2" and (device.type != "cuda" or
                                                          importlib.util.find_spec("flash_attn") is None):
         raise ValueError("config model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package")
