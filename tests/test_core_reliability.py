@@ -1,6 +1,7 @@
 """Reliability of the library on edge input: empty batches, parameters that would give NaN/inf, one mask rule,
 devices, the opt-in finite-value checks, and fastpmd.theory's argument errors."""
 import math
+import os
 
 import pytest
 import torch
@@ -41,7 +42,8 @@ def test_fully_masked_grpo_is_zero():
         assert loss.item() == 0 and all(torch.isfinite(v) for v in met.values())
 
 
-@pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.parametrize("backend", ["naive", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1"
+                                                          else []))
 def test_empty_batch_fused_and_logprobs(backend):
     h = torch.zeros(0, 3, 4, requires_grad=True)
     w = torch.randn(5, 4, requires_grad=True)

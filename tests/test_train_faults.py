@@ -169,3 +169,29 @@ def test_manifest_detects_flipped_bytes(tmp_path):
     (d / "manifest.json").unlink()
     problem, note = checkpoint.verify(d)  # an old checkpoint: loadable, unverified, with a note
     assert problem is None and "without verification" in note
+
+
+def test_row_and_parameter_checks():
+    import fastpmd
+    from fastpmd.train import faults
+
+    lp = torch.zeros(1, 2)
+    lin = torch.nn.Linear(3, 2)
+    faults.check_row(7, {"loss": 0.5, "grad_norm": 1.0}, lin.named_parameters())  # all finite: no error
+    with pytest.raises(faults.NonFiniteError, match="step 7: grad_norm is nan"):
+        faults.check_row(7, {"loss": 0.5, "grad_norm": float("nan")}, lin.named_parameters())
+    with torch.no_grad():
+        lin.bias[1] = float("inf")
+    with pytest.raises(faults.NonFiniteError, match="step 7: parameter bias"):
+        faults.check_row(7, {"loss": 0.5, "grad_norm": 1.0}, lin.named_parameters())
+    faults.check_after_update(3, lin.named_parameters())  # switch off: no check, no sync
+    with faults.checked_step(1):  # steps 1..FINITE_CHECK_STEPS run with the switch on
+        with pytest.raises(faults.NonFiniteError, match="step 1: parameter bias"):
+            faults.check_after_update(1, lin.named_parameters())
+        with pytest.raises(faults.NonFiniteError, match="step 1: loss is inf"):
+            faults.check_before_update(1, torch.tensor(float("inf")), torch.tensor(1.0))
+    with pytest.raises(faults.NonFiniteError, match="step 2: loss input advantages"):
+        with faults.checked_step(2):
+            fastpmd.pmd_loss(lp, lp, torch.tensor([float("nan")]), torch.ones(1, 2, dtype=torch.bool), tau=0.1)
+    with faults.checked_step(3):  # past the first steps: no checks
+        fastpmd.pmd_loss(lp, lp, torch.tensor([float("nan")]), torch.ones(1, 2, dtype=torch.bool), tau=0.1)

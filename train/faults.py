@@ -112,16 +112,19 @@ def _bad(value) -> bool:
 
 def nonfinite_parameter(params) -> str | None:
     """Name of the first parameter (this rank's shard) holding NaN/inf, agreed across ranks; one host sync."""
-    bad = [name for name, p in params if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)
-                                                  .all())]
-    flag = torch.tensor([1 if bad else 0])
+    names, ok = [], []
+    for name, p in params:
+        local = p.to_local() if hasattr(p, "to_local") else p
+        names.append(name)
+        ok.append(torch.isfinite(local.detach()).all())
+    flags = torch.stack(ok).logical_not() if ok else torch.zeros(1, dtype=torch.bool)  # [P] True = bad
+    bad = flags.any().reshape(1).to(torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if int(flag.item()) == 0:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if int(bad.item()) == 0:
         return None
-    return bad[0] if bad else "(a parameter on another rank)"
+    local_bad = [n for n, f in zip(names, flags.tolist()) if f]
+    return local_bad[0] if local_bad else "(a parameter on another rank)"
 
 
 def check_before_update(step: int, loss, grad_norm) -> None:
