@@ -195,3 +195,28 @@ def test_row_and_parameter_checks():
             fastpmd.pmd_loss(lp, lp, torch.tensor([float("nan")]), torch.ones(1, 2, dtype=torch.bool), tau=0.1)
     with faults.checked_step(3):  # past the first steps: no checks
         fastpmd.pmd_loss(lp, lp, torch.tensor([float("nan")]), torch.ones(1, 2, dtype=torch.bool), tau=0.1)
+
+
+@pytest.mark.slow
+def test_two_processes_skip_a_corrupted_shard(tmp_path):
+    """The manifest is hashed and verified collectively: a flipped byte in rank 1's shard makes both ranks
+    skip that checkpoint and resume the older one together."""
+    import os
+    import sys
+
+    from test_train_resume import TINY
+
+    def cmd(*extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "fastpmd.train", *TINY, "--save-every", "1", "--out", str(tmp_path), *extra]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd("--max-steps", "2"), capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    manifest = json.loads((tmp_path / "checkpoints" / "step_000002" / "manifest.json").read_text())["files"]
+    assert {"rank0.pt", "rank1.pt", ".metadata"} <= set(manifest) and len(manifest) >= 5
+    _flip(tmp_path / "checkpoints" / "step_000002" / "__1_0.distcp", 1)
+    proc = subprocess.run(cmd("--max-steps", "3", "--resume"), capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "skipped checkpoint" in proc.stderr and "checksum mismatch in __1_0.distcp" in proc.stderr
+    assert _train_steps(tmp_path) == [1, 2, 3]
