@@ -5,7 +5,9 @@ Public API (stable names; see docs/API.md):
     advantages                                          group advantages (mean, loo, partition, partition_loo, grpo)
     pmd_loss, grpo_loss, gspo_loss, pg_loss             (logprobs, old_logprobs, advantages, mask) -> (loss, metrics)
     LossConfig, compute_loss, advantages_for            losses chosen by name
+    finite_checks, TAU_MIN                              opt-in NaN/inf input checks; the smallest tau
 """
+from ._checks import TAU_MIN, finite_checks
 from .advantages import ESTIMATORS, advantages
 from .fused import fused_linear_pmd_loss
 from .logprobs import linear_logprobs
@@ -15,6 +17,7 @@ from .objectives import LOSS_NAMES, LossConfig, advantages_for, compute_loss
 __version__ = "0.1.0"
 
 __all__ = [
-    "ESTIMATORS", "LOSS_NAMES", "LossConfig", "advantages", "advantages_for", "compute_loss",
+    "ESTIMATORS", "LOSS_NAMES", "TAU_MIN", "LossConfig", "advantages", "advantages_for", "compute_loss",
+    "finite_checks",
     "fused_linear_pmd_loss", "grpo_loss", "gspo_loss", "linear_logprobs", "pg_loss", "pmd_loss",
 ]

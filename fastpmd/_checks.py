@@ -1,11 +1,24 @@
-"""Argument checks shared by the public ops: every error names the argument and is raised before any work."""
+"""Argument checks shared by the public ops: every error names the argument and is raised before any work.
+
+Always checked (no host sync): types, shapes, dtypes, devices, the mask rule (bool, or integer 0/1 read as
+mask != 0; float masks are rejected) and every Python-number option (finite, in range). Checked only when the
+finite-value switch is on (`FASTPMD_CHECK_FINITE=1` or `with fastpmd.finite_checks():`), because each costs a
+host sync: that tensors hold no NaN/inf where they are used (hidden and log-probs where the mask is True,
+weight, bias, advantages) and that tensor normalisers (num_sequences, num_items) are finite and > 0 (otherwise
+a tensor normaliser is clamped to >= 1 on the device).
+"""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 
 BACKENDS = ("auto", "naive", "torch", "triton")
+TAU_MIN = 1e-8  # smallest accepted tau: the loss (A - tau*Delta)^2 / (2*tau) stays far inside float32 range
+MASK_RULE = "bool or integer 0/1"
+_finite_override: list[bool | None] = [None]  # set by finite_checks(); None = read FASTPMD_CHECK_FINITE
 
 
 def check_backend(backend: str) -> str:
@@ -21,6 +34,97 @@ def check_positive(name: str, value) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     return float(value)
+
+
+def check_nonnegative(name: str, value) -> float:
+    """A finite Python number >= 0 (epsilon_low, epsilon_high, beta)."""
+    if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a non-negative Python number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return float(value)
+
+
+def check_tau(value, name: str = "tau") -> float:
+    """tau: a finite Python number >= TAU_MIN (smaller ones overflow float32 in the loss or the partition)."""
+    tau = check_positive(name, value)
+    if tau < TAU_MIN:
+        raise ValueError(f"{name} must be >= {TAU_MIN:g} (smaller values overflow float32), got {value!r}")
+    return tau
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_length_norm(value) -> bool | float:
+    """length_norm: True (token count), False (none) or a finite number > 0 (a constant divisor)."""
+    if isinstance(value, bool):
+        return value
+    return check_positive("length_norm", value)
+
+
+def check_count(name: str, value, fallback: torch.Tensor) -> torch.Tensor | float:
+    """A global normaliser (num_sequences, num_items): None -> fallback.clamp(min=1) (an empty batch gives
+    loss 0, not 0/0); a Python number: finite and > 0; a tensor: finite and > 0 under the finite-value switch
+    (one host sync), clamped to >= 1 on the device otherwise."""
+    if value is None:
+        return fallback.clamp(min=1)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if value.device != fallback.device:
+            raise ValueError(f"{name} is on {value.device}, the losses' tensors on {fallback.device}")
+        if finite_checks_enabled():
+            v = float(value)
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be finite and > 0, got tensor value {v}")
+        return value.reshape(()).clamp(min=1)
+    return check_positive(name, value)
+
+
+class NonFiniteInputError(ValueError):
+    """Raised by the finite-value checks: a tensor holds NaN/inf where it is used."""
+
+
+def finite_checks_enabled() -> bool:
+    """True inside `finite_checks()` or, outside any, when FASTPMD_CHECK_FINITE is 1/true/yes/on."""
+    if _finite_override[0] is not None:
+        return _finite_override[0]
+    return os.environ.get("FASTPMD_CHECK_FINITE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool = True):
+    """Turn the NaN/inf input checks on (or off) inside the block, whatever FASTPMD_CHECK_FINITE says. Each
+    checked tensor costs one host sync; the trainer uses this for its first steps."""
+    previous = _finite_override[0]
+    _finite_override[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _finite_override[0] = previous
+
+
+def check_finite(name: str, t: torch.Tensor | None, where: torch.Tensor | None = None) -> None:
+    """Under the finite-value switch: ValueError naming `name` if t holds NaN/inf (only where `where`, a bool
+    tensor broadcastable to t from the left, is True). A no-op (no sync) when the switch is off."""
+    if t is None or not finite_checks_enabled():
+        return
+    bad = ~torch.isfinite(t)
+    if where is not None:
+        bad &= where.reshape(where.shape + (1,) * (t.dim() - where.dim()))
+    count = int(bad.sum())
+    if count:
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise NonFiniteInputError(f"{name} holds {count} non-finite value(s) (NaN or inf), the first at index {first}")
+
+
+def check_device(name: str, t: torch.Tensor | None, ref_name: str, device: torch.device) -> None:
+    if t is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, {ref_name} on {device}: move it to one device")
 
 
 def check_tensor(name: str, t, *, dims: int | None = None, floating: bool | None = None) -> torch.Tensor:
@@ -40,18 +144,17 @@ def check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref_shape) -> No
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref_shape)}, got {tuple(t.shape)}")
 
 
-def check_mask(mask, shape, device) -> torch.Tensor | None:
-    if mask is None:
+def check_mask(mask, shape, device, ref_name: str = "targets", required: bool = False) -> torch.Tensor | None:
+    """The one mask rule of every op: bool, or an integer tensor read as mask != 0; float (and complex) masks
+    are rejected (0.5 is neither in nor out). Shape of `ref_name`, on its device. Returns a bool mask or None."""
+    if mask is None and not required:
         return None
     check_tensor("mask", mask)
-    check_same_shape("mask", mask, "targets", shape)
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point():
-            raise ValueError(f"mask must be bool or integer 0/1, got {mask.dtype}")
-        mask = mask != 0
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device}, targets on {device}")
-    return mask
+    check_same_shape("mask", mask, ref_name, shape)
+    if mask.is_floating_point() or mask.is_complex():
+        raise ValueError(f"mask must be {MASK_RULE}, got {mask.dtype}")
+    check_device("mask", mask, ref_name, device)
+    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def check_lm_head(hidden, weight, targets, bias) -> None:
@@ -67,16 +170,15 @@ def check_lm_head(hidden, weight, targets, bias) -> None:
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
-    if weight.device != hidden.device or targets.device != hidden.device:
-        raise ValueError("hidden, weight and targets must be on one device")
+    check_device("weight", weight, "hidden", hidden.device)
+    check_device("targets", targets, "hidden", hidden.device)
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one vocabulary row")
     if bias is not None:
         check_tensor("bias", bias, dims=1, floating=True)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias has {bias.shape[0]} entries, weight has V = {weight.shape[0]} rows")
-        if bias.device != hidden.device:
-            raise ValueError("bias must be on the device of hidden")
+        check_device("bias", bias, "hidden", hidden.device)
 
 
 def check_targets_in_range(targets_c: torch.Tensor, vocab: int) -> None:
@@ -87,3 +189,90 @@ def check_targets_in_range(targets_c: torch.Tensor, vocab: int) -> None:
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= vocab:
         raise ValueError(f"targets must lie in [0, V={vocab}) where mask is True; found values in [{lo}, {hi}]")
+
+
+def check_grpo_options(epsilon_low, epsilon_high, beta, ref_logprobs, max_completion_length, num_items):
+    """GRPO/GSPO's Python options; returns (epsilon_low, epsilon_high) as floats."""
+    eps = check_nonnegative("epsilon_low", epsilon_low), check_nonnegative("epsilon_high", epsilon_high)
+    if check_nonnegative("beta", beta) != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs [B, T] is needed when beta != 0")
+    if max_completion_length is not None:
+        check_positive_int("max_completion_length", max_completion_length)
+    if num_items is not None and not isinstance(num_items, torch.Tensor):
+        check_positive("num_items", num_items)
+    return eps
+
+
+def check_policy_inputs(logprobs, old_logprobs, advantages, mask, *, old_required: bool = True,
+                        ref_logprobs=None) -> torch.Tensor:
+    """The losses' tensors: logprobs/old_logprobs/ref_logprobs [B, T] float, advantages [B] float, mask [B, T]
+    by the mask rule, all on logprobs' device; NaN/inf where the mask is True under the finite-value switch.
+    Returns the bool mask."""
+    check_tensor("logprobs", logprobs, dims=2, floating=True)
+    dev = logprobs.device
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None or (name == "old_logprobs" and old_required):
+            check_tensor(name, t, dims=2, floating=True)
+            check_same_shape(name, t, "logprobs", logprobs.shape)
+            check_device(name, t, "logprobs", dev)
+    check_tensor("advantages", advantages, dims=1, floating=True)
+    if advantages.shape[0] != logprobs.shape[0]:
+        raise ValueError(f"advantages has {advantages.shape[0]} entries, logprobs has B = {logprobs.shape[0]} rows")
+    check_device("advantages", advantages, "logprobs", dev)
+    mask = check_mask(mask, logprobs.shape, dev, "logprobs", required=True)
+    if finite_checks_enabled():
+        check_finite("logprobs", logprobs, mask)
+        check_finite("old_logprobs", old_logprobs, mask)
+        check_finite("ref_logprobs", ref_logprobs, mask)
+        check_finite("advantages", advantages, mask.any(-1))
+    return mask
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def check_head_finite(hidden, weight, bias, mask) -> None:
+    """Under the finite-value switch: hidden where mask is True (all of it without a mask), weight, bias."""
+    if finite_checks_enabled():
+        check_finite("hidden", hidden, mask)
+        check_finite("weight", weight)
+        check_finite("bias", bias)
+
+
+def check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, bias, tau, temperature,
+                       chunk_size, length_norm):
+    """fused_linear_pmd_loss's arguments (see check_lm_head and check_policy_inputs); returns (bool mask, tau,
+    temperature)."""
+    check_tensor("hidden", hidden, dims=3, floating=True)
+    check_lm_head(hidden, weight, targets, bias)
+    mask = check_mask(mask, targets.shape, hidden.device, "targets", required=True)
+    check_tensor("old_logprobs", old_logprobs, dims=2, floating=True)
+    check_same_shape("old_logprobs", old_logprobs, "targets", targets.shape)
+    check_device("old_logprobs", old_logprobs, "hidden", hidden.device)
+    check_tensor("advantages", advantages, dims=1, floating=True)
+    if advantages.shape[0] != targets.shape[0]:
+        raise ValueError(f"advantages has {advantages.shape[0]} entries, targets has B = {targets.shape[0]} rows")
+    check_device("advantages", advantages, "hidden", hidden.device)
+    tau, temperature = check_tau(tau), check_positive("temperature", temperature)
+    check_chunk_size(chunk_size)
+    check_length_norm(length_norm)
+    check_head_finite(hidden, weight, bias, mask)
+    if finite_checks_enabled():
+        check_finite("old_logprobs", old_logprobs, mask)
+        check_finite("advantages", advantages, mask.any(-1))
+    return mask, tau, temperature
+
+
+def check_loss_config_fields(cfg) -> None:
+    """LossConfig.__post_init__'s number checks: tau, length_norm, epsilons (None or >= 0), beta,
+    max_completion_length (None or a positive int)."""
+    check_tau(cfg.tau)
+    check_length_norm(cfg.length_norm)
+    for name in ("epsilon_low", "epsilon_high"):
+        if getattr(cfg, name) is not None:
+            check_nonnegative(name, getattr(cfg, name))
+    check_nonnegative("beta", cfg.beta)
+    if cfg.max_completion_length is not None:
+        check_positive_int("max_completion_length", cfg.max_completion_length)

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._checks import check_positive, check_tensor
+from ._checks import check_positive, check_tau, check_tensor
 
 ESTIMATORS = ("mean", "loo", "partition", "partition_loo", "grpo")
 
@@ -40,7 +40,9 @@ def advantages(
     if estimator.startswith("partition"):
         if tau is None:
             raise ValueError(f"estimator={estimator!r} needs tau")
-        tau = check_positive("tau", tau)
+        tau = check_tau(tau)
+    if estimator == "grpo":
+        eps = check_positive("eps", eps)  # eps = 0 turns a group of equal rewards into 0/0
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards must be finite (found NaN or inf)")
 

@@ -9,6 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -53,6 +56,21 @@ def check_agreement(tau: float) -> None:
         raise SystemExit("fused and naive paths disagree (loss, grad_hidden or grad_weight)")
 
 
+def check_args(args) -> None:
+    """Every option before any work (ValueError naming the flag)."""
+    from ._checks import check_positive_int, check_tau
+
+    for flag in ("tokens", "hidden", "vocab", "reps"):
+        check_positive_int(f"--{flag}", getattr(args, flag))
+    check_tau(args.tau, "--tau")
+    if args.out is not None:
+        probe = Path(args.out)
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {args.out!r}: {probe} is not a writable directory")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastpmd demo", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=2048, help="rows N of the timed batch")
@@ -62,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tau", type=float, default=0.01)
     p.add_argument("--out", default=None, help="directory for the benchmark's results.json / results.md / plots")
     args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        print(f"fastpmd demo: error: {e}", file=sys.stderr)
+        return 2
     print(f"fastpmd {fastpmd.__version__} demo on {torch.get_num_threads()} CPU threads (torch {torch.__version__})\n")
     check_agreement(args.tau)
     print(f"\n[2] Time and peak extra memory, hidden -> PMD-mean loss forward+backward, N={args.tokens}, "

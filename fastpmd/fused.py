@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_lm_head, check_positive, check_same_shape, check_tensor, check_targets_in_range
+from ._checks import check_fused_inputs, check_targets_in_range
 from .chunked import acc_dtype, chunk_backward_matmuls, chunk_exp_stats_, chunk_logits, default_chunk_rows
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
 from .logprobs import compact_rows, linear_logprobs, resolve_backend
@@ -108,24 +108,11 @@ def fused_linear_pmd_loss(
 
     chunk_size: tokens per chunk (default: a 64 MB float32 logits block). backend as in `linear_logprobs`.
     """
-    check_tensor("hidden", hidden, dims=3, floating=True)
-    check_lm_head(hidden, weight, targets, bias)
-    check_tensor("mask", mask, dims=2)
-    check_same_shape("mask", mask, "targets", targets.shape)
-    check_tensor("old_logprobs", old_logprobs, dims=2, floating=True)
-    check_same_shape("old_logprobs", old_logprobs, "targets", targets.shape)
-    check_tensor("advantages", advantages, dims=1, floating=True)
-    if advantages.shape[0] != targets.shape[0]:
-        raise ValueError(f"advantages has {advantages.shape[0]} entries, targets has B = {targets.shape[0]} rows")
-    tau = check_positive("tau", tau)
-    temperature = check_positive("temperature", temperature)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    pmd_divisor(length_norm, targets.new_ones(1))  # validates a numeric length_norm
-    mask = mask if mask.dtype == torch.bool else mask != 0
+    mask, tau, temperature = check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, bias, tau,
+                                                temperature, chunk_size, length_norm)
     backend = resolve_backend(backend, hidden.device)
 
-    if backend == "naive":
+    if backend == "naive" or hidden.shape[0] == 0:  # B = 0: nothing to fuse, the reference path gives loss 0
         logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature, backend="naive")
         return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
                         num_sequences=num_sequences)

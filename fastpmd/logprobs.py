@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_backend, check_lm_head, check_mask, check_positive, check_targets_in_range
+from ._checks import check_backend, check_chunk_size, check_head_finite, check_lm_head, check_mask, check_positive
+from ._checks import check_targets_in_range
 from .chunked import ChunkedLinearLogprobs, default_chunk_rows
 from .naive import naive_linear_logprobs
 
@@ -51,7 +52,7 @@ def scatter_rows(values: torch.Tensor, idx: torch.Tensor | None, shape) -> torch
 
 def rows_logprobs(h, weight, t, bias, temperature: float, return_entropy: bool, chunk_size, backend: str):
     """Dispatch on compacted rows: h [n, H], t [n] -> (logp [n], entropy [n] or None)."""
-    if backend == "naive":
+    if backend == "naive" or h.shape[0] == 0:  # no rows (empty or fully masked): nothing for a kernel to do
         return naive_linear_logprobs(h, weight, t, bias, temperature, return_entropy)
     if backend == "triton":
         from fastpmd.kernels import linear_logprobs_triton
@@ -86,9 +87,9 @@ def linear_logprobs(
     """
     check_lm_head(hidden, weight, targets, bias)
     temperature = check_positive("temperature", temperature)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    mask = check_mask(mask, targets.shape, targets.device)
+    check_chunk_size(chunk_size)
+    mask = check_mask(mask, targets.shape, hidden.device)
+    check_head_finite(hidden, weight, bias, mask)
     backend = resolve_backend(backend, hidden.device)
 
     h, t, idx = compact_rows(hidden, targets, mask)

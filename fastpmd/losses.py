@@ -10,41 +10,25 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_positive, check_same_shape, check_tensor
+from ._checks import check_count, check_grpo_options, check_length_norm, check_policy_inputs, check_positive
+from ._checks import check_tau
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-def _check_inputs(logprobs, old_logprobs, advantages, mask, *, old_required=True):
-    check_tensor("logprobs", logprobs, dims=2, floating=True)
-    if old_logprobs is not None or old_required:
-        check_tensor("old_logprobs", old_logprobs, dims=2, floating=True)
-        check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs.shape)
-    check_tensor("advantages", advantages, dims=1, floating=True)
-    if advantages.shape[0] != logprobs.shape[0]:
-        raise ValueError(f"advantages has {advantages.shape[0]} entries, logprobs has B = {logprobs.shape[0]} rows")
-    check_tensor("mask", mask, dims=2)
-    check_same_shape("mask", mask, "logprobs", logprobs.shape)
-    if mask.is_floating_point():
-        raise ValueError(f"mask must be bool or integer 0/1, got {mask.dtype}")
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
 def pmd_divisor(length_norm, lengths: torch.Tensor) -> torch.Tensor | float:
     """Per-sequence divisor: token count (True), 1 (False) or a given constant (a number, e.g. max length)."""
+    length_norm = check_length_norm(length_norm)
     if length_norm is True:
         return lengths.clamp(min=1)
     if length_norm is False:
         return 1.0
-    return check_positive("length_norm", length_norm)
+    return length_norm
 
 
 def count_or(value, fallback: torch.Tensor, name: str) -> torch.Tensor | float:
-    if value is None:
-        return fallback.clamp(min=1)
-    if isinstance(value, torch.Tensor):
-        return value.clamp(min=1)
-    return check_positive(name, value)
+    """A global normaliser; see fastpmd._checks.check_count (tensors are checked only under the switch)."""
+    return check_count(name, value, fallback)
 
 
 def masked_stats(x: torch.Tensor, valid: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
@@ -53,8 +37,9 @@ def masked_stats(x: torch.Tensor, valid: torch.Tensor, prefix: str) -> dict[str,
     cnt = valid.sum()
     any_valid = cnt > 0
     mean = torch.where(valid, x, 0.0).sum() / cnt.clamp(min=1)
-    lo = torch.where(valid, x, float("inf")).min()
-    hi = torch.where(valid, x, float("-inf")).max()
+    pad = x.new_zeros(1)  # an empty batch has no min/max: reduce over one extra (discarded) element
+    lo = torch.cat([torch.where(valid, x, float("inf")), pad + float("inf")]).min()
+    hi = torch.cat([torch.where(valid, x, float("-inf")), pad - float("inf")]).max()
     zero = torch.zeros((), device=x.device)
     return {
         f"{prefix}_mean": mean,
@@ -85,8 +70,8 @@ def pmd_loss(
     sequences with at least one token and divided by num_sequences (default: their count). The gradient per
     token is -(A_i - tau*Delta_i) / divisor_i / num_sequences.
     """
-    mask = _check_inputs(logprobs, old_logprobs, advantages, mask)
-    tau = check_positive("tau", tau)
+    mask = check_policy_inputs(logprobs, old_logprobs, advantages, mask)
+    tau = check_tau(tau)
     lengths = mask.sum(-1)
     valid = lengths > 0
     delta = sequence_logratio(logprobs, old_logprobs, mask)  # [B]
@@ -109,13 +94,15 @@ def pmd_metrics(loss, delta, resid, advantages, lengths) -> dict[str, torch.Tens
 def _aggregate(per_token, mask, loss_type: str, max_completion_length, num_items):
     """TRL's aggregations of a per-token loss [B, T] over the mask."""
     tok = torch.where(mask, per_token, 0.0)
+    rows = max(mask.shape[0], 1)  # B = 0 (an empty micro-batch) gives 0, not 0/0 (no host sync: a shape)
     if loss_type == "grpo":
-        return (tok.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        per_seq = tok.sum(-1) / mask.sum(-1).clamp(min=1)
+        return per_seq.mean() if mask.shape[0] else per_seq.sum()
     if loss_type == "bnpo":
         return tok.sum() / mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":
         length = max_completion_length if max_completion_length is not None else mask.shape[1]
-        return tok.sum() / (mask.shape[0] * check_positive("max_completion_length", length))
+        return tok.sum() / (rows * check_positive("max_completion_length", length))
     return tok.sum() / count_or(num_items, mask.sum(), "num_items")  # dapo: global active tokens
 
 
@@ -141,16 +128,14 @@ def grpo_loss(
     aggregated by loss_type: grpo (per-sequence token mean, then mean), bnpo (sum / tokens in batch),
     dr_grpo (sum / (B * max_completion_length)), dapo (sum / num_items, the global token count).
     """
-    mask = _check_inputs(logprobs, old_logprobs, advantages, mask, old_required=False)
+    mask = check_policy_inputs(logprobs, old_logprobs, advantages, mask, old_required=False,
+                               ref_logprobs=ref_logprobs if beta != 0.0 else None)
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-    if epsilon_low < 0 or epsilon_high < 0:
-        raise ValueError(f"epsilon_low/epsilon_high must be >= 0, got {epsilon_low}, {epsilon_high}")
-    if beta != 0.0:
-        check_tensor("ref_logprobs", ref_logprobs, dims=2, floating=True)
-        check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs.shape)
+    epsilon_low, epsilon_high = check_grpo_options(epsilon_low, epsilon_high, beta, ref_logprobs,
+                                                   max_completion_length, num_items)
     old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
     log_ratio = torch.where(mask, logprobs - old, 0.0)  # [B, T]
     if importance_sampling_level == "sequence":
@@ -200,7 +185,7 @@ def pg_loss(
 ):
     """On-policy policy gradient (REINFORCE with RLOO advantages, length-normalised):
     loss = -sum_i A_i * sum_t mask*logprobs / divisor_i / num_sequences. Its gradient equals PMD-mean's at Delta=0."""
-    mask = _check_inputs(logprobs, old_logprobs, advantages, mask, old_required=False)
+    mask = check_policy_inputs(logprobs, old_logprobs, advantages, mask, old_required=False)
     lengths = mask.sum(-1)
     valid = lengths > 0
     seq_logp = torch.where(mask, logprobs, 0.0).sum(-1)

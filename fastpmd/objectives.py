@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_positive
+from ._checks import check_loss_config_fields
 from .advantages import advantages
 from .losses import GRPO_LOSS_TYPES, grpo_loss, gspo_loss, pg_loss, pmd_loss
 
@@ -39,7 +39,7 @@ class LossConfig:
     def __post_init__(self):
         if self.name not in LOSS_NAMES:
             raise ValueError(f"LossConfig.name must be one of {LOSS_NAMES}, got {self.name!r}")
-        check_positive("tau", self.tau)
+        check_loss_config_fields(self)
         allowed = {"pmd-mean": ("mean", "loo"), "pmd-part": ("partition", "partition_loo"),
                    "grpo": ("grpo", "mean", "loo"), "gspo": ("grpo", "mean", "loo"), "pg": ("loo", "mean")}[self.name]
         if self.estimator is not None and self.estimator not in allowed:
@@ -66,6 +66,9 @@ def advantages_for(cfg: LossConfig, rewards: torch.Tensor, group_size: int) -> t
 def compute_loss(cfg: LossConfig, logprobs, old_logprobs, advantages_, mask, *, num_sequences=None,
                  num_items=None, ref_logprobs=None):
     """Dispatch to the configured loss on per-token log-probs [B, T]; returns (loss, metrics)."""
+    if not isinstance(cfg, LossConfig):
+        raise TypeError(f"compute_loss: cfg must be a fastpmd.LossConfig, got {type(cfg).__name__} {cfg!r} "
+                        f"(e.g. fastpmd.LossConfig(name={cfg!r}))")
     if cfg.is_pmd:
         return pmd_loss(logprobs, old_logprobs, advantages_, mask, tau=cfg.tau, length_norm=cfg.length_norm,
                         num_sequences=num_sequences)

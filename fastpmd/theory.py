@@ -59,17 +59,32 @@ def _as_array(x, name: str) -> np.ndarray:
     """float64 numpy copy of an array-like or a torch tensor (without importing torch)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         x = x.detach().cpu().double().numpy()
-    a = np.array(x, dtype=np.float64)
+    try:
+        a = np.array(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be an array of numbers ({e})") from None
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite")
     return a
 
 
 def _check_tau(tau) -> float:
-    tau = float(tau)
+    """A positive finite real number (a Python/numpy scalar or a 0-d array); anything else names tau."""
+    if isinstance(tau, (bool, str, bytes)) or tau is None or np.ndim(tau) != 0:
+        raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+    try:
+        tau = float(tau)
+    except (TypeError, ValueError):
+        raise ValueError(f"tau must be a positive finite number, got {tau!r}") from None
     if not (tau > 0.0 and np.isfinite(tau)):
         raise ValueError(f"tau must be a positive finite number, got {tau}")
     return tau
+
+
+def _nonempty(a: np.ndarray, name: str, axis: int = -1) -> np.ndarray:
+    if a.ndim == 0 or a.shape[axis] == 0:
+        raise ValueError(f"{name} must have at least one entry along axis {axis}, got shape {a.shape}")
+    return a
 
 
 def _prepare(pi, rewards) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +92,8 @@ def _prepare(pi, rewards) -> tuple[np.ndarray, np.ndarray]:
     r = _as_array(rewards, "rewards")
     if pi.ndim == 0 or r.ndim == 0:
         raise ValueError("pi and rewards need an action axis (the last one)")
+    _nonempty(pi, "pi")
+    _nonempty(r, "rewards")
     pi, r = np.broadcast_arrays(pi, r)
     if np.any(pi < 0):
         raise ValueError("pi must be non-negative")
@@ -310,7 +327,7 @@ def mixed_kl_chi2_objective(pi, rewards, tau, chi2_coef, pi_new) -> float | np.n
 # ------------------------------------------------------------------------------ finite-sample estimators
 def mean_baseline(rewards, *, loo: bool = False, axis: int = -1) -> np.ndarray:
     """PMD-mean's baseline from n rollouts: the sample mean (``loo``: the mean of the other n-1)."""
-    r = _as_array(rewards, "rewards")
+    r = _nonempty(_as_array(rewards, "rewards"), "rewards", axis)
     n = r.shape[axis]
     total = r.sum(axis=axis, keepdims=True)
     if loo:
@@ -326,7 +343,7 @@ def partition_baseline(rewards, tau, *, loo: bool = False, axis: int = -1) -> np
     ``loo``: ``tau*log((1/(n-1)) sum_{j != i} exp(r_j/tau))`` for each i (no clamping, no underflow).
     """
     tau = _check_tau(tau)
-    r = np.moveaxis(_as_array(rewards, "rewards"), axis, -1)
+    r = np.moveaxis(_nonempty(_as_array(rewards, "rewards"), "rewards", axis), axis, -1)
     n = r.shape[-1]
     z = r / tau
     if not loo:
@@ -349,8 +366,13 @@ def binary_baseline_errors(p, n: int, tau, *, seeds: int = 100, rng=None) -> dic
     for both estimators.
     """
     tau = _check_tau(tau)
+    for name, v in (("n", n), ("seeds", seeds)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    p_arr = np.atleast_1d(_as_array(p, "p"))
+    if np.any((p_arr < 0) | (p_arr > 1)):
+        raise ValueError(f"p must be a success probability in [0, 1], got {p!r}")
     rng = np.random.default_rng(rng)
-    p_arr = np.atleast_1d(np.asarray(p, dtype=np.float64))
     r = (rng.random((p_arr.size, seeds, int(n))) < p_arr[:, None, None]).astype(np.float64)
     true_part = np.array([tau_log_partition([q, 1 - q], [1.0, 0.0], tau) for q in p_arr])
     err_mean = np.abs(mean_baseline(r) - p_arr[:, None])

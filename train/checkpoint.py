@@ -1,15 +1,26 @@
 """Checkpoints: torch.distributed.checkpoint (sharded model + optimizer) plus a small per-rank file (scheduler,
 trainer state, data position, RNG states), written atomically; and the Hugging Face export.
 
-Layout: OUT/checkpoints/step_000012/{.metadata, *.distcp, rank0.pt, rank1.pt, ...} and OUT/checkpoints/latest
-(a one-line file naming the newest complete checkpoint). A checkpoint is written to `step_N.tmp`, then renamed,
-then `latest` is replaced (os.replace): a run killed at any moment leaves `latest` pointing at a complete one.
+Layout: OUT/checkpoints/step_000012/{.metadata, *.distcp, rank0.pt, rank1.pt, ..., manifest.json} and
+OUT/checkpoints/latest (a one-line file naming the newest complete checkpoint). A checkpoint is written to
+`step_N.tmp`; its manifest (size and sha256 of every file, hashed in parallel: each rank hashes a share) is
+written last, then the directory is renamed, then `latest` is replaced (os.replace): a run killed at any moment
+leaves complete checkpoints only.
+
+Resume (`find_checkpoint`) takes the newest `step_*` directory that verifies: `.metadata`, the manifest, every
+file's size and checksum, and this rank's `rank{r}.pt`. Anything that does not (a truncated or altered
+`.distcp`, a missing file, a garbage `latest`) is skipped with a warning naming it, and the next older one is
+tried. A checkpoint without a manifest (written before manifests existed) is loaded unverified, with a warning.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,15 +57,139 @@ def _step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:06d}"
 
 
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """--resume found checkpoints but none of them loads."""
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(obj) -> list:
+    rank, world = _rank_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sha256(path: Path, block: int = 8 * 2**20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+
+
+def _hash_share(directory: Path, names: list[str]) -> dict[str, dict]:
+    """Collective: {name: {bytes, sha256}} of every file, each rank hashing every world-th one."""
+    rank, world = _rank_world()
+    mine = {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256(directory / n)}
+            for i, n in enumerate(names) if i % world == rank}
+    return {k: v for part in _gather(mine) for k, v in part.items()}
+
+
+def write_manifest(directory: Path) -> None:
+    """Collective: write directory/manifest.json (atomically) once every file of the checkpoint is there."""
+    entries = _hash_share(directory, _files(directory))
+    if _rank_world()[0] == 0:
+        tmp = directory / (MANIFEST + ".tmp")
+        with tmp.open("w") as f:
+            json.dump({"files": entries}, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / MANIFEST)
+
+
+def _precheck(directory: Path) -> tuple[str | None, dict | None]:
+    """This rank's cheap checks: (problem or None, expected {name: (bytes, sha256)} or None without manifest)."""
+    rank, _ = _rank_world()
+    if not (directory / ".metadata").is_file():
+        return "missing .metadata", None
+    if not (directory / f"rank{rank}.pt").is_file():
+        return f"missing rank{rank}.pt (was it written with another world size?)", None
+    mf = directory / MANIFEST
+    if not mf.is_file():
+        return None, None
+    try:
+        files = json.loads(mf.read_text())["files"]
+        expected = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"unreadable {MANIFEST} ({e})", None
+    for name, (size, _) in sorted(expected.items()):  # presence and size before any hashing
+        path = directory / name
+        if not path.is_file():
+            return f"missing {name}", None
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, the manifest says {size} (truncated?)", None
+    return None, expected
+
+
+def verify(directory: Path) -> tuple[str | None, str | None]:
+    """Collective (every rank gets the same answer): (problem, note). problem: why `directory` cannot be
+    loaded (None if it can); note: a remark for a loadable one (no manifest: not verified)."""
+    problem, expected = _precheck(directory)
+    problems = [p for p in _gather(problem) if p is not None]
+    if problems:
+        return problems[0], None
+    if expected is None:
+        return None, f"{directory.name} has no {MANIFEST} (an older checkpoint): loaded without verification"
+    got = _hash_share(directory, sorted(expected))
+    bad = [n for n in sorted(expected) if got[n]["sha256"] != expected[n][1]]
+    if bad:
+        return f"checksum mismatch in {', '.join(bad)} (corrupted)", None
+    return None, None
+
+
+def find_checkpoint(out: str | Path) -> tuple[int | None, list[str]]:
+    """Collective: (step of the newest checkpoint under OUT/checkpoints that verifies, or None; warnings naming
+    what was skipped). Raises CheckpointError when checkpoints exist but none loads."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return None, []
+    warnings = []
+    pointer = root / "latest"
+    if pointer.exists():
+        name = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+        if not _STEP_DIR.match(name) or not (root / name).is_dir():
+            warnings.append(f"{pointer} names {name[:80]!r}, not a checkpoint directory: ignored")
+    steps = sorted((int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))),
+                   reverse=True)
+    for step in steps:
+        problem, note = verify(_step_dir(root, step))
+        if problem is None:
+            return step, warnings + ([note] if note else [])
+        warnings.append(f"skipped checkpoint {_step_dir(root, step)}: {problem}")
+    if steps:
+        raise CheckpointError(f"run.resume: no checkpoint under {root} loads: " + "; ".join(warnings))
+    return None, warnings
+
+
+def resume_step(out: str | Path, warn: bool = True) -> int | None:
+    """Collective: find_checkpoint, printing its warnings (and "no checkpoint: starting fresh") on stderr."""
+    step, warnings = find_checkpoint(out)
+    if step is None:
+        warnings.append(f"--resume: no checkpoint under {Path(out) / 'checkpoints'}; starting a fresh run")
+    if warn:
+        for w in warnings:
+            print(f"fastpmd train: warning: {w}", file=sys.stderr, flush=True)
+    return step
+
+
 def latest_step(out: str | Path) -> int | None:
-    """Step of the newest complete checkpoint under OUT/checkpoints, or None."""
-    f = Path(out) / "checkpoints" / "latest"
-    if not f.is_file():
-        return None
-    name = f.read_text().strip()
-    if not (Path(out) / "checkpoints" / name / ".metadata").is_file():
-        raise ValueError(f"run.resume: {f} names {name!r}, which is not a complete checkpoint")
-    return int(name.split("_")[-1])
+    """Step of the newest checkpoint that verifies (see find_checkpoint), or None."""
+    return find_checkpoint(out)[0]
 
 
 def save(out: str | Path, step: int, model, optimizer, extra: dict, keep: int = 2) -> Path:
@@ -70,13 +205,15 @@ def save(out: str | Path, step: int, model, optimizer, extra: dict, keep: int = 
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
     torch.save({**extra, "rng": rng_state()}, tmp / f"rank{rank}.pt")
     _barrier()
+    write_manifest(tmp)  # last: a directory with a manifest is complete
+    _barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer = root / "latest.tmp"
         pointer.write_text(final.name + "\n")
         os.replace(pointer, root / "latest")
-        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        done = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -1,15 +1,23 @@
 """`fastpmd train ...` / `python -m fastpmd.train ...` / `torchrun ... -m fastpmd.train ...`: parse a preset plus
-overrides into a TrainConfig, validate it (before any work), then run the Trainer."""
+overrides into a TrainConfig, validate it (before any work), then run the Trainer.
+
+Exit status: 0 done; 2 a user error (one line `fastpmd train: error: config FIELD: ...` on stderr, before any
+model is built: bad values and types, a missing device, backend, engine, data file or model directory, an
+unwritable or already used --out); 1 a failure during training (e.g. a non-finite loss or gradient norm, named
+with its step); 128 + signal number (143 SIGTERM, 130 SIGINT) when stopped by a signal after saving a checkpoint
+of the last completed step (see fastpmd.train.faults).
+"""
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
-from .config import TrainConfig, validate
+from .config import TrainConfig, field_types, type_error, validate
 from .presets import PRESETS, get_preset
 
 # flag -> (config path, type); every other field is reachable with --set section.field=value
@@ -46,17 +54,138 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_value(path: str, value, allowed: tuple):
+    """A --set text (a Python literal, or a bare string) or a flag's value, checked against the field's type:
+    `optim.lr=abc` and `run.max_steps=2.5` are errors; a str field keeps the text as written; ints become
+    floats in float fields; lists become tuples in tuple fields."""
+    if isinstance(value, str):
+        raw = value
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass  # a bare string
+        if str in allowed and not isinstance(value, str) and not (value is None and type(None) in allowed):
+            value = raw  # model.name_or_path=123 is the text "123"
+    if tuple in allowed and isinstance(value, list):
+        value = tuple(value)
+    if (err := type_error(value, allowed)) is not None:
+        raise ValueError(f"config {path}: {err}")
+    if float in allowed and int not in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
 def set_field(cfg: TrainConfig, path: str, value) -> None:
     section, _, name = path.partition(".")
     sub = getattr(cfg, section, None)
     if sub is None or not dataclasses.is_dataclass(sub) or name not in {f.name for f in dataclasses.fields(sub)}:
         raise ValueError(f"--set: unknown config field {path!r}")
-    if isinstance(value, str):
+    setattr(sub, name, parse_value(path, value, field_types(sub)[name]))
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~"))  # "org/name" is a hub id
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """run.out is (or can be created as) a writable directory and holds no run unless resuming."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"config run.out: {out} exists and is not a directory")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"config run.out: cannot create {out}: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"config run.out: {probe} is not writable")
+    ckpt = out / "checkpoints"
+    if not resume and ckpt.is_dir() and any(p.name == "latest" or p.name.startswith("step_") for p in ckpt.iterdir()):
+        raise ValueError(f"config run.out: {out} already holds a run; pass --resume to continue it or choose another "
+                         "--out")
+
+
+def check_arch(m) -> None:
+    """A tiny arch's overrides: known fields of its HF config, positive sizes, heads that divide."""
+    from .model import tiny_config
+
+    try:
+        default = tiny_config(m.arch, 64, 0, 1, 2)
+        hf = tiny_config(m.arch, 64, 0, 1, 2, **m.arch_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config model.arch_kwargs: {e}") from None
+    unknown = sorted(k for k in m.arch_kwargs if not hasattr(default, k))
+    if unknown:
+        raise ValueError(f"config model.arch_kwargs: unknown field(s) {unknown} of {type(default).__name__}")
+    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "max_position_embeddings", "num_hidden_layers"):
+        v = getattr(hf, k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config model.arch_kwargs: {k} must be a positive int, got {v!r}")
+    if hf.num_attention_heads % hf.num_key_value_heads:
+        raise ValueError("config model.arch_kwargs: num_attention_heads must be a multiple of num_key_value_heads")
+    if getattr(hf, "head_dim", None) is None and hf.hidden_size % hf.num_attention_heads:
+        raise ValueError("config model.arch_kwargs: hidden_size must be a multiple of num_attention_heads")
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Checks of the environment, after validate() and before any process group or model: the device, the
+    loss backend, the rollout engine, data files, the model/tokenizer directory, the arithmetic task's options,
+    the output directory and the loss configuration. Raises ValueError naming the field."""
+    import importlib.util
+
+    import torch
+
+    from fastpmd.logprobs import resolve_backend
+
+    from .data import ArithmeticTask, load_problems
+
+    run, d, m, r = cfg.run, cfg.data, cfg.model, cfg.rollout
+    cuda = torch.cuda.is_available()
+    if run.device == "cuda" and not cuda:
+        raise ValueError("config run.device: 'cuda' requested but torch.cuda.is_available() is False")
+    device = torch.device("cuda" if cuda and run.device != "cpu" else "cpu")
+    try:
+        resolve_backend(cfg.loss.backend, device)
+    except ValueError as e:
+        raise ValueError(f"config loss.backend: {e}") from None
+    if r.engine == "vllm" and (device.type != "cuda" or importlib.util.find_spec("vllm") is None):
+        raise ValueError("config rollout.engine: 'vllm' needs CUDA and the vllm package; use --engine hf")
+    for name, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
+        if d.task == "math" and path and not path.startswith("hf:"):
+            if not Path(path).is_file():
+                raise ValueError(f"config {name}: no such file {path!r} (prefix hub data sets with 'hf:')")
+            try:  # a local file is read twice (here and by the trainer): cheap next to a run
+                load_problems(path)
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                raise ValueError(f"config {name}: cannot read problems from {path!r}: {e}") from None
+    if m.name_or_path and _looks_local(m.name_or_path) and Path(m.name_or_path).expanduser().is_dir() and not (
+            Path(m.name_or_path).expanduser() / "config.json").is_file():
+        raise ValueError(f"config model.name_or_path: {m.name_or_path!r} has no config.json (not a HF model "
+                         "directory)")
+    if m.attn_implementation == "flash_attention_2" and (device.type != "cuda" or
+                                                         importlib.util.find_spec("flash_attn") is None):
+        raise ValueError("config model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package")
+    if m.arch:
+        check_arch(m)
+        if not m.tokenizer:
+            raise ValueError("config model.tokenizer: a tiny arch needs a tokenizer ('char' or a directory)")
+    if d.task != "math" and (d.path or d.eval_path):
+        raise ValueError(f"config data.path/data.eval_path: task {d.task!r} reads no file (set data.task=math)")
+    for name, path in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
+        if path and path != "char" and _looks_local(path) and not Path(path).expanduser().exists():
+            raise ValueError(f"config {name}: no such directory {path!r}")
+    if d.task == "arithmetic":
         try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass  # a bare string
-    setattr(sub, name, value)
+            ArithmeticTask(m.seed, **d.arith_kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config data.arith_kwargs: {e}") from None
+    check_out(Path(run.out), run.resume)
+    from .trainer import loss_config
+
+    try:
+        loss_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"config loss: {e}") from None
 
 
 def build_config(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -82,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = build_config(argv)
         validate(cfg)  # world-size-independent checks before any process group or model exists
+        if not args.print_config:
+            preflight(cfg)
     except ValueError as e:
-        print(f"fastpmd train: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e, 2)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    from .checkpoint import CheckpointError
+    from .faults import NonFiniteError, Stopped
     from .parallelize import init_distributed, shutdown_distributed
     from .trainer import Trainer
 
@@ -97,11 +229,27 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.run.threads)
     d = init_distributed(cfg.run.device)
     try:
-        trainer = Trainer(cfg, d)
+        try:
+            trainer = Trainer(cfg, d)  # what preflight cannot see (e.g. a data file with no usable problem)
+        except ValueError as e:
+            return _error(e, 2)
         if d.is_main:
             Path(cfg.run.out).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         trainer.fit()
+    except CheckpointError as e:  # --resume: checkpoints exist but none verifies
+        return _error(e, 2)
+    except NonFiniteError as e:
+        return _error(e, 1)
+    except Stopped as e:
+        if d.is_main:
+            print(f"fastpmd train: {e}", file=sys.stderr)
+        return e.exit_code
     finally:
         shutdown_distributed()
     return 0
+
+
+def _error(e: Exception, status: int) -> int:
+    print(f"fastpmd train: error: {e}", file=sys.stderr)
+    return status

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
+import types
+import typing
 from dataclasses import dataclass, field
+
+from fastpmd._checks import TAU_MIN
 
 LOSSES = ("pmd-mean", "pmd-part", "grpo", "gspo", "pg")
 ESTIMATORS = ("mean", "loo")
@@ -140,8 +145,51 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def allowed_types(annotation) -> tuple:
+    """Runtime types a field's annotation allows: `float | None` -> (float, NoneType); `dict` -> (dict,)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return sum((allowed_types(a) for a in typing.get_args(annotation)), ())
+    return (typing.get_origin(annotation) or annotation,)
+
+
+def type_error(value, allowed: tuple) -> str | None:
+    """None if value fits one of `allowed` (an int fits float; bool fits only bool; floats must be finite)."""
+    for t in allowed:
+        if (t is type(None) and value is None) or (t is bool and isinstance(value, bool)):
+            return None
+        if isinstance(value, bool):
+            continue
+        if t is int and isinstance(value, int):
+            return None
+        if t is float and isinstance(value, (int, float)):
+            return None if math.isfinite(value) else f"must be finite, got {value!r}"
+        if t in (str, dict, tuple, list) and isinstance(value, t):
+            return None
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    return f"must be {names}, got {value!r} ({type(value).__name__})"
+
+
+def field_types(section) -> dict:
+    """{field name: allowed runtime types} of one config section (a dataclass instance or class)."""
+    cls = section if isinstance(section, type) else type(section)
+    hints = typing.get_type_hints(cls)
+    return {f.name: allowed_types(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """Every field has its annotated type (ints are not floats' only stand-in: 2.5 is not an int) and every
+    float is finite. Runs first in validate, so the range checks below compare numbers only."""
+    for sec in dataclasses.fields(cfg):
+        sub = getattr(cfg, sec.name)
+        for name, allowed in field_types(sub).items():
+            err = type_error(getattr(sub, name), allowed)
+            if err:
+                raise ValueError(f"config {sec.name}.{name}: {err}")
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Raise ValueError naming the first bad field; called before any model or data is touched."""
+    check_types(cfg)
 
     def need(ok: bool, name: str, msg: str) -> None:
         if not ok:
@@ -167,12 +215,16 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(r.eval_n >= 1, "rollout.eval_n", "must be >= 1")
     need(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     need(lo.name in LOSSES, "loss.name", f"must be one of {LOSSES}, got {lo.name!r}")
-    need(lo.tau > 0, "loss.tau", "must be > 0")
+    need(lo.tau >= TAU_MIN, "loss.tau", f"must be >= {TAU_MIN:g} (fastpmd.TAU_MIN), got {lo.tau!r}")
+    for eps in ("epsilon_low", "epsilon_high"):
+        need(getattr(lo, eps) is None or getattr(lo, eps) >= 0, f"loss.{eps}", "must be None or >= 0")
     need(lo.estimator in ESTIMATORS, "loss.estimator", f"must be one of {ESTIMATORS}, got {lo.estimator!r}")
     need(lo.grpo_loss_type in ("grpo", "bnpo", "dapo", "dr_grpo"), "loss.grpo_loss_type", "unknown")
     need(lo.backend in ("auto", "naive", "torch", "triton"), "loss.backend", f"unknown {lo.backend!r}")
     need(lo.chunk_size is None or lo.chunk_size > 0, "loss.chunk_size", "must be > 0")
     need(o.lr > 0, "optim.lr", "must be > 0")
+    need(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas), "optim.betas",
+         f"must be two numbers in [0, 1), got {o.betas!r}")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(o.grad_clip > 0, "optim.grad_clip", "must be > 0")

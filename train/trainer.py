@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import fastpmd
 
-from . import checkpoint
+from . import checkpoint, faults
 from .config import TrainConfig, validate
 from .data import pack_batch
 from .metrics import MetricsLogger, peak_memory, plot_curves
@@ -179,7 +179,9 @@ class Trainer:
         stats = self.accumulate_gradients(idx)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        faults.check_before_update(self.step, stats["loss"], grad_norm)  # first steps only (a sync each)
         self.optimizer.step()
+        faults.check_after_update(self.step, self.policy.named_parameters())
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {**stats, "grad_norm": grad_norm.detach()}
@@ -275,12 +277,12 @@ class Trainer:
         dist.barrier()
         return res
 
-    def _save(self) -> None:
-        checkpoint.save(self.out, self.step, self.policy, self.optimizer,
-                        {"step": self.step, "scheduler": self.scheduler.state_dict(), "task": self.task.state_dict()})
+    def _save(self) -> Path:
+        extra = {"step": self.step, "scheduler": self.scheduler.state_dict(), "task": self.task.state_dict()}
+        return checkpoint.save(self.out, self.step, self.policy, self.optimizer, extra)
 
     def _resume(self) -> int:
-        step = checkpoint.latest_step(self.out) if self.cfg.run.resume else None
+        step = checkpoint.resume_step(self.out, warn=self.d.is_main) if self.cfg.run.resume else None
         if step is None:
             return 0
         extra = checkpoint.load(self.out, step, self.policy, self.optimizer)
@@ -290,7 +292,12 @@ class Trainer:
         return step
 
     def fit(self) -> list[dict]:
-        """Warm-up (fresh runs), then RL steps to run.max_steps with evals, checkpoints, export and plots."""
+        """Warm-up (fresh runs), then RL steps to run.max_steps with evals, checkpoints, export and plots.
+        SIGTERM/SIGINT: finish the step, save it, raise faults.Stopped (see fastpmd.train.faults)."""
+        with faults.StopRequests() as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: faults.StopRequests) -> list[dict]:
         run, main = self.cfg.run, self.d.is_main
         self.step = self._resume()
         log = MetricsLogger(self.out, enabled=main, total_steps=run.max_steps, start_step=self.step,
@@ -305,20 +312,29 @@ class Trainer:
                 self._sync_weights()
             if (res := self.evaluate()) is not None:
                 log.log({"kind": "eval", "step": 0, **res})
-        while self.step < run.max_steps:
-            self.step += 1
-            row = self.train_step()
-            log.log(row)
-            rows.append(row)
-            last = self.step == run.max_steps
-            if last or (run.eval_every and self.step % run.eval_every == 0):
-                if (res := self.evaluate()) is not None:
-                    log.log({"kind": "eval", "step": self.step, **res})
-            if last or (run.save_every and self.step % run.save_every == 0):
-                self._save()
+        try:
+            while self.step < run.max_steps:
+                if self.step == 0 and (signum := stop.requested()) is not None:
+                    raise faults.Stopped(signum, 0, None)
+                self.step += 1
+                with faults.checked_step(self.step):
+                    row = self.train_step()
+                faults.check_row(self.step, row, self.policy.named_parameters())
+                log.log(row)
+                rows.append(row)
+                last = self.step == run.max_steps
+                if last or (run.eval_every and self.step % run.eval_every == 0):
+                    if (res := self.evaluate()) is not None:
+                        log.log({"kind": "eval", "step": self.step, **res})
+                saved = None
+                if last or (run.save_every and self.step % run.save_every == 0):
+                    saved = self._save()
+                if not last and (signum := stop.requested()) is not None:
+                    raise faults.Stopped(signum, self.step, saved or self._save())
+        finally:
+            log.close()
         if run.export_hf:
             checkpoint.export_hf(self.out / "hf", self.policy, self.hf, self.tok)
-        log.close()
         if main and run.plots:
             plot_curves(self.out)
         return rows
