@@ -1,6 +1,6 @@
 """GPU timing of the fused LM-head PMD loss against its peers, one interleaved run per N (bench/gpu_check.sh).
 
-    python -m fastpmd.bench.gpu_timing --out DIR            # N in {4096, 16384}, H=3584, V=152064, bf16, CUDA
+    python -m fastpmd.bench.gpu_timing --out DIR            # N in {16384, 4096}, H=3584, V=152064, bf16, CUDA
     python -m fastpmd.bench.gpu_timing --device cpu --n 64 --hidden 32 --vocab 301 --dtype float32 --out DIR
 
 For each N: inputs from bench/inputs.py (every position trained, T=1024), then one round-robin (bench/harness.py)
@@ -165,7 +165,8 @@ def write(result: dict, out_dir: Path) -> None:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fastpmd.bench.gpu_timing", description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, nargs="+", default=[4096, 16384], help="tokens N (all trained)")
+    p.add_argument("--n", type=int, nargs="+", default=[16384, 4096],
+                   help="tokens N (all trained); the default runs the roofline's N first (compilation is paid there)")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence T")
     p.add_argument("--hidden", type=int, default=3584)
     p.add_argument("--vocab", type=int, default=152064)
@@ -173,7 +174,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a dry run of the same code path)")
     p.add_argument("--methods", nargs="+", choices=tuple(METHOD_LOSS), default=list(METHOD_LOSS))
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls per method (compilation happens here)")
-    p.add_argument("--reps", type=int, nargs="+", default=[10, 5], help="timed rounds, one value per --n")
+    p.add_argument("--reps", type=int, nargs="+", default=[5, 10], help="timed rounds, one value per --n")
     p.add_argument("--cap-s", type=float, default=20.0, help="max timed seconds per method and N")
     p.add_argument("--budget-s", type=float, default=None, help="start no new N after this many seconds (the first N always runs)")
     p.add_argument("--seed", type=int, default=0)
