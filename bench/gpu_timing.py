@@ -32,7 +32,7 @@ import torch
 from .harness import Entry, summary, time_entries, timing_row
 from .inputs import make_inputs
 from .memory import measure_step
-from .methods import FLOOR, get_method, loss_config
+from .methods import FLOOR, get_method
 from .presets import DTYPES, shape_for_tokens
 from .report import _fmt, machine_info
 
@@ -53,13 +53,12 @@ def dense_peak(device: torch.device) -> float | None:
 
 
 def _memory(entry: Entry, inp, device: torch.device) -> dict:
-    """Peak extra memory of one step of `entry` (a fresh build of its step; same inputs)."""
+    """Peak extra memory of one step of `entry` (its timed step, kept built; same inputs); drops the step."""
     try:
-        step = entry.method.build(inp, loss_config(entry.loss, entry.tau))
-        res = measure_step(step, inp)
-        del step
+        res = measure_step(entry.step, inp)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: reported in the row
         res = {"mem_error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+    entry.step = None
     inp.zero_grad()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -75,7 +74,7 @@ def time_shape(n: int, args, device: torch.device, peak: float | None, log) -> l
     entries = [Entry(get_method(m), METHOD_LOSS[m]) for m in args.methods] + [Entry(FLOOR, "pmd-mean")]
     reps = args.reps[min(args.n.index(n), len(args.reps) - 1)]
     t1 = time.perf_counter()
-    time_entries(entries, inp, args.warmup, reps, cap_s=args.cap_s)
+    time_entries(entries, inp, args.warmup, reps, cap_s=args.cap_s, keep_steps=True)
     log(f"N={n}: timing {time.perf_counter() - t1:.1f} s (warm-up: "
         + ", ".join(f"{e.method.name} {e.warmup_s:.1f} s" for e in entries if not e.skip) + ")")
     floor = entries[-1]
@@ -88,6 +87,7 @@ def time_shape(n: int, args, device: torch.device, peak: float | None, log) -> l
         if not e.skip and e.method is not FLOOR:
             row.update(_memory(e, inp, device))
         rows.append(row)
+    floor.step = None
     log(f"N={n}: memory {time.perf_counter() - t2:.1f} s; N={n} total {time.perf_counter() - t0:.1f} s")
     del inp
     if device.type == "cuda":

@@ -75,12 +75,14 @@ def prepare(entries: list[Entry], inp: Inputs) -> None:
 
 
 def time_entries(entries: list[Entry], inp: Inputs, warmup: int, reps: int,
-                 tick: Callable[[int], None] = lambda n: None, cap_s: float | None = None) -> None:
+                 tick: Callable[[int], None] = lambda n: None, cap_s: float | None = None,
+                 keep_steps: bool = False) -> None:
     """Warm each entry up `warmup` times (compile and allocator warm-up happen here), then `reps` rounds.
 
     `cap_s` (optional) bounds each entry's timed total: an entry whose repetitions already add up to `cap_s`
     seconds sits out the remaining rounds (it keeps at least one repetition), so a slow method cannot eat a
-    fixed time budget; the row's `reps` says how many it got.
+    fixed time budget; the row's `reps` says how many it got. `keep_steps` leaves each live entry's step built
+    (for a memory measurement in the same process), instead of dropping it.
     """
     if warmup < 1 or reps < 1:
         raise ValueError(f"warmup and reps must be >= 1, got warmup={warmup}, reps={reps}")
@@ -113,7 +115,8 @@ def time_entries(entries: list[Entry], inp: Inputs, warmup: int, reps: int,
                 _release(device, e)
             tick(1)
     for e in entries:
-        e.step = None
+        if not keep_steps or e.skip:
+            e.step = None
     inp.zero_grad()
 
 
