@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="custom shape: positions per sequence T")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 (CPU presets), bfloat16 (models)")
     p.add_argument("--mask", choices=MASKS, default=None, help="ragged (response lengths in [T/4, T]) or full")
-    p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=tuple(METHODS))
+    p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None, help="default: all")
     p.add_argument("--losses", nargs="+", choices=LOSSES, default=None)
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per method (compile happens here)")
     p.add_argument("--reps", type=int, default=None, help="interleaved timed repetitions per method")
@@ -43,7 +45,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# core-check runs a fixed protocol (shapes, methods, repetitions): these options would be silently ignored
+CORE_FIXED = ("tokens", "dtype", "mask", "methods", "losses", "warmup", "reps", "seq_len")
+
+
+def check_out(path: str) -> None:
+    """--out must be (or become) a writable directory; checked before any benchmark runs."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {path}: not a writable directory ({exc.strerror or exc})") from None
+
+
+def pick_device(text: str | None) -> torch.device:
+    """--device: cpu or cuda[:i], and available here (default: cuda when available)."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:index], got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _shapes_and_preset(args):
+    bad = [n for n in args.tokens if n < 1]
+    if bad:
+        raise ValueError(f"--tokens must be >= 1, got {bad[0]}")
+    if args.preset == "core-check":
+        given = [f"--{k.replace('_', '-')}" for k in CORE_FIXED if getattr(args, k) not in (None, ())]
+        if given:
+            raise ValueError(f"{given[0]}: core-check has a fixed protocol (N=2048 timing, N=4096 memory); "
+                             "drop it, or use a model preset or --hidden/--vocab")
     if args.hidden is not None or args.vocab is not None:
         if args.preset is not None:
             raise ValueError("--preset and --hidden/--vocab are exclusive")
@@ -64,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import BenchConfig, run
 
     try:
+        if args.out:
+            check_out(args.out)
         pre = _shapes_and_preset(args)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for but CUDA is not available")
-        cfg = BenchConfig(shapes=pre.shapes, methods=tuple(args.methods), losses=tuple(args.losses or pre.losses),
+        device = pick_device(args.device)
+        cfg = BenchConfig(shapes=pre.shapes, methods=tuple(args.methods or METHODS),
+                          losses=tuple(args.losses or pre.losses),
                           warmup=pre.warmup if args.warmup is None else args.warmup,
                           reps=pre.reps if args.reps is None else args.reps, device=str(device),
                           memory=not args.no_memory, floor=not args.no_floor, seed=args.seed, tau=args.tau,

@@ -1,16 +1,76 @@
 #!/usr/bin/env bash
-# GPU check of fastpmd.kernels, one command on a CUDA machine (run from the repository root):
-#   bash bench/gpu_check.sh            # correctness tests (compiled kernels, no interpreter) + timing table
-#   SIZE="--n 4096" bash bench/gpu_check.sh   # smaller timing problem
-# 1. pytest tests/test_kernels*.py without TRITON_INTERPRET: the same float64-reference tests, compiled for the GPU.
-# 2. python -m fastpmd.bench.gpu_timing: ms, TFLOP/s and % of dense peak for the fused loss (triton vs torch).
+# GPU check of fastpmd's kernels, one prepared command for a bare CUDA machine; sized for < 8 minutes on one
+# H200 (run from anywhere; it works in the repository root):
+#   bash bench/gpu_check.sh [OUT_DIR]          # OUT_DIR default: $OUT, else /tmp/fastpmd-gpu-check
+# Phases (each capped with `timeout`, elapsed time printed after each):
+#   0. set-up (bench/gpu_env.sh): wheels in .whl/ for what the device lacks (liger-kernel, cut-cross-entropy),
+#      fastpmd importable from the source tree; nvidia-smi.            ~10 s
+#   1. pytest tests/test_kernels*.py with TRITON_INTERPRET unset: the float64-reference kernel tests, compiled
+#      for this GPU (not test_kernels_report.py: it cross-compiles on the CPU, as CI does, in 1-2 minutes).
+#                                                                      cap KERNEL_TESTS_S (default 150 s)
+#   2. python -m fastpmd.bench.gpu_timing: N in {16384, 4096} (16384 first), H=3584, V=152064, bf16, hidden -> loss
+#      forward+backward; fastpmd-triton, fastpmd-torch, Liger FLCE, Liger chunked GRPO, CCE (`cce` impl), naive
+#      and the three matmuls (the floor) in one round-robin per N; ms (median, IQR), TFLOP/s, % of the floor's
+#      speed, peak memory; PASS/FAIL lines for the targets.            cap TIMING_S (default 280 s)
+# Results: OUT_DIR/gpu_timing.{json,md} (written after each N), OUT_DIR/kernel_tests.log, OUT_DIR/summary.txt.
+# Missing peers are skipped rows with the reason; to bring them, on a machine with the package registry:
+#   bash bench/gpu_env.sh download peers      # fills .whl/ (git-ignored); carry ".whl" to the device
+# Exit status: 0 when every phase ran and no check FAILed; 1 otherwise; 2 without CUDA.
+# CPU dry run of the same code path (tiny sizes; triton and Liger FLCE rows skipped with the reason):
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_TIMING_ARGS="--n 64 --hidden 32 --vocab 301 --dtype float32" \
+#       GPU_CHECK_SKIP_TESTS=1 bash bench/gpu_check.sh /tmp/dry
 set -u -o pipefail
 cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-/tmp/fastpmd-gpu-check}}"
+mkdir -p "$OUT_DIR" || { echo "gpu_check: cannot create $OUT_DIR" >&2; exit 2; }
+PYTHON="${PYTHON:-python}"
+DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 unset TRITON_INTERPRET
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
-    echo "gpu_check: no CUDA device visible" >&2; exit 2; }
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+summary="$OUT_DIR/summary.txt"
+: >"$summary"
 status=0
-python -m pytest -q -p no:cacheprovider tests/test_kernels*.py || status=1
-python -m fastpmd.bench.gpu_timing ${SIZE:-} --json "${OUT:-/tmp}/gpu_timing.json" || status=1
+phase_start=$SECONDS
+say() { echo "gpu_check: $*" | tee -a "$summary"; }
+phase_done() {  # $1 = name, $2 = rc
+    local verdict=PASS
+    [[ $2 -eq 0 ]] || { verdict=FAIL; status=1; }
+    [[ $2 -eq 124 || $2 -eq 137 ]] && verdict="FAIL (time cap)"
+    say "$verdict  phase $1 (rc $2, $((SECONDS - phase_start)) s; total $SECONDS s)"
+    phase_start=$SECONDS
+}
+
+# 0. set-up
+source bench/gpu_env.sh
+gpu_env_setup >"$OUT_DIR/setup.log" 2>&1  # not in a pipe: it exports PYTHONPATH here
+tee -a "$summary" <"$OUT_DIR/setup.log"
+if [[ $DEVICE == cuda ]]; then
+    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+        say "no CUDA device visible"; exit 2; }
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader 2>&1 | tee -a "$summary"
+fi
+"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" \
+    2>&1 | tee -a "$summary"
+phase_done setup 0
+
+# 1. kernel tests, compiled
+if [[ -z "${GPU_CHECK_SKIP_TESTS:-}" ]]; then
+    timeout -k 10 "${KERNEL_TESTS_S:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels*.py \
+        --ignore=tests/test_kernels_report.py \
+        >"$OUT_DIR/kernel_tests.log" 2>&1
+    rc=$?
+    tail -n 5 "$OUT_DIR/kernel_tests.log"
+    phase_done "kernel tests (log: $OUT_DIR/kernel_tests.log)" $rc
+fi
+
+# 2. timing: one interleaved run per N; no new N starts after --budget-s
+# shellcheck disable=SC2086  # GPU_CHECK_TIMING_ARGS is a list of arguments
+timeout -k 10 "${TIMING_S:-280}" "$PYTHON" -m fastpmd.bench.gpu_timing --device "$DEVICE" --out "$OUT_DIR" \
+    --budget-s "${TIMING_BUDGET_S:-160}" ${GPU_CHECK_TIMING_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_timing.log"
+rc=$?
+phase_done "gpu_timing (table: $OUT_DIR/gpu_timing.md)" $rc
+if grep -q "^    FAIL" "$OUT_DIR/gpu_timing.md" 2>/dev/null; then
+    status=1
+fi
+grep -E "^    (PASS|FAIL|SKIP)" "$OUT_DIR/gpu_timing.md" 2>/dev/null | tee -a "$summary"
+say "done in $SECONDS s, exit $status"
 exit $status

@@ -28,6 +28,7 @@ class Entry:
     loss_value: float | None = None
     times_s: list[float] = dataclasses.field(default_factory=list)
     skip: str | None = None
+    warmup_s: float = 0.0  # wall time of the warm-up calls (compilation included)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -74,8 +75,15 @@ def prepare(entries: list[Entry], inp: Inputs) -> None:
 
 
 def time_entries(entries: list[Entry], inp: Inputs, warmup: int, reps: int,
-                 tick: Callable[[int], None] = lambda n: None) -> None:
-    """Warm each entry up `warmup` times (compile and allocator warm-up happen here), then `reps` rounds."""
+                 tick: Callable[[int], None] = lambda n: None, cap_s: float | None = None,
+                 keep_steps: bool = False) -> None:
+    """Warm each entry up `warmup` times (compile and allocator warm-up happen here), then `reps` rounds.
+
+    `cap_s` (optional) bounds each entry's timed total: an entry whose repetitions already add up to `cap_s`
+    seconds sits out the remaining rounds (it keeps at least one repetition), so a slow method cannot eat a
+    fixed time budget; the row's `reps` says how many it got. `keep_steps` leaves each live entry's step built
+    (for a memory measurement in the same process), instead of dropping it.
+    """
     if warmup < 1 or reps < 1:
         raise ValueError(f"warmup and reps must be >= 1, got warmup={warmup}, reps={reps}")
     prepare(entries, inp)
@@ -85,7 +93,8 @@ def time_entries(entries: list[Entry], inp: Inputs, warmup: int, reps: int,
             continue
         try:
             for _ in range(warmup):
-                _, out = _timed(e.step, device)
+                dt, out = _timed(e.step, device)
+                e.warmup_s += dt
                 tick(1)
             e.loss_value = float(out)
         except Exception as exc:  # noqa: BLE001 - e.g. torch.compile failing on this platform
@@ -95,7 +104,7 @@ def time_entries(entries: list[Entry], inp: Inputs, warmup: int, reps: int,
     live = [e for e in entries if not e.skip]
     for _ in range(reps):
         for e in live:
-            if e.skip:
+            if e.skip or (cap_s is not None and sum(e.times_s) >= cap_s):
                 tick(1)
                 continue
             try:
@@ -106,7 +115,8 @@ def time_entries(entries: list[Entry], inp: Inputs, warmup: int, reps: int,
                 _release(device, e)
             tick(1)
     for e in entries:
-        e.step = None
+        if not keep_steps or e.skip:
+            e.step = None
     inp.zero_grad()
 
 
@@ -130,7 +140,7 @@ def timing_row(e: Entry, inp: Inputs, floor_ms: float | None) -> dict:
            "ms_median": None, "ms_q1": None, "ms_q3": None, "ms_min": None, "ms_max": None, "flops": None,
            "tflops": None, "floor_ms": floor_ms, "ratio_to_floor": None, "loss_value": e.loss_value,
            "peak_mem_mb": None, "grads_mb": inp.grad_bytes() / 2**20, "inputs_mb": inp.nbytes() / 2**20,
-           "device_mem_mb": None, "mem_method": None}
+           "device_mem_mb": None, "mem_method": None, "warmup_s": e.warmup_s}
     if e.skip or not e.times_s:
         return row
     stats = summary(e.times_s)

@@ -10,6 +10,7 @@ Flop accounting (R = B*T rows given, n = trained tokens, 2*H*V flops per row per
   otherwise (and GRPO/GSPO through linear_logprobs) recompute in backward: 8*n*H*V.
 - fastpmd-triton: forward kernel + recompute backward: 8*n*H*V.
 - liger: per-chunk forward, then logits recomputed for the gradients, all R rows (no compaction): 8*R*H*V.
+- liger-flce: reduction="none" defers the gradients to backward, which recomputes the logits: 8*R*H*V.
 - cce: CPU impl "torch_compile" compacts the trained rows and keeps logits: 6*n*H*V; CUDA impl "cce" recomputes
   in backward: 8*n*H*V (an upper bound: it skips gradient blocks below filter_eps).
 - matmul-floor: the three products any exact method does, h@W.T, G@W, G.T@h on n rows: 6*n*H*V.
@@ -215,6 +216,38 @@ class Liger(Method):
         return 4 * _hv(inp) * inp.shape.rows
 
 
+class LigerFLCE(Method):
+    """Liger-Kernel's fused linear cross-entropy (Triton) with reduction="none": log-probs = -per-token CE into
+    fastpmd's losses. Backward recomputes the chunked logits and folds in the per-token upstream gradient."""
+
+    name = "liger-flce"
+
+    def unavailable(self, device):
+        if device.type != "cuda":
+            return "Liger's fused linear cross-entropy is a Triton kernel (CUDA only)"
+        return _missing("liger_kernel")
+
+    def note(self, device):
+        return "LigerFusedLinearCrossEntropyLoss(reduction='none'), log-probs = -CE, masked targets -100"
+
+    def build(self, inp, cfg):
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        module = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        adv = _advantages(inp, cfg)
+        targets = torch.where(inp.mask, inp.targets, torch.full_like(inp.targets, -100))
+        b, t, h = inp.hidden.shape
+
+        def step():
+            inp.zero_grad()
+            logp = -module(inp.weight, inp.hidden.view(b * t, h), targets.view(-1)).float().view(b, t)
+            return _backward(fastpmd.compute_loss(cfg, logp, inp.old_logprobs, adv, inp.mask)[0])
+        return step
+
+    def flops(self, inp, cfg):
+        return 4 * _hv(inp) * inp.shape.rows
+
+
 class CutCrossEntropy(Method):
     """Apple's Cut Cross-Entropy: per-token NLL with reduction="none"; log-probs = -NLL into fastpmd's losses."""
 
@@ -274,7 +307,7 @@ class MatmulFloor(Method):
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Naive(), Compiled(), FastPMD("torch"), FastPMD("triton"), Liger(), CutCrossEntropy())}
+    Naive(), Compiled(), FastPMD("torch"), FastPMD("triton"), Liger(), LigerFLCE(), CutCrossEntropy())}
 FLOOR = MatmulFloor()
 
 

@@ -254,11 +254,18 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true",
                     help="only print the tabular robustness table (final E[r] / collapsed fraction; ~1 min)")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        print(f"fastpmd theory-figures: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
+        return 2
     if args.sweep:
         print("| setting | " + " | ".join(SWEEP_METHODS) + " |\n|---|" + "---|" * len(SWEEP_METHODS))
         tabular_sweep(TabularConfig())
         return 0
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        print(f"fastpmd theory-figures: --out {args.out}: cannot create ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     plt = _plt()
     t0 = time.time()
     base = TabularConfig()

@@ -132,3 +132,81 @@ def test_bench_dir_is_not_in_default_run():
     cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert cfg["testpaths"] == ["tests"]
     assert (root / "bench" / "bench_ops.py").exists() and (root / "bench" / "conftest.py").exists()
+
+
+def test_harness_cap_bounds_a_slow_entry():
+    """cap_s: an entry whose timed total reaches the cap sits out the remaining rounds (keeps >= 1 rep)."""
+    import time
+
+    class Sleepy(methods.Naive):
+        name = "sleepy"
+
+        def build(self, inp, cfg):
+            return lambda: (time.sleep(0.05), torch.zeros(()))[1]
+
+    slow, fast = Entry(Sleepy(), "pmd-mean"), Entry(methods.METHODS["naive"], "pmd-mean")
+    time_entries([slow, fast], make_inputs(TINY[0], CPU), warmup=1, reps=4, cap_s=0.01)
+    assert len(slow.times_s) == 1 and slow.warmup_s >= 0.05
+    assert len(fast.times_s) >= 1
+
+
+def test_liger_flce_adapter_matches_naive_under_interpreter():
+    """Liger's fused linear CE (Triton) under TRITON_INTERPRET: loss and gradients equal the naive path's."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from fastpmd.bench import methods
+from fastpmd.bench.inputs import make_inputs
+from fastpmd.bench.presets import shape_for_tokens
+inp = make_inputs(shape_for_tokens(24, 16, 97, seq_len=8), "cpu")
+cfg, m = methods.loss_config("pmd-mean"), methods.LigerFLCE()
+m.unavailable = lambda device: None
+got = [m.build(inp, cfg)(), inp.hidden.grad.clone(), inp.weight.grad.clone()]
+ref = [methods.METHODS["naive"].build(inp, cfg)(), inp.hidden.grad, inp.weight.grad]
+for a, b in zip(got, ref):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_cli_bad_out_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out under a file: exit 2 at once, one line naming --out (the benchmark never starts)."""
+    from fastpmd.bench import runner
+
+    monkeypatch.setattr(runner, "run", lambda cfg: pytest.fail("the benchmark ran before --out was checked"))
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert main(["--preset", "tiny", "--no-memory", "--quiet", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--out" in err[0], err
+
+
+def test_cli_tokens_and_device_errors(capsys):
+    cases = [(["--preset", "core-check", "--tokens", "0"], "--tokens"),
+             (["--preset", "core-check", "--tokens", "4096"], "--tokens"),
+             (["--preset", "core-check", "--dtype", "bfloat16"], "--dtype"),
+             (["--preset", "qwen2.5-7b", "--tokens", "0"], "--tokens"),
+             (["--preset", "tiny", "--tokens", "-8"], "--tokens"),
+             (["--hidden", "8", "--vocab", "16", "--tokens", "0"], "--tokens"),
+             (["--preset", "tiny", "--device", "tpu"], "--device"),
+             (["--preset", "tiny", "--device", "cuda:0"], "--device"),
+             (["--preset", "tiny", "--device", "cpu:x"], "--device")]
+    for argv, flag in cases:
+        assert main([*argv, "--no-memory", "--quiet"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0], (argv, err)
+
+
+def test_theory_figures_seeds_must_be_positive(tmp_path, capsys):
+    from fastpmd.bench import theory_figures
+
+    for seeds in ("0", "-3"):
+        assert theory_figures.main(["--quick", "--seeds", seeds, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--seeds" in err[0], err
+    assert not list(tmp_path.iterdir())  # nothing drawn
