@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(cfg.run.threads)
     d = init_distributed(cfg.run.device)
+    trainer = None
     try:
         trainer = Trainer(cfg, d)
         if d.is_main:
@@ -103,5 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             (Path(cfg.run.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         trainer.fit()
     finally:
+        close = getattr(getattr(trainer, "engine", None), "close", None)
+        if close is not None:  # vLLM tears down its groups, then the default one: before ours
+            close()
         shutdown_distributed()
     return 0
