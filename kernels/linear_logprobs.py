@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import arch_of, check_runnable, triton
+from . import _runtime
+from ._runtime import arch_of, check_runnable, max_offset, on_device, triton
 from . import configs
 from .logits import dlogits_chunk, logits_stats
 from .matmul import matmul_into
@@ -46,8 +47,7 @@ def validate_linear(hidden, weight, targets, bias, temperature: float, what: str
         raise ValueError(f"{what}: targets must be an integer [n] tensor with n = {hidden.shape[0]}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"{what}: bias must be [V] with V = {weight.shape[0]}")
-    if hidden.numel() >= 2**31 or weight.numel() >= 2**31:
-        raise ValueError(f"{what}: hidden and weight must each hold < 2**31 elements; split the tokens into calls")
+    check_spans(hidden, weight, what)
     if not float(temperature) > 0:
         raise ValueError(f"{what}: temperature must be > 0, got {temperature}")
     for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
@@ -56,10 +56,32 @@ def validate_linear(hidden, weight, targets, bias, temperature: float, what: str
     check_runnable(hidden.device, what)
 
 
+def check_spans(hidden, weight, what: str) -> None:
+    """The kernels' in-tile offsets are 32-bit: every operand's span (largest element offset, from its strides)
+    must be < INDEX_LIMIT. Checked before any launch; the error names the operand that is too large."""
+    lim = _runtime.INDEX_LIMIT
+    n, H = hidden.shape
+    V = weight.shape[0]
+    # hidden, the fp32 grad_hidden accumulator [n, H] and the smallest dlogits chunk [n, 128] grow with the tokens
+    tok_span = max(max_offset(hidden), n * H - 1, n * 128 - 1)
+    if n and tok_span >= lim:
+        raise ValueError(f"{what}: hidden [n={n}, H={H}] (strides {tuple(hidden.stride())}) spans {tok_span + 1} "
+                         f"elements; the kernels' 32-bit offsets need < {lim}: split the tokens into smaller calls")
+    if max_offset(weight) >= lim:
+        raise ValueError(f"{what}: weight [V={V}, H={H}] (strides {tuple(weight.stride())}) spans "
+                         f"{max_offset(weight) + 1} elements; the kernels' 32-bit offsets need < {lim} (splitting "
+                         "the tokens does not help: shard the vocabulary, e.g. tensor-parallel LM head)")
+
+
 def chunk_columns(n: int, V: int, elt: int, block_v: int) -> int:
-    """Vocab columns per backward chunk: the dlogits buffer [n, chunk] fits configs.DLOGITS_BUDGET_BYTES."""
+    """Vocab columns per backward chunk: the dlogits buffer [n, chunk] fits configs.DLOGITS_BUDGET_BYTES, and
+    n * chunk < INDEX_LIMIT whatever the budget (the buffer is addressed with 32-bit in-tile offsets)."""
     cols = configs.DLOGITS_BUDGET_BYTES // max(1, n * elt) // block_v * block_v
-    return max(block_v, min(cols, triton.cdiv(V, block_v) * block_v))
+    cap = (_runtime.INDEX_LIMIT - 1) // max(1, n) // block_v * block_v
+    if cap < block_v:
+        raise ValueError(f"chunk_columns: {n} tokens x {block_v} columns reach {_runtime.INDEX_LIMIT} elements; "
+                         "split the tokens into smaller calls")
+    return max(block_v, min(cols, cap, triton.cdiv(V, block_v) * block_v))
 
 
 def linear_grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature: float,
@@ -69,7 +91,7 @@ def linear_grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, tempera
     n, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    alloc = torch.empty if n > 0 else torch.zeros   # with tokens, every entry is written by the chunk loop
+    alloc = torch.empty if n > 0 and V > 0 else torch.zeros   # otherwise every entry is written by the loop
     gh = alloc(n, H, device=dev, dtype=torch.float32) if need_h else None           # [n, H] fp32 accumulator
     gw = alloc(V, H, device=dev, dtype=weight.dtype) if need_w else None           # [V, H], rows written once
     gb = alloc(V, device=dev, dtype=torch.float32) if need_b else None             # [V]
@@ -102,7 +124,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, return_entropy, arch):
-        logp, lse, ent = logits_stats(hidden, weight, bias, targets, temperature, return_entropy, arch)
+        with on_device(hidden.device):
+            logp, lse, ent = logits_stats(hidden, weight, bias, targets, temperature, return_entropy, arch)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.arch, ctx.return_entropy = temperature, arch, return_entropy
         if not return_entropy:
@@ -115,8 +138,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         g_ent = g_ent.float().contiguous() if ctx.return_entropy else None
-        gh, gw, gb = linear_grads(hidden, weight, bias, targets, lse, ent, g_logp.float().contiguous(), g_ent,
-                                  ctx.temperature, needs, ctx.arch)
+        with on_device(hidden.device):
+            gh, gw, gb = linear_grads(hidden, weight, bias, targets, lse, ent, g_logp.float().contiguous(), g_ent,
+                                      ctx.temperature, needs, ctx.arch)
         return gh, gw, gb, None, None, None, None
 
 
@@ -128,6 +152,7 @@ def linear_logprobs_triton(hidden, weight, targets, bias=None, temperature: floa
     Differentiable in hidden, weight and bias; gradients come back in the inputs' dtypes."""
     validate_linear(hidden, weight, targets, bias, temperature, "linear_logprobs_triton")
     arch = arch_of(hidden.device)
+    bias = bias.contiguous() if bias is not None else None    # the kernels read bias[v] at offset v
     logp, ent = LinearLogprobsFunction.apply(hidden, weight, bias, targets.long().contiguous(),
                                              float(temperature), bool(return_entropy), arch)
     return logp, (ent if return_entropy else None)
