@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 ENV_AUTOTUNE = "FASTPMD_AUTOTUNE"
 # Bytes of the per-chunk dlogits buffer of the backward pass ([n, chunk_v] in the operand dtype); env
 # FASTPMD_DLOGITS_MB overrides. Larger chunks mean fewer fp32 read-modify-write passes over grad_hidden: at
@@ -110,6 +112,23 @@ def logits_family(arch: str, fp32_inputs: bool) -> str:
     """Config family of the logits tile kernel: fp32 inputs use exact FMA dots, for which the Hopper/Blackwell
     128x128x64 tiles spill heavily (kernels report, sm_90: 3.7 KB of stack); they take the Ampere tiles."""
     return "80" if (arch in ("90", "100") and fp32_inputs) else arch
+
+
+ENV_GRAD_GEMM = "FASTPMD_GRAD_GEMM"
+GRAD_GEMMS = ("auto", "cublas", "triton")
+
+
+def grad_gemm(device, dtype) -> str:
+    """Backend of the backward's two gradient GEMMs (kernels/backward.py): "cublas" (torch.mm / torch.addmm,
+    fp32 accumulation) or "triton" (kernels/matmul.py). FASTPMD_GRAD_GEMM = auto | cublas | triton, read at each
+    backward. auto: cublas on CUDA for bf16 inputs; triton under the interpreter, for fp32 inputs (exact fp32
+    dots) and for fp16 (its fp32 dlogits x fp16 operands have no cuBLAS kernel without fp32 copies)."""
+    choice = os.environ.get(ENV_GRAD_GEMM, "auto") or "auto"
+    if choice not in GRAD_GEMMS:
+        raise ValueError(f"{ENV_GRAD_GEMM} must be one of {GRAD_GEMMS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "cublas" if (getattr(device, "type", device) == "cuda" and dtype == torch.bfloat16) else "triton"
 
 
 def autotune_enabled() -> bool:

@@ -11,7 +11,7 @@ num_sequences is read from device memory (no host sync). The scalar loss is the 
 terms (a deterministic torch reduction instead of float atomics).
 
 Fused path (fused_linear_pmd_loss_triton): logits forward kernel + merge -> this epilogue -> (backward) dlogits
-kernel with upstream g_tok * dloss -> gradient matmuls (kernels/linear_logprobs.py, linear_grads).
+kernel with upstream g_tok * dloss -> gradient GEMMs (kernels/backward.py, linear_grads).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from ._runtime import arch_of, kernel, on_device, tl
 from . import configs
-from .linear_logprobs import linear_grads, validate_linear
+from .backward import linear_grads, validate_linear
 from .logits import logits_stats
 
 

@@ -16,7 +16,7 @@ in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported in c
 import fastpmd  # noqa: E402
 from fastpmd.kernels import _runtime, configs, fused_linear_pmd_loss_triton, linear_logprobs_triton  # noqa: E402
 from fastpmd.kernels import linear_logprobs as ll_mod  # noqa: E402
-from fastpmd.kernels.linear_logprobs import chunk_columns, validate_linear  # noqa: E402
+from fastpmd.kernels.backward import chunk_columns, validate_linear  # noqa: E402
 from fastpmd.kernels.logits import _split_plan  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
