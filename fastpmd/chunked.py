@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # one [c, V] float32 logits block
+# log p is floored here before it multiplies p: a masked column (bias -inf) has log p = -inf and p = 0, and
+# 0 * -inf is NaN. exp(-1e4) is 0 in float32 and float64, so the floor changes no p > 0 and no product.
+LOGP_FLOOR = -1e4
 
 
 def default_chunk_rows(vocab: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -63,7 +66,7 @@ def chunk_entropy_stats(z: torch.Tensor, targets: torch.Tensor):
     """From logits z [c, V]: (lse [c], logp [c], entropy [c]). Leaves z unchanged."""
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(1, targets[:, None])[:, 0] - lse
-    logp_all = z - lse[:, None]  # H = -sum_k p_k log p_k (not lse - E[z]: that cancels when peaked)
+    logp_all = (z - lse[:, None]).clamp_(min=LOGP_FLOOR)  # H = -sum p log p (lse - E[z] cancels when peaked)
     entropy = -torch.bmm(logp_all.exp().unsqueeze(1), logp_all.unsqueeze(2)).view(-1)
     return lse, logp, entropy
 
@@ -93,7 +96,7 @@ def chunk_grad_logits(z, lse, targets, g_logp, g_ent, entropy, inv_temp: float) 
     g_logp [c] and g_ent [c] (or None) are the upstream gradients; the result is
     (g_logp * (onehot - p) - g_ent * p * (log p + H)) * inv_temp, shape [c, V].
     """
-    z.sub_(lse[:, None])  # log p
+    z.sub_(lse[:, None]).clamp_(min=LOGP_FLOOR)  # log p (floored: masked columns stay finite, p = 0)
     if g_ent is None:
         return grad_from_exp_(z.exp_(), torch.ones_like(lse), targets, g_logp, inv_temp)
     p = z.exp()

@@ -47,14 +47,18 @@ class SequenceChunkedPMD(torch.autograd.Function):
     """Loss and gradients in the forward (6*N*H*V flops); the backward scales them. Inputs are compacted rows."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, old, adv, seg_ids, valid, divisor, num_seq, tau, inv_temp, chunks):
-        # hidden [n, H], targets/old/seg_ids [n], adv/divisor/valid [B], num_seq 0-d
+    def forward(ctx, hidden, weight, bias, targets, old, adv, seg_ids, valid, divisor, num_seq, tau, inv_temp, chunks,
+                grad_enabled):
+        # hidden [n, H], targets/old/seg_ids [n], adv/divisor/valid [B], num_seq 0-d.
+        # grad_enabled: the caller's torch.is_grad_enabled() (forward itself runs in no-grad mode, and
+        # ctx.needs_input_grad ignores grad mode): under torch.no_grad() no gradient work at all.
         acc = acc_dtype(hidden.dtype)
         n_seq = adv.shape[0]
         w_op = matmul_operand(weight)
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
-        need_b = bias is not None and ctx.needs_input_grad[2]
+        need_h, need_w, need_b = (grad_enabled and ctx.needs_input_grad[i] for i in range(3))
+        need_b = need_b and bias is not None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         logp = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         delta = torch.zeros(n_seq, dtype=acc, device=hidden.device)
@@ -67,10 +71,13 @@ class SequenceChunkedPMD(torch.autograd.Function):
             _, logp[s:e], sumexp = chunk_exp_stats_(z, targets[s:e])  # z <- exp(z - rowmax)
             local = seg_ids[s:e] - sa
             delta[sa:sb].index_add_(0, local, logp[s:e] - old[s:e])
-            coef = -(adv[sa:sb] - tau * delta[sa:sb]) / divisor[sa:sb] / num_seq  # dL/dlogp per sequence
-            gz = grad_from_exp_(z, sumexp, targets[s:e], coef[local], inv_temp)
-            chunk_backward_matmuls(gz, hidden[s:e], w_op, None if grad_h is None else grad_h[s:e], grad_w, grad_b)
-            del z, gz
+            if need_h or need_w or need_b:
+                coef = -(adv[sa:sb] - tau * delta[sa:sb]) / divisor[sa:sb] / num_seq  # dL/dlogp per sequence
+                gz = grad_from_exp_(z, sumexp, targets[s:e], coef[local], inv_temp)
+                chunk_backward_matmuls(gz, hidden[s:e], w_op, None if grad_h is None else grad_h[s:e], grad_w,
+                                       grad_b)
+                del gz
+            del z
         resid = adv - tau * delta
         loss = torch.where(valid, resid.square() / (2 * tau) / divisor, 0.0).sum() / num_seq
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -85,7 +92,7 @@ class SequenceChunkedPMD(torch.autograd.Function):
         grad_h = None if grad_h is None else (grad_h * g.to(grad_h.dtype))
         grad_w = None if grad_w is None else grad_w.mul_(g.to(grad_w.dtype)).to(ctx.dtypes[0])
         grad_b = None if grad_b is None else grad_b.mul_(g.to(grad_b.dtype)).to(ctx.dtypes[1])
-        return grad_h, grad_w, grad_b, *([None] * 10)
+        return grad_h, grad_w, grad_b, *([None] * 11)
 
 
 def fused_linear_pmd_loss(
@@ -145,6 +152,6 @@ def fused_linear_pmd_loss(
                             num_sequences=num_sequences)
         seg_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=hidden.device), lengths)
         loss, delta, _ = SequenceChunkedPMD.apply(h, weight, bias, t, old, adv, seg_ids, lengths > 0, divisor,
-                                                  num_seq, tau, 1.0 / temperature, chunks)
+                                                  num_seq, tau, 1.0 / temperature, chunks, torch.is_grad_enabled())
     resid = adv - tau * delta
     return loss, pmd_metrics(loss, delta, resid, advantages, lengths)

@@ -3,10 +3,13 @@
 Plain PyTorch, autograd does the backward:
     z = ((hidden @ weight.T + bias).float()) / temperature          # [n, V]  <- the tensor fastpmd never builds
     logp = log_softmax(z).gather(targets);  entropy = -(softmax(z) * log_softmax(z)).sum(-1)
+(the entropy with log p floored at -1e4, so that columns masked by a -inf bias add 0 rather than NaN)
 """
 from __future__ import annotations
 
 import torch
+
+from .chunked import LOGP_FLOOR
 
 
 def naive_linear_logprobs(
@@ -25,6 +28,6 @@ def naive_linear_logprobs(
     logp_all = torch.log_softmax(z, dim=-1)
     logp = logp_all.gather(-1, targets[:, None].long())[:, 0]
     entropy = None
-    if return_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if return_entropy:  # log p floored: a -inf (masked) column has p = 0 and must add 0, not 0 * -inf = NaN
+        entropy = -(logp_all.exp() * logp_all.clamp(min=LOGP_FLOOR)).sum(-1)
     return logp, entropy

@@ -9,6 +9,7 @@ interpreter); each kernel is self-contained.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -71,12 +72,43 @@ def _cuda_props(index: int):
     return props.major * 10 + props.minor, props.multi_processor_count
 
 
+def family_of_capability(cc: int) -> str:
+    """Config family (kernels/configs.py) of compute capability cc = 10 * major + minor."""
+    if cc >= 120:
+        return "120"    # consumer/workstation Blackwell: mma.sync, ~99 KiB shared memory per block
+    if cc >= 100:
+        return "100"    # datacenter Blackwell (10.x; 11.x shares tcgen05): tcgen05.mma, 227 KiB
+    if cc >= 90:
+        return "90"     # Hopper: wgmma
+    return "80"         # Ampere/Ada: mma.sync
+
+
 def arch_of(device: torch.device) -> str:
-    """Config family for a device: "interp" (CPU interpreter), "90" (Hopper and newer) or "80" (Ampere/Ada)."""
+    """Config family for a device: "interp" (CPU interpreter) or family_of_capability of the CUDA device."""
     if device.type != "cuda":
         return "interp"
     cc, _ = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
-    return "90" if cc >= 90 else "80"
+    return family_of_capability(cc)
+
+
+def on_device(device: torch.device):
+    """Context for launching on `device`: Triton launches on the *current* CUDA device, so tensors on cuda:1
+    need torch.cuda.device(1) while cuda:0 is current. A no-op context on CPU (interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+# Offsets inside the kernels are 32-bit except the scalar tile bases (int64): every operand's largest element
+# offset (its span from the strides) must stay below this. A module constant so that tests can lower it.
+INDEX_LIMIT = 2**31
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """Largest element offset addressed by `t` (from its shape and strides), 0 for an empty tensor."""
+    if t.numel() == 0:
+        return 0
+    return sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride()))
 
 
 def num_sms(device: torch.device) -> int:

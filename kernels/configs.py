@@ -1,7 +1,10 @@
 """Launch configurations, pinned per architecture; autotuning behind FASTPMD_AUTOTUNE=1.
 
-Families: "90" = Hopper (H100/H200, sm_90, wgmma/HGMMA), "80" = Ampere/Ada (sm_80+, mma.sync/HMMA),
-"interp" = the CPU interpreter (tiny blocks: the interpreter's cost grows with the block area).
+Families (arch_of in kernels/_runtime.py maps the compute capability):
+  "80"  = Ampere/Ada (sm_80..89, mma.sync/HMMA),          "90" = Hopper (H100/H200, sm_90, wgmma/HGMMA),
+  "100" = datacenter Blackwell (B200/GB200/B300, sm_100/103 and 11.x, tcgen05.mma/UTCHMMA, 227 KiB shared memory),
+  "120" = consumer/workstation Blackwell (RTX 50xx/PRO, sm_120/121: mma.sync/HMMA, 99 KiB shared memory),
+  "interp" = the CPU interpreter (tiny blocks: the interpreter's cost grows with the block area).
 Every pinned config is compiled by `fastpmd kernels-report` (kernels/report.py), which checks registers, spills,
 shared memory and tensor-core use. Only block sizes, warps and stages live here; shapes are runtime arguments.
 
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+
+import torch
 
 ENV_AUTOTUNE = "FASTPMD_AUTOTUNE"
 # Bytes of the per-chunk dlogits buffer of the backward pass ([n, chunk_v] in the operand dtype); env
@@ -56,6 +61,11 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
                _c(8, 4, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=16)],
         "80": [_c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
                _c(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16)],
+        "100": [_c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
+                _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
+        # sm_120: the Ampere 128x64x32 tile spills 8 bytes here (kernels report); 64x64 is the pinned one
+        "120": [_c(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16),
+                _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8)],
         "interp": [_c(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
     },
     "logits_bwd": {
@@ -64,11 +74,17 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
                _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
         "80": [_c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
                _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, GROUP_N=8)],
+        "100": [_c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
+                _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
+        "120": [_c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
+                _c(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16)],
         "interp": [_c(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
     },
     "merge": {
         "90": [_c(4, 1, BLOCK=256)],
         "80": [_c(4, 1, BLOCK=256)],
+        "100": [_c(4, 1, BLOCK=256)],
+        "120": [_c(4, 1, BLOCK=256)],
         "interp": [_c(1, 1, BLOCK=16)],
     },
     "matmul": {
@@ -76,20 +92,43 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
                _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16)],
         "80": [_c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
                _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=16)],
+        "100": [_c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16)],
+        "120": [_c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+                _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=16)],
         "interp": [_c(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)],
     },
     "pmd_epilogue": {
         "90": [_c(4, 1, BLOCK=1024)],
         "80": [_c(4, 1, BLOCK=1024)],
+        "100": [_c(4, 1, BLOCK=1024)],
+        "120": [_c(4, 1, BLOCK=1024)],
         "interp": [_c(1, 1, BLOCK=16)],
     },
 }
 
 
 def logits_family(arch: str, fp32_inputs: bool) -> str:
-    """Config family of the logits tile kernel: fp32 inputs use exact FMA dots, for which the Hopper 128x128x64
-    wgmma tiles spill heavily (kernels report: 3.7 KB of stack); they take the Ampere tiles (no spills)."""
-    return "80" if (arch == "90" and fp32_inputs) else arch
+    """Config family of the logits tile kernel: fp32 inputs use exact FMA dots, for which the Hopper/Blackwell
+    128x128x64 tiles spill heavily (kernels report, sm_90: 3.7 KB of stack); they take the Ampere tiles."""
+    return "80" if (arch in ("90", "100") and fp32_inputs) else arch
+
+
+ENV_GRAD_GEMM = "FASTPMD_GRAD_GEMM"
+GRAD_GEMMS = ("auto", "cublas", "triton")
+
+
+def grad_gemm(device, dtype) -> str:
+    """Backend of the backward's two gradient GEMMs (kernels/backward.py): "cublas" (torch.mm / torch.addmm,
+    fp32 accumulation) or "triton" (kernels/matmul.py). FASTPMD_GRAD_GEMM = auto | cublas | triton, read at each
+    backward. auto: cublas on CUDA for bf16 inputs; triton under the interpreter, for fp32 inputs (exact fp32
+    dots) and for fp16 (its fp32 dlogits x fp16 operands have no cuBLAS kernel without fp32 copies)."""
+    choice = os.environ.get(ENV_GRAD_GEMM, "auto") or "auto"
+    if choice not in GRAD_GEMMS:
+        raise ValueError(f"{ENV_GRAD_GEMM} must be one of {GRAD_GEMMS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "cublas" if (getattr(device, "type", device) == "cuda" and dtype == torch.bfloat16) else "triton"
 
 
 def autotune_enabled() -> bool:

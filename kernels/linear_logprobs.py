@@ -6,95 +6,16 @@ Plain PyTorch equivalent:
     entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)                       # [n] fp32 (optional)
 
 Forward: kernels/logits.py (split-vocab online softmax + merge), saves only (hidden, weight, bias, targets, lse
-[, entropy]). Backward (`linear_grads`), per vocab chunk of chunk_v columns:
-    dz[n, chunk_v]  = dlogits tile kernel (recomputes the logits tiles)     2*n*H*chunk_v flops
-    grad_h[n, H]   += dz @ weight[chunk]           (matmul, fp32 accumulator) 2*n*H*chunk_v flops
-    grad_w[chunk]   = dz.T @ hidden                (matmul, fp32 in registers over all n tokens)
-    grad_b[chunk]   = dz.sum(0)
-How partial sums are combined: a bounded dlogits buffer per vocab chunk ("second reduction" through memory)
-rather than atomics. Fully fused alternatives must read-modify-write one of the [*, H] gradients for every
-(token tile, vocab tile) pair: 8*(BLOCK_N + BLOCK_V)*H bytes per 8*BLOCK_N*BLOCK_V*H flops, i.e. 64 flop/byte
-for 128x128 tiles, far below the H100 ridge point of 295 flop/byte (and fp32 atomics add contention and
-non-determinism). With chunks, grad_weight rows are written exactly once (fp32 accumulation over all tokens in
-registers, deterministic) and grad_hidden is read-modified-written once per chunk: intensity
-2*n*H*chunk_v / (8*n*H) = chunk_v/4 flop/byte (2048 at chunk_v = 8192: n = 16384, 256 MiB budget).
-The dlogits buffer holds chunk_v columns, never the whole vocabulary (configs.DLOGITS_BUDGET_BYTES).
-dlogits precision: bf16 inputs -> bf16 buffer (bf16 has fp32's exponent range); fp16 and fp32 inputs -> fp32
-buffer (fp16 would flush small p*g to zero), multiplied on TF32 (fp16) or exact fp32 (fp32) dots.
+[, entropy]). Backward: kernels/backward.py (`linear_grads`: dlogits per bounded vocab chunk, then the
+gradient GEMMs on cuBLAS or the Triton matmul). Validation before any launch: kernels/backward.py.
 """
 from __future__ import annotations
 
 import torch
 
-from ._runtime import arch_of, check_runnable, triton
-from . import configs
-from .logits import dlogits_chunk, logits_stats
-from .matmul import matmul_into
-
-
-def validate_linear(hidden, weight, targets, bias, temperature: float, what: str) -> None:
-    """ValueError naming the argument on bad shapes/dtypes/devices; RuntimeError when Triton cannot run."""
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or not hidden.is_floating_point():
-        raise ValueError(f"{what}: hidden must be a floating [n, H] tensor")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"{what}: weight must be [V, H] with H = hidden.shape[1] = {hidden.shape[1]}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"{what}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"{what}: hidden dtype must be float32, float16 or bfloat16, got {hidden.dtype}")
-    if not isinstance(targets, torch.Tensor) or targets.shape != hidden.shape[:1] or targets.is_floating_point():
-        raise ValueError(f"{what}: targets must be an integer [n] tensor with n = {hidden.shape[0]}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"{what}: bias must be [V] with V = {weight.shape[0]}")
-    if hidden.numel() >= 2**31 or weight.numel() >= 2**31:
-        raise ValueError(f"{what}: hidden and weight must each hold < 2**31 elements; split the tokens into calls")
-    if not float(temperature) > 0:
-        raise ValueError(f"{what}: temperature must be > 0, got {temperature}")
-    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{what}: {name} is on {t.device}, hidden on {hidden.device}")
-    check_runnable(hidden.device, what)
-
-
-def chunk_columns(n: int, V: int, elt: int, block_v: int) -> int:
-    """Vocab columns per backward chunk: the dlogits buffer [n, chunk] fits configs.DLOGITS_BUDGET_BYTES."""
-    cols = configs.DLOGITS_BUDGET_BYTES // max(1, n * elt) // block_v * block_v
-    return max(block_v, min(cols, triton.cdiv(V, block_v) * block_v))
-
-
-def linear_grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature: float,
-                 needs: tuple[bool, bool, bool], arch: str):
-    """(grad_hidden, grad_weight, grad_bias) for upstream grads g_logp [n] (and g_ent [n] or None)."""
-    need_h, need_w, need_b = needs
-    n, H = hidden.shape
-    V = weight.shape[0]
-    dev = hidden.device
-    alloc = torch.empty if n > 0 else torch.zeros   # with tokens, every entry is written by the chunk loop
-    gh = alloc(n, H, device=dev, dtype=torch.float32) if need_h else None           # [n, H] fp32 accumulator
-    gw = alloc(V, H, device=dev, dtype=weight.dtype) if need_w else None           # [V, H], rows written once
-    gb = alloc(V, device=dev, dtype=torch.float32) if need_b else None             # [V]
-    if n > 0 and any(needs):
-        dz_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
-        fam = configs.logits_family(arch, hidden.dtype == torch.float32)
-        cfg = configs.pick("logits_bwd", fam)
-        cv = chunk_columns(n, V, torch.finfo(dz_dtype).bits // 8, cfg.blocks["BLOCK_V"])
-        dz = torch.empty(n, cv, device=dev, dtype=dz_dtype)     # [n, chunk_v] dlogits buffer
-        if configs.autotune_enabled() and arch != "interp":      # time candidates on the first chunk (scratch)
-            cfg = configs.pick("logits_bwd", fam, (H, V, n.bit_length(), str(hidden.dtype)), bench=lambda c: (
-                dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, 0,
-                              min(V, cv), dz, arch, c)))
-        for i, v0 in enumerate(range(0, V, cv)):
-            v1 = min(V, v0 + cv)
-            dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, v0, v1, dz,
-                          arch, cfg)
-            d = dz[:, : v1 - v0]                                 # [n, chunk]
-            if need_h:
-                matmul_into(d, weight[v0:v1], gh, accumulate=i > 0, arch=arch)
-            if need_w:
-                matmul_into(d.t(), hidden, gw[v0:v1], accumulate=False, arch=arch)
-            if need_b:
-                gb[v0:v1] = d.sum(0, dtype=torch.float32)
-    return (gh.to(hidden.dtype) if need_h else None, gw, gb.to(bias.dtype) if need_b else None)
+from ._runtime import arch_of, on_device
+from .backward import linear_grads, validate_linear
+from .logits import logits_stats
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -102,7 +23,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, return_entropy, arch):
-        logp, lse, ent = logits_stats(hidden, weight, bias, targets, temperature, return_entropy, arch)
+        with on_device(hidden.device):
+            logp, lse, ent = logits_stats(hidden, weight, bias, targets, temperature, return_entropy, arch)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.arch, ctx.return_entropy = temperature, arch, return_entropy
         if not return_entropy:
@@ -115,8 +37,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         g_ent = g_ent.float().contiguous() if ctx.return_entropy else None
-        gh, gw, gb = linear_grads(hidden, weight, bias, targets, lse, ent, g_logp.float().contiguous(), g_ent,
-                                  ctx.temperature, needs, ctx.arch)
+        with on_device(hidden.device):
+            gh, gw, gb = linear_grads(hidden, weight, bias, targets, lse, ent, g_logp.float().contiguous(), g_ent,
+                                      ctx.temperature, needs, ctx.arch)
         return gh, gw, gb, None, None, None, None
 
 
@@ -128,6 +51,7 @@ def linear_logprobs_triton(hidden, weight, targets, bias=None, temperature: floa
     Differentiable in hidden, weight and bias; gradients come back in the inputs' dtypes."""
     validate_linear(hidden, weight, targets, bias, temperature, "linear_logprobs_triton")
     arch = arch_of(hidden.device)
+    bias = bias.contiguous() if bias is not None else None    # the kernels read bias[v] at offset v
     logp, ent = LinearLogprobsFunction.apply(hidden, weight, bias, targets.long().contiguous(),
                                              float(temperature), bool(return_entropy), arch)
     return logp, (ent if return_entropy else None)

@@ -63,10 +63,10 @@ def _logits_tile_kernel(
     row0 = tok_tile * BLOCK_N
     rows = row0 + r_loc
     row_ok = rows < n_tokens
-    # 32-bit offsets (validate_linear keeps every operand < 2**31 elements); scalar tile bases + in-tile offsets;
+    # Scalar tile bases in int64, in-tile offsets in int32 (validate_linear keeps every span < 2**31 elements);
     # padded rows load the last valid row (never stored); padded vocab columns are masked (-inf logits).
     r_ld = tl.minimum(rows, n_tokens - 1) - row0
-    h_base = hidden_ptr + row0 * stride_hn
+    h_base = hidden_ptr + row0.to(tl.int64) * stride_hn
     tgt = tl.load(targets_ptr + row0 + r_ld).to(tl.int32)    # [BN]
     v_lo = vocab_begin + split * tiles_per_split * BLOCK_V
     v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_V, vocab_end)
@@ -86,10 +86,10 @@ def _logits_tile_kernel(
     h_off = r_ld[:, None] * stride_hn + k_loc[None, :] * stride_hh          # [BN, BH] int32, loop-invariant
     c_loc = tl.arange(0, BLOCK_V)                               # [BV]
     w_off = c_loc[None, :] * stride_wv + k_loc[:, None] * stride_wh         # [BH, BV] int32, loop-invariant
+    w_base = weight_ptr + v_lo.to(tl.int64) * stride_wv
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + c_loc
         col_ok = cols < v_hi
-        w_base = weight_ptr + v0 * stride_wv
         acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
         for k0 in range(0, hidden_size, BLOCK_H):
             k_ok = k_loc < hidden_size - k0
@@ -103,31 +103,35 @@ def _logits_tile_kernel(
             else:
                 acc = tl.dot(h, w, acc)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + v0 + c_loc, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]   # contiguous [V]
         z = tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))   # [BN, BV]
         hit = cols[None, :] == tgt[:, None]
         if BACKWARD:
-            p = tl.exp(z - lse[:, None])                        # softmax, 0 on padded columns
+            p = tl.exp(z - lse[:, None])                        # softmax, 0 on padded and -inf columns
             dz = -p * g_l[:, None]
-            if HAS_GRAD_ENT:
-                dz -= g_e[:, None] * p * tl.where(col_ok[None, :], z - lse[:, None] + ent[:, None], 0.0)
+            if HAS_GRAD_ENT:  # p * (log p + entropy); 0 where p = 0 (z = -inf would give 0 * -inf)
+                dz -= g_e[:, None] * tl.where(p > 0, p * (z - lse[:, None] + ent[:, None]), 0.0)
             dz = tl.where(hit, dz + g_l[:, None], dz) * inv_temperature
-            out = (dz_ptr + row0 * stride_dzn + (v0 - vocab_begin) * stride_dzv
+            out = (dz_ptr + row0.to(tl.int64) * stride_dzn + (v0 - vocab_begin) * stride_dzv
                    + r_loc[:, None] * stride_dzn + c_loc[None, :] * stride_dzv)
             tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
         else:
             m_new = tl.maximum(m, tl.max(z, 1))
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(z - m_new[:, None])
+            # flash-attention's guard: a row whose logits so far are all -inf (masked vocabulary) keeps m = -inf
+            # and uses 0 as the reference, never -inf - -inf
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            e = tl.exp(z - m_safe[:, None])
             if WITH_ENTROPY:  # t = sum e*(z - m), relative to the running max: entropy = log(s) - t/s, no cancellation
-                t = (alpha * (t + s * tl.where(s > 0, m - m_new, 0.0))
-                     + tl.sum(tl.where(col_ok[None, :], e * (z - m_new[:, None]), 0.0), 1))
+                t = (alpha * (t + tl.where(s > 0, s * (m - m_new), 0.0))
+                     + tl.sum(tl.where(e > 0, e * (z - m_safe[:, None]), 0.0), 1))
             s = s * alpha + tl.sum(e, 1)
             x += tl.sum(tl.where(hit, z, 0.0), 1)
             m = m_new
+        w_base += BLOCK_V * stride_wv
 
     if not BACKWARD:
-        part = split * n_tokens + row0 + r_loc
+        part = split.to(tl.int64) * n_tokens + row0 + r_loc
         tl.store(m_ptr + part, m, mask=row_ok)
         tl.store(s_ptr + part, s, mask=row_ok)
         tl.store(x_ptr + part, x, mask=row_ok)
@@ -151,19 +155,25 @@ def _merge_kernel(
     sm = tl.zeros([BLOCK], tl.float32)
     tz = tl.zeros([BLOCK], tl.float32)
     xt = tl.zeros([BLOCK], tl.float32)
+    off = rows                             # split j's row r at j * n + r, advanced through 64-bit pointers
     for j in range(0, n_splits):
-        off = j * n_tokens + rows
         mj = tl.load(m_ptr + off, mask=ok, other=0.0)
         m_new = tl.maximum(mx, mj)
-        a = tl.exp(mx - m_new)
-        b = tl.exp(mj - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # splits whose vocabulary is all -inf
+        a = tl.exp(mx - m_safe)
+        b = tl.exp(mj - m_safe)
         sj = tl.load(s_ptr + off, mask=ok, other=0.0)
-        if WITH_ENTROPY:  # partials are relative to their own max m_j; re-base to m_new
+        if WITH_ENTROPY:  # partials are relative to their own max m_j; re-base to m_new (0 for empty sums)
             tj = tl.load(t_ptr + off, mask=ok, other=0.0)
-            tz = a * (tz + sm * tl.where(sm > 0, mx - m_new, 0.0)) + b * (tj + sj * (mj - m_new))
+            tz = (a * (tz + tl.where(sm > 0, sm * (mx - m_new), 0.0))
+                  + b * (tj + tl.where(sj > 0, sj * (mj - m_new), 0.0)))
         sm = sm * a + sj * b
         xt += tl.load(x_ptr + off, mask=ok, other=0.0)
         mx = m_new
+        m_ptr += n_tokens
+        s_ptr += n_tokens
+        t_ptr += n_tokens
+        x_ptr += n_tokens
     lse = mx + tl.log(sm)
     tl.store(lse_ptr + rows, lse, mask=ok)
     tl.store(logp_ptr + rows, xt - lse, mask=ok)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import kernel, tl, triton
+from . import _runtime
+from ._runtime import kernel, max_offset, tl, triton
 from . import configs
 from .logits import dot_flags
 
@@ -50,10 +51,13 @@ def _matmul_kernel(
     rm = m0 + tl.arange(0, BLOCK_M)                                 # [BM]
     rn = n0 + tl.arange(0, BLOCK_N)                                 # [BN]
     rk = tl.arange(0, BLOCK_K)                                      # [BK]
-    # padded rows/columns wrap around (no load masks along M, N; masked at the store). 32-bit offsets:
-    # matmul_into checks that every operand spans < 2**31 elements.
-    a_ptrs = a_ptr + (rm % M)[:, None] * stride_am + rk[None, :] * stride_ak       # [BM, BK]
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + (rn % N)[None, :] * stride_bn       # [BK, BN]
+    # Padded rows/columns wrap around (no load masks along M, N; masked at the store): `% M` keeps the
+    # compiler's contiguity information (tl.minimum loses it: scalar loads, no cp.async pipelining). Scalar tile
+    # bases in int64, in-tile offsets in int32 (matmul_into checks every operand's span < 2**31 elements).
+    a_ptrs = (a_ptr + m0.to(tl.int64) * stride_am
+              + ((rm % M) - m0)[:, None] * stride_am + rk[None, :] * stride_ak)     # [BM, BK]
+    b_ptrs = (b_ptr + n0.to(tl.int64) * stride_bn
+              + rk[:, None] * stride_bk + ((rn % N) - n0)[None, :] * stride_bn)     # [BK, BN]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
@@ -68,7 +72,8 @@ def _matmul_kernel(
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_ptrs = (c_ptr + m0.to(tl.int64) * stride_cm + n0.to(tl.int64) * stride_cn
+              + (rm - m0)[:, None] * stride_cm + (rn - n0)[None, :] * stride_cn)
     c_ok = (rm < M)[:, None] & (rn < N)[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=c_ok, other=0.0).to(tl.float32)
@@ -87,10 +92,9 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: b
             c.zero_()
         return c
     for name, t in (("a", a), ("b", b), ("c", c)):
-        span = sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride())) + 1
-        if span >= 2**31:
-            raise ValueError(f"matmul_into: operand {name} spans {span} elements (>= 2**31); split the tokens "
-                             "into smaller calls")
+        if max_offset(t) >= _runtime.INDEX_LIMIT:
+            raise ValueError(f"matmul_into: operand {name} {tuple(t.shape)} spans {max_offset(t) + 1} elements "
+                             f"(32-bit offsets need < {_runtime.INDEX_LIMIT})")
     flags = dot_flags(a.dtype, b.dtype)
 
     def launch(cfg, out):

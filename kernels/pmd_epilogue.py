@@ -11,15 +11,15 @@ num_sequences is read from device memory (no host sync). The scalar loss is the 
 terms (a deterministic torch reduction instead of float atomics).
 
 Fused path (fused_linear_pmd_loss_triton): logits forward kernel + merge -> this epilogue -> (backward) dlogits
-kernel with upstream g_tok * dloss -> gradient matmuls (kernels/linear_logprobs.py, linear_grads).
+kernel with upstream g_tok * dloss -> gradient GEMMs (kernels/backward.py, linear_grads).
 """
 from __future__ import annotations
 
 import torch
 
-from ._runtime import arch_of, kernel, tl
+from ._runtime import arch_of, kernel, on_device, tl
 from . import configs
-from .linear_logprobs import linear_grads, validate_linear
+from .backward import linear_grads, validate_linear
 from .logits import logits_stats
 
 
@@ -61,7 +61,7 @@ def pmd_epilogue(logp, old_logp, advantages, cu_seqlens, divisor, num_sequences,
     dev = logp.device
     delta = torch.empty(B, device=dev, dtype=torch.float32)
     terms = torch.empty(B, device=dev, dtype=torch.float32)
-    g_tok = torch.empty_like(logp)
+    g_tok = torch.zeros_like(logp)      # tokens outside every segment get no gradient (the kernel skips them)
     if B > 0:
         cfg = configs.pick("pmd_epilogue", arch)
         _pmd_epilogue_kernel[(B,)](logp, old_logp, advantages, cu_seqlens, divisor, num_sequences,
@@ -75,9 +75,10 @@ class FusedLinearPMDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, old_logp, advantages, cu_seqlens, divisor, num_sequences,
                 tau, temperature, arch):
-        logp, lse, _ = logits_stats(hidden, weight, bias, targets, temperature, False, arch)
-        loss, delta, g_tok = pmd_epilogue(logp, old_logp, advantages, cu_seqlens, divisor, num_sequences, tau,
-                                          arch)
+        with on_device(hidden.device):
+            logp, lse, _ = logits_stats(hidden, weight, bias, targets, temperature, False, arch)
+            loss, delta, g_tok = pmd_epilogue(logp, old_logp, advantages, cu_seqlens, divisor, num_sequences, tau,
+                                              arch)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, g_tok)
         ctx.temperature, ctx.arch = temperature, arch
         ctx.mark_non_differentiable(delta, logp)
@@ -87,8 +88,9 @@ class FusedLinearPMDLossFunction(torch.autograd.Function):
     def backward(ctx, g_loss, g_delta, g_logp):
         hidden, weight, bias, targets, lse, g_tok = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        gh, gw, gb = linear_grads(hidden, weight, bias, targets, lse, None, g_tok * g_loss.float(), None,
-                                  ctx.temperature, needs, ctx.arch)
+        with on_device(hidden.device):
+            gh, gw, gb = linear_grads(hidden, weight, bias, targets, lse, None, g_tok * g_loss.float(), None,
+                                      ctx.temperature, needs, ctx.arch)
         return (gh, gw, gb) + (None,) * 9
 
 
@@ -113,10 +115,17 @@ def fused_linear_pmd_loss_triton(hidden, weight, targets, bias, old_logp, advant
             raise ValueError(f"{what}: {name} is on {t.device}, hidden on {hidden.device}")
     if cu_seqlens.is_floating_point():
         raise ValueError(f"{what}: cu_seqlens must be an integer tensor")
+    # one host sync of three integers: segments out of [0, n] would make the epilogue read out of bounds
+    first, last, n_bad = torch.stack([cu_seqlens[0], cu_seqlens[-1],
+                                      (cu_seqlens[1:] < cu_seqlens[:-1]).sum()]).tolist()
+    if first < 0 or last != n or n_bad:
+        raise ValueError(f"{what}: cu_seqlens must be non-decreasing from >= 0 to n = {n} (the compacted "
+                         f"tokens); got first {first}, last {last}, {n_bad} decreasing steps")
     if not float(tau) > 0:
         raise ValueError(f"{what}: tau must be > 0, got {tau}")
     arch = arch_of(hidden.device)
     f32 = torch.float32
+    bias = bias.contiguous() if bias is not None else None    # the kernels read bias[v] at offset v
     return FusedLinearPMDLossFunction.apply(
         hidden, weight, bias, targets.long().contiguous(), old_logp.to(f32).contiguous(),
         advantages.to(f32).contiguous(), cu_seqlens.to(torch.int32).contiguous(), divisor.to(f32).contiguous(),

@@ -1,11 +1,15 @@
 """`fastpmd kernels-report --arch 90 --out DIR`: compile every kernel x pinned config for a GPU target, no GPU.
 
+Targets: sm_80 (Ampere/Ada family), sm_90 (Hopper), sm_100 (datacenter Blackwell), sm_120 (consumer Blackwell);
+each compiles its own config family (configs.py, _runtime.family_of_capability).
+
 For each (kernel variant, config) it runs triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)),
 writes the cubin (and PTX) to DIR, reads register/stack use with `cuobjdump --dump-resource-usage` and counts
 SASS instructions with `nvdisasm` (both shipped in the triton wheel), and writes DIR/report.json, one row per
 kernel x config. A row fails when the kernel does not compile, spills (stack/local bytes or LDL/STL in SASS),
-needs more shared memory than the architecture has (sm_90: 227 KiB, sm_80: 163 KiB per block), or when a
-kernel with matrix tiles does not use the tensor cores (HGMMA on sm_90, HMMA on sm_80).
+needs more shared memory than the architecture has (SMEM_LIMIT per block), or when a kernel with matrix tiles
+does not use the architecture's tensor-core instruction (TC_OP: HMMA = mma.sync on sm_80 and sm_120, HGMMA =
+wgmma on sm_90, UTCHMMA = tcgen05.mma on sm_100, as nvdisasm prints them).
 Exit status: 0 when every row passes, 1 otherwise.
 """
 from __future__ import annotations
@@ -24,12 +28,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import configs
+from ._runtime import family_of_capability
 from .logits import _logits_tile_kernel, _merge_kernel
 from .matmul import _matmul_kernel
 from .pmd_epilogue import _pmd_epilogue_kernel
 
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-TC_OP = {80: "HMMA", 90: "HGMMA"}
+ARCHS = (80, 90, 100, 120)
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+TC_OP = {80: "HMMA", 90: "HGMMA", 100: "UTCHMMA", 120: "HMMA"}
 _DT = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 D = [["tt.divisibility", 16]]
 
@@ -101,14 +107,14 @@ def _inspect(cubin: Path) -> dict:
     ops = [ln.split(";")[0] for ln in sass.splitlines()]
     count = lambda pat: sum(1 for ln in ops if re.search(pat, ln))  # noqa: E731
     return {"registers": get("REG"), "stack_bytes": get("STACK"), "local_bytes": get("LOCAL"),
-            "hgmma": count(r"\bHGMMA\."), "mma": count(r"\bHMMA\."),
+            "hgmma": count(r"\bHGMMA\."), "mma": count(r"\bHMMA\."), "utchmma": count(r"\bUTCHMMA\b"),
             "local_loads": count(r"\bLDL(\.|\s)"), "local_stores": count(r"\bSTL(\.|\s)")}
 
 
 def report(arch: int, out: Path, dtypes=("bf16",), all_configs: bool = False) -> list[dict]:
     """Compile every kernel variant x pinned config (all candidates with all_configs) for sm_<arch>."""
     out.mkdir(parents=True, exist_ok=True)
-    fam = str(arch) if arch >= 90 else "80"
+    fam = family_of_capability(arch)
     rows = []
     for dt in dtypes:
         for name, kern, cname, args, has_tiles, fp32_ops in _variants(_DT[dt]):
@@ -141,16 +147,21 @@ def _failures(row: dict, arch: int, has_tiles: bool) -> list[str]:
     bad = []
     if row["stack_bytes"] > 0 or row["local_bytes"] > 0 or row["local_loads"] or row["local_stores"]:
         bad.append("spills (stack/local memory)")
-    if row["shared_bytes"] > SMEM_LIMIT[80 if arch < 90 else 90]:
-        bad.append(f"shared memory {row['shared_bytes']} > {SMEM_LIMIT[80 if arch < 90 else 90]}")
-    if has_tiles and row["hgmma" if arch >= 90 else "mma"] == 0:
-        bad.append(f"matrix tiles do not use tensor cores ({TC_OP[90 if arch >= 90 else 80]})")
+    if row["shared_bytes"] > SMEM_LIMIT[arch]:
+        bad.append(f"shared memory {row['shared_bytes']} > {SMEM_LIMIT[arch]}")
+    if has_tiles and row[tc_key(arch)] == 0:
+        bad.append(f"matrix tiles do not use tensor cores ({TC_OP[arch]})")
     return bad
+
+
+def tc_key(arch: int) -> str:
+    """The report column counting arch's tensor-core instruction."""
+    return {"HMMA": "mma", "HGMMA": "hgmma", "UTCHMMA": "utchmma"}[TC_OP[arch]]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastpmd kernels-report", description=__doc__.splitlines()[0])
-    p.add_argument("--arch", type=int, action="append", choices=[80, 90],
+    p.add_argument("--arch", type=int, action="append", choices=list(ARCHS),
                    help="compute capability to compile for (repeatable; default 90)")
     p.add_argument("--out", required=True, type=Path,
                    help="output directory: DIR/sm_<arch>/ gets the cubins, PTX and report.json")
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'kernel':20s} {'dtype':5s} {'arch':6s} cfg {'regs':>4s} {'smem':>7s} {'stack':>5s} "
               f"{'TC ops':>6s} {'LDL/STL':>7s}  status")
         for r in rows:
-            tc = r.get("hgmma" if arch >= 90 else "mma", "-")
+            tc = r.get(tc_key(arch), "-")
             ldl = f"{r.get('local_loads', '-')}/{r.get('local_stores', '-')}"
             status = "ok" if not r["failures"] else "FAIL: " + "; ".join(r["failures"])
             print(f"{r['kernel']:20s} {r['dtype']:5s} {r['arch']:6s} {r['config']:3d} {r.get('registers', '-'):>4} "

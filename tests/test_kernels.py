@@ -13,7 +13,7 @@ in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported in c
                                 "test_interpreter_subprocess runs this module in a fresh process")
 
 from fastpmd.kernels import configs, fused_linear_pmd_loss_triton, is_available, linear_logprobs_triton
-from fastpmd.kernels.linear_logprobs import chunk_columns
+from fastpmd.kernels.backward import chunk_columns
 
 DEV = "cuda" if ON_GPU else "cpu"
 N, H, V = 37, 40, 203          # ragged vs the interpreter blocks (16 tokens x 32 vocab x 16 hidden)

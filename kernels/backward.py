@@ -1,0 +1,140 @@
+"""Backward driver of the fused LM head (`linear_grads`) and the validation run before any kernel launch.
+
+Plain PyTorch equivalent (z = (h @ W.T + b) / T, p = softmax(z), upstream gradients g_logp [n], g_ent [n]):
+    dz = (g_logp[:, None] * (onehot(targets) - p) - g_ent[:, None] * p * (log p + entropy[:, None])) / T
+    grad_hidden = dz @ W;  grad_weight = dz.T @ h;  grad_bias = dz.sum(0)
+
+Block decomposition, per vocab chunk [v0, v1) of chunk_v columns:
+    dz[n, chunk_v]  = dlogits tile kernel (kernels/logits.py, recomputes the logits)   2*n*H*chunk_v flops
+    grad_h[n, H]   += dz @ weight[chunk]           (fp32 accumulator)                   2*n*H*chunk_v flops
+    grad_w[chunk]   = dz.T @ hidden                (fp32 accumulation over all n tokens) 2*n*H*chunk_v flops
+    grad_b[chunk]   = dz.sum(0)
+The two GEMMs run on cuBLAS (`torch.mm` / `torch.addmm`, fp32 accumulation, out_dtype=float32 for the fp32
+grad_h; the CUDA default for bf16) or on the Triton matmul (kernels/matmul.py: the interpreter, fp32 inputs'
+exact dots, fp16's fp32 dlogits x fp16 operands); `configs.grad_gemm` decides, FASTPMD_GRAD_GEMM overrides.
+How partial sums are combined: a bounded dlogits buffer per vocab chunk ("second reduction" through memory)
+rather than atomics. Fully fused alternatives must read-modify-write one of the [*, H] gradients for every
+(token tile, vocab tile) pair: 8*(BLOCK_N + BLOCK_V)*H bytes per 8*BLOCK_N*BLOCK_V*H flops, i.e. 64 flop/byte
+for 128x128 tiles, far below the H100 ridge point of 295 flop/byte (and fp32 atomics add contention and
+non-determinism). With chunks, grad_weight rows are written exactly once and grad_hidden is read-modified-
+written once per chunk: intensity 2*n*H*chunk_v / (8*n*H) = chunk_v/4 flop/byte (2048 at chunk_v = 8192).
+The dlogits buffer holds chunk_v columns, never the whole vocabulary (configs.DLOGITS_BUDGET_BYTES; n * chunk_v
+< 2**31 always). dlogits precision: bf16 inputs -> bf16 buffer (bf16 has fp32's exponent range); fp16 and
+fp32 inputs -> fp32 buffer (fp16 would flush small p*g to zero).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _runtime, configs
+from ._runtime import check_runnable, max_offset, triton
+from .logits import dlogits_chunk
+from .matmul import matmul_into
+
+
+def validate_linear(hidden, weight, targets, bias, temperature: float, what: str) -> None:
+    """ValueError naming the argument on bad shapes/dtypes/devices; RuntimeError when Triton cannot run."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or not hidden.is_floating_point():
+        raise ValueError(f"{what}: hidden must be a floating [n, H] tensor")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"{what}: weight must be [V, H] with H = hidden.shape[1] = {hidden.shape[1]}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"{what}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{what}: hidden dtype must be float32, float16 or bfloat16, got {hidden.dtype}")
+    if not isinstance(targets, torch.Tensor) or targets.shape != hidden.shape[:1] or targets.is_floating_point():
+        raise ValueError(f"{what}: targets must be an integer [n] tensor with n = {hidden.shape[0]}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{what}: bias must be [V] with V = {weight.shape[0]}")
+    check_spans(hidden, weight, what)
+    if not float(temperature) > 0:
+        raise ValueError(f"{what}: temperature must be > 0, got {temperature}")
+    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{what}: {name} is on {t.device}, hidden on {hidden.device}")
+    check_runnable(hidden.device, what)
+
+
+def check_spans(hidden, weight, what: str) -> None:
+    """The kernels' in-tile offsets are 32-bit: every operand's span (largest element offset, from its strides)
+    must be < INDEX_LIMIT. Checked before any launch; the error names the operand that is too large."""
+    lim = _runtime.INDEX_LIMIT
+    n, H = hidden.shape
+    V = weight.shape[0]
+    # hidden, the fp32 grad_hidden accumulator [n, H] and the smallest dlogits chunk [n, 128] grow with the tokens
+    tok_span = max(max_offset(hidden), n * H - 1, n * 128 - 1)
+    if n and tok_span >= lim:
+        raise ValueError(f"{what}: hidden [n={n}, H={H}] (strides {tuple(hidden.stride())}) spans {tok_span + 1} "
+                         f"elements; the kernels' 32-bit offsets need < {lim}: split the tokens into smaller calls")
+    if max_offset(weight) >= lim:
+        raise ValueError(f"{what}: weight [V={V}, H={H}] (strides {tuple(weight.stride())}) spans "
+                         f"{max_offset(weight) + 1} elements; the kernels' 32-bit offsets need < {lim} (splitting "
+                         "the tokens does not help: shard the vocabulary, e.g. tensor-parallel LM head)")
+
+
+def chunk_columns(n: int, V: int, elt: int, block_v: int) -> int:
+    """Vocab columns per backward chunk: the dlogits buffer [n, chunk] fits configs.DLOGITS_BUDGET_BYTES, and
+    n * chunk < INDEX_LIMIT whatever the budget (the buffer is addressed with 32-bit in-tile offsets)."""
+    cols = configs.DLOGITS_BUDGET_BYTES // max(1, n * elt) // block_v * block_v
+    cap = (_runtime.INDEX_LIMIT - 1) // max(1, n) // block_v * block_v
+    if cap < block_v:
+        raise ValueError(f"chunk_columns: {n} tokens x {block_v} columns reach {_runtime.INDEX_LIMIT} elements; "
+                         "split the tokens into smaller calls")
+    return max(block_v, min(cols, cap, triton.cdiv(V, block_v) * block_v))
+
+
+def torch_mm_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    """c (+)= a @ b through torch: cuBLAS on CUDA with fp32 accumulation (16-bit operands into an fp32 c use
+    out_dtype=torch.float32, accumulating in place with addmm). Where torch has no such kernel (CPU, mixed
+    operand dtypes) the operands are upcast to fp32: same math, more memory (used on CPU by the tests)."""
+    if a.is_cuda and a.dtype == b.dtype and c.dtype in (a.dtype, torch.float32):
+        if c.dtype == a.dtype:
+            if accumulate:
+                return c.addmm_(a, b)
+            return torch.mm(a, b, out=c)
+        if accumulate:
+            return torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+        return torch.mm(a, b, out_dtype=torch.float32, out=c)
+    prod = a.float() @ b.float()
+    return c.add_(prod) if accumulate else c.copy_(prod)
+
+
+def linear_grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature: float,
+                 needs: tuple[bool, bool, bool], arch: str):
+    """(grad_hidden, grad_weight, grad_bias) for upstream grads g_logp [n] (and g_ent [n] or None)."""
+    need_h, need_w, need_b = needs
+    gemm = configs.grad_gemm(hidden.device, hidden.dtype)
+    if gemm == "cublas":
+        mm = torch_mm_into
+    else:
+        def mm(a, b, c, accumulate):
+            return matmul_into(a, b, c, accumulate=accumulate, arch=arch)
+    n, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    alloc = torch.empty if n > 0 and V > 0 else torch.zeros   # otherwise every entry is written by the loop
+    gh = alloc(n, H, device=dev, dtype=torch.float32) if need_h else None           # [n, H] fp32 accumulator
+    gw = alloc(V, H, device=dev, dtype=weight.dtype) if need_w else None           # [V, H], rows written once
+    gb = alloc(V, device=dev, dtype=torch.float32) if need_b else None             # [V]
+    if n > 0 and any(needs):
+        dz_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
+        fam = configs.logits_family(arch, hidden.dtype == torch.float32)
+        cfg = configs.pick("logits_bwd", fam)
+        cv = chunk_columns(n, V, torch.finfo(dz_dtype).bits // 8, cfg.blocks["BLOCK_V"])
+        dz = torch.empty(n, cv, device=dev, dtype=dz_dtype)     # [n, chunk_v] dlogits buffer
+        if configs.autotune_enabled() and arch != "interp":      # time candidates on the first chunk (scratch)
+            cfg = configs.pick("logits_bwd", fam, (H, V, n.bit_length(), str(hidden.dtype)), bench=lambda c: (
+                dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, 0,
+                              min(V, cv), dz, arch, c)))
+        for i, v0 in enumerate(range(0, V, cv)):
+            v1 = min(V, v0 + cv)
+            dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, v0, v1, dz,
+                          arch, cfg)
+            d = dz[:, : v1 - v0]                                 # [n, chunk]
+            if need_h:
+                mm(d, weight[v0:v1], gh, accumulate=i > 0)
+            if need_w:
+                mm(d.t(), hidden, gw[v0:v1], accumulate=False)
+            if need_b:
+                gb[v0:v1] = d.sum(0, dtype=torch.float32)
+    return (gh.to(hidden.dtype) if need_h else None, gw, gb.to(bias.dtype) if need_b else None)
