@@ -188,7 +188,7 @@ class Trainer:
         """Backward over micro-batches of idx with global normalisers, so the sum equals one big batch's loss."""
         batch, dev = self._batch, self.d.device
         n_seq = float(idx.numel())  # same on every rank; FSDP averages over ranks -> the global mean
-        tokens = batch["loss_mask"][idx].sum().float().reshape(1)
+        tokens = batch["loss_mask"][idx].sum().float().reshape(1).to(dev)  # collectives: on the trainer's device
         if dist.get_world_size() > 1:
             dist.all_reduce(tokens)
         n_items = tokens.item() / dist.get_world_size()  # global token count / world (dapo/bnpo normaliser)
