@@ -40,6 +40,18 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def rollout_logprobs(batch: dict, responses: list) -> torch.Tensor | None:
+    """The engine's log-probs of the sampled tokens on the batch's [B, L] grid (0 off the loss mask), or None
+    when the engine did not report them. loss_mask's True entries, row by row, are the response tokens in order."""
+    lps = [getattr(r, "logprobs", None) for r in responses]
+    if any(lp is None for lp in lps):
+        return None
+    mask = batch["loss_mask"]
+    out = torch.zeros(mask.shape, dtype=torch.float32)  # [B, L]
+    out[mask] = torch.tensor([x for lp in lps for x in lp], dtype=torch.float32)
+    return out
+
+
 def _slice(batch: dict, idx: torch.Tensor) -> dict:
     """Rows idx of a packed batch, trimmed to its longest sequence."""
     out = {k: v[idx] for k, v in batch.items()}
@@ -66,6 +78,7 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)))
         self.step = 0
         self.p_local = cfg.rollout.prompts_per_step // d.world_size
+        self.temperature = cfg.rollout.temperature  # old and new log-probs of the distribution that was sampled
 
     # ------------------------------------------------------------------------------------------- set-up
     def _build_policy(self):
@@ -131,14 +144,16 @@ class Trainer:
         prompt_ids = [self.task.encode(p) for p in problems]
         self.engine.wake()
         responses = [r for group in self.engine.generate(prompt_ids, self.sampling(self.step)) for r in group]
-        self.engine.sleep()  # 1. [P_local * n] responses
+        self.engine.sleep()  # 1. [P_local * n] responses (Response: token ids + the engine's log-probs)
         t_gen = time.perf_counter() - t0
         texts = [self.tok.decode(r) for r in responses]
         rewards = torch.tensor([self.task.reward(t, problems[i // n].answer) for i, t in enumerate(texts)],
                                dtype=torch.float32)  # 2. [B]
         batch = pack_batch([p for p in prompt_ids for _ in range(n)], responses, self.tok.pad_id)
         t1 = time.perf_counter()
-        old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32
+        old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32, at the sampling temperature
+        if (rollout_logp := rollout_logprobs(batch, responses)) is not None:
+            batch["rollout_logprobs"] = rollout_logp  # [B, L]
         adv = fastpmd.advantages_for(self.loss_cfg, rewards, n)  # [B]
         batch.update(old_logprobs=old_logp, advantages=adv)
         self._batch = batch  # the generation batch the mini-batches index into
@@ -159,8 +174,8 @@ class Trainer:
         for idx in torch.arange(B).split(self.cfg.optim.micro_batch_seqs):
             mb = _to(_slice(batch, idx), self.d.device)
             head = lambda h, w: fastpmd.linear_logprobs(h, w, mb["targets"], mask=mb["loss_mask"],  # noqa: E731
-                                                        return_entropy=True, chunk_size=lo.chunk_size,
-                                                        backend=lo.backend)
+                                                        return_entropy=True, temperature=self.temperature,
+                                                        chunk_size=lo.chunk_size, backend=lo.backend)
             lp, e = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(), head)
             logp[idx, : lp.shape[1]] = lp.cpu()
             ent[idx, : e.shape[1]] = e.cpu()
@@ -214,15 +229,17 @@ class Trainer:
 
     def _loss_head(self, mb: dict, n_seq: float, n_items: float, micro_seqs: int):
         """head_fn(hidden [b, L, H], weight [V, H]) -> (loss, metrics) for the configured loss."""
-        lo, spec = self.loss_cfg, self.cfg.loss
+        lo, spec, T = self.loss_cfg, self.cfg.loss, self.temperature
         tgt, mask, old, adv = mb["targets"], mb["loss_mask"], mb["old_logprobs"], mb["advantages"]
         if lo.is_pmd:  # fused: no [N, V] logits, chunked over the LM head
             return lambda h, w: fastpmd.fused_linear_pmd_loss(h, w, tgt, mask, old, adv, tau=lo.tau,
-                                                              length_norm=lo.length_norm, chunk_size=spec.chunk_size,
-                                                              num_sequences=n_seq, backend=spec.backend)
+                                                              length_norm=lo.length_norm, temperature=T,
+                                                              chunk_size=spec.chunk_size, num_sequences=n_seq,
+                                                              backend=spec.backend)
 
         def head(h, w):
-            logp = fastpmd.linear_logprobs(h, w, tgt, mask=mask, chunk_size=spec.chunk_size, backend=spec.backend)
+            logp = fastpmd.linear_logprobs(h, w, tgt, mask=mask, temperature=T, chunk_size=spec.chunk_size,
+                                           backend=spec.backend)
             cfg = dataclasses.replace(lo, loss_type="dapo") if lo.loss_type == "bnpo" else lo
             loss, metrics = fastpmd.compute_loss(cfg, logp, old, adv, mask, num_sequences=n_seq, num_items=n_items)
             if lo.name in ("grpo", "gspo") and lo.loss_type in ("grpo", "dr_grpo"):
@@ -242,18 +259,22 @@ class Trainer:
             sum(s["grad_norm"].float().cpu() for s in stats) / k, (rewards > rewards.min()).float().mean(),
         ]).to(dev)
         lo_min = torch.stack([s["logratio_min"].float() for s in stats]).min().reshape(1).to(dev)
-        tokens = torch.tensor([float(batch["attention_mask"].sum()), float(mask.sum())], device=dev)
+        rollout_lp = batch.get("rollout_logprobs")
+        diff = (rollout_lp - batch["old_logprobs"]).abs()[mask].sum() if rollout_lp is not None else 0.0
+        tokens = torch.tensor([float(batch["attention_mask"].sum()), float(mask.sum()), float(diff)], device=dev)
         if W > 1:
             dist.all_reduce(local)
             dist.all_reduce(tokens)
             dist.all_reduce(lo_min, op=dist.ReduceOp.MIN)
         v = (local / W).tolist()
-        total_tokens, resp_tokens = tokens.tolist()
+        total_tokens, resp_tokens, diff_sum = tokens.tolist()
         row = {"kind": "train", "step": self.step, "reward_mean": v[0], "entropy": v[1], "response_len_mean": v[2],
                "loss": v[3], "logratio_mean": v[4], "logratio_min": lo_min.item(), "grad_norm": v[5],
                "lr": self.scheduler.get_last_lr()[0], "update_s": t_update, "gen_s": t_gen,
                "tokens_per_s": total_tokens / t_update, "ms_per_token": 1000 * t_update / total_tokens,
                "gen_ms_per_token": 1000 * t_gen / max(resp_tokens, 1)}
+        if rollout_lp is not None:  # |engine log-prob - trainer's old log-prob|, mean over response tokens
+            row["rollout_logp_diff_mean"] = diff_sum / max(resp_tokens, 1)
         return {**row, **peak_memory(dev)}
 
     # ------------------------------------------------------------------------------------------ the run
