@@ -28,6 +28,7 @@ class ModelConfig:
     param_dtype: str = "bfloat16"  # FSDP compute/param dtype; "float32" allowed (CPU/gloo: bf16 on CPU is slow)
     reduce_dtype: str = "float32"  # FSDP gradient reduce dtype
     activation_checkpointing: bool = True  # recompute each decoder block in backward
+    offload_during_rollout: bool = False  # sharded params + optimizer state wait in host memory during rollout
     seed: int = 0  # seed of random initialisation (tiny archs) and of the whole run
 
 
@@ -121,6 +122,7 @@ class RunConfig:
     progress: bool = True  # tqdm progress bar (rank 0)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int = 0  # torch intra-op CPU threads per process (0 = torch's default; the CPU demo uses 1)
+    timeout_min: float = 30.0  # process-group timeout: a collective waiting longer than this fails the run
 
 
 @dataclass
@@ -185,6 +187,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(run.eval_every >= 0, "run.eval_every", "must be >= 0")
     need(run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto|cpu|cuda, got {run.device!r}")
     need(run.threads >= 0, "run.threads", "must be >= 0")
+    need(run.timeout_min > 0, "run.timeout_min", "must be > 0")
     need(not run.tensorboard or importlib.util.find_spec("tensorboard") is not None, "run.tensorboard",
          "needs the tensorboard package (pip install tensorboard)")
     need(bool(run.out), "run.out", "output directory must be set")

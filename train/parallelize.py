@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -53,18 +54,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(requested_device: str = "auto") -> Dist:
-    """Join (or create, for a plain single process) the default process group; backend chosen by device."""
+def init_distributed(requested_device: str = "auto", timeout_min: float = 30.0) -> Dist:
+    """Join (or create, for a plain single process) the default process group; backend chosen by device.
+    A collective that waits longer than `timeout_min` minutes fails instead of hanging (run.timeout_min)."""
     device = pick_device(requested_device)
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(minutes=timeout_min)
         if "RANK" in os.environ:  # launched by torchrun
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
         else:  # plain `python -m fastpmd.train`: a world of one (the environment is left untouched)
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                    world_size=1)
+                                    world_size=1, timeout=timeout)
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 

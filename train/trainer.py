@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 import fastpmd
 
-from . import checkpoint
+from . import checkpoint, offload
 from .config import TrainConfig, validate
 from .data import pack_batch
 from .metrics import MetricsLogger, peak_memory, plot_curves
@@ -142,9 +143,8 @@ class Trainer:
         t0 = time.perf_counter()
         problems = self.task.next_prompts(self.p_local)
         prompt_ids = [self.task.encode(p) for p in problems]
-        self.engine.wake()
-        responses = [r for group in self.engine.generate(prompt_ids, self.sampling(self.step)) for r in group]
-        self.engine.sleep()  # 1. [P_local * n] responses (Response: token ids + the engine's log-probs)
+        with self.rollout_phase():  # 1. [P_local * n] responses (Response: token ids + the engine's log-probs)
+            responses = [r for group in self.engine.generate(prompt_ids, self.sampling(self.step)) for r in group]
         t_gen = time.perf_counter() - t0
         texts = [self.tok.decode(r) for r in responses]
         rewards = torch.tensor([self.task.reward(t, problems[i // n].answer) for i, t in enumerate(texts)],
@@ -163,6 +163,21 @@ class Trainer:
         t_update = time.perf_counter() - t1
         self._sync_weights()  # 5.
         return self._step_metrics(batch, rewards, entropy, stats, t_gen, t_update)
+
+    @contextlib.contextmanager
+    def rollout_phase(self):
+        """The engine awake around generation: with `model.offload_during_rollout` the trainer's sharded params
+        and optimizer state wait in host memory; the allocator's cached blocks are released before it wakes."""
+        moved = offload.offload_to_host(self.policy, self.optimizer) if self.cfg.model.offload_during_rollout else None
+        if self.d.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.engine.wake()
+        try:
+            yield
+        finally:
+            self.engine.sleep()
+            if moved is not None:
+                offload.reload(self.policy, self.d.device, moved)
 
     @torch.no_grad()
     def old_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,12 +302,11 @@ class Trainer:
             sampling = SamplingConfig(n=r.eval_n, temperature=r.eval_temperature, top_p=r.eval_top_p,
                                       max_new_tokens=r.max_new_tokens, seed=self.cfg.model.seed + 12_345)
             threshold = (self.cfg.reward.correct + self.cfg.reward.incorrect) / 2
-            self.engine.wake()
-            res = evaluate(self.engine, self.task.eval_problems, k=r.eval_n, sampling=sampling,
-                           reward_fn=self.task.reward, encode=self.tok.encode_prompt, decode=self.tok.decode,
-                           template=self.task.template, answer_style="arith" if self.task.arith else "dapo",
-                           threshold=threshold)
-            self.engine.sleep()
+            with self.rollout_phase():
+                res = evaluate(self.engine, self.task.eval_problems, k=r.eval_n, sampling=sampling,
+                               reward_fn=self.task.reward, encode=self.tok.encode_prompt, decode=self.tok.decode,
+                               template=self.task.template, answer_style="arith" if self.task.arith else "dapo",
+                               threshold=threshold)
         dist.barrier()
         return res
 
