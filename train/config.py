@@ -94,6 +94,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     mini_batches: int = 16  # k optimizer steps per generation batch (512 prompts / 32 per mini-batch)
     micro_batch_seqs: int = 64  # sequences per forward/backward (gradient accumulation inside a mini-batch)
+    micro_batch_tokens: int = 0  # > 0: micro-batches of at most this many tokens (prompt + response), the same
+    #   count on every rank, lengths balanced (train/microbatch.py); micro_batch_seqs is then unused
 
 
 @dataclass
@@ -180,6 +182,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
     need(o.mini_batches >= 1, "optim.mini_batches", "must be >= 1")
     need(o.micro_batch_seqs >= 1, "optim.micro_batch_seqs", "must be >= 1")
+    need(o.micro_batch_tokens >= 0, "optim.micro_batch_tokens", "must be >= 0 (0 = micro_batch_seqs)")
     need(w.steps >= 0 and w.batch_size > 0 and w.lr > 0, "warmup", "steps >= 0, batch_size > 0, lr > 0")
     need(0.0 <= w.noise < 1.0 and w.noise_span >= 1, "warmup.noise", "noise in [0, 1), noise_span >= 1")
     need(run.max_steps >= 1, "run.max_steps", "must be >= 1")

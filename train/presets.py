@@ -40,7 +40,8 @@ def _dapo(model: str, tau: float) -> TrainConfig:
                               max_new_tokens=8192, eval_n=32, eval_temperature=1.0, eval_top_p=0.7),
         reward=RewardSpec(correct=1.0, incorrect=-1.0),
         loss=LossSpec(name="pmd-mean", tau=tau, estimator="mean"),
-        optim=OptimConfig(lr=1e-6, weight_decay=0.01, mini_batches=16, micro_batch_seqs=8),
+        # micro-batches of at most 16k tokens per GPU (a 2k-prompt + 8k-response sequence fits; the memory plan's T)
+        optim=OptimConfig(lr=1e-6, weight_decay=0.01, mini_batches=16, micro_batch_seqs=8, micro_batch_tokens=16384),
         run=RunConfig(out=f"runs/{model.split('/')[-1].lower()}-pmd", max_steps=34, save_every=5, eval_every=5,
                       device="cuda"),  # 1 epoch of ~17.4k deduplicated prompts at 512 per step
     )

@@ -23,6 +23,7 @@ from . import checkpoint, offload
 from .config import TrainConfig, validate
 from .data import pack_batch
 from .metrics import MetricsLogger, peak_memory, plot_curves
+from .microbatch import pack_micro_batches
 from .model import Policy, build_hf_model, hf_state_key, reset_rotary
 from .parallelize import DTYPES, Dist, apply_activation_checkpointing, apply_fsdp
 from .prompts import Task, make_tokenizer
@@ -51,6 +52,11 @@ def rollout_logprobs(batch: dict, responses: list) -> torch.Tensor | None:
     out = torch.zeros(mask.shape, dtype=torch.float32)  # [B, L]
     out[mask] = torch.tensor([x for lp in lps for x in lp], dtype=torch.float32)
     return out
+
+
+def _lengths(batch: dict, idx: torch.Tensor) -> list[int]:
+    """Prompt + response tokens of the sequences idx (what a packed micro-batch holds)."""
+    return batch["attention_mask"][idx].sum(1).tolist()
 
 
 def _slice(batch: dict, idx: torch.Tensor) -> dict:
@@ -186,12 +192,15 @@ class Trainer:
         logp = torch.zeros(B, L)
         ent = torch.zeros(B, L)
         lo = self.cfg.loss
-        for idx in torch.arange(B).split(self.cfg.optim.micro_batch_seqs):
-            mb = _to(_slice(batch, idx), self.d.device)
+        all_idx = torch.arange(B)
+        for idx in self.micro_batches(batch, all_idx):
+            mb = _to(_slice(batch, idx if idx.numel() else all_idx[:1]), self.d.device)  # empty: run, discard
             head = lambda h, w: fastpmd.linear_logprobs(h, w, mb["targets"], mask=mb["loss_mask"],  # noqa: E731
                                                         return_entropy=True, temperature=self.temperature,
                                                         chunk_size=lo.chunk_size, backend=lo.backend)
             lp, e = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(), head)
+            if not idx.numel():
+                continue
             logp[idx, : lp.shape[1]] = lp.cpu()
             ent[idx, : e.shape[1]] = e.cpu()
         return logp, ent
@@ -203,6 +212,19 @@ class Trainer:
         prompts = torch.randperm(self.p_local, generator=g)
         for chunk in prompts.chunk(k):
             yield (chunk[:, None] * n + torch.arange(n)).reshape(-1)  # sequence indices
+
+    def micro_batches(self, batch: dict, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Micro-batches of the sequences idx, the same number on every rank (FSDP's collectives pair up):
+        `optim.micro_batch_seqs` sequences each, or with `optim.micro_batch_tokens` at most that many tokens each
+        (train/microbatch.py; an over-long sequence alone; a micro-batch may be empty)."""
+        budget = self.cfg.optim.micro_batch_tokens
+        if not budget:
+            return list(idx.split(self.cfg.optim.micro_batch_seqs))
+        lengths = _lengths(batch, idx)
+        count = torch.tensor([len(pack_micro_batches(lengths, budget))], device=self.d.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return [idx[b] for b in pack_micro_batches(lengths, budget, int(count.item()))]
 
     def update(self, idx: torch.Tensor) -> dict:
         """One optimizer step on the sequences idx (a mini-batch): accumulate, clip to grad_clip, AdamW, LR step."""
@@ -223,7 +245,8 @@ class Trainer:
             dist.all_reduce(tokens)
         n_items = tokens.item() / dist.get_world_size()  # global token count / world (dapo/bnpo normaliser)
         stats: dict[str, torch.Tensor] = {}
-        micros = idx.split(self.cfg.optim.micro_batch_seqs)
+        micros = self.micro_batches(batch, idx)
+        stats["micro_batch_tokens_max"] = float(max(sum(_lengths(batch, m)) for m in micros))
         for i, micro in enumerate(micros):
             # The root (embeddings, final norm, LM head) stays gathered and accumulates its gradient unsharded
             # across the micro-batches: one all-gather and one reduce-scatter per optimizer step. Blocks
@@ -231,9 +254,13 @@ class Trainer:
             last = i == len(micros) - 1
             self.policy.set_requires_gradient_sync(last, recurse=False)
             self.policy.set_reshard_after_backward(last, recurse=False)
-            mb = _to(_slice(batch, micro), dev)
+            empty = micro.numel() == 0  # this rank has fewer micro-batches: one sequence at zero weight
+            mb = _to(_slice(batch, idx[:1] if empty else micro), dev)
             loss, metrics = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(),
-                                        self._loss_head(mb, n_seq, n_items, micro.numel()))
+                                        self._loss_head(mb, n_seq, n_items, max(micro.numel(), 1)))
+            if empty:
+                (loss * 0.0).backward()  # FSDP's gathers and reduce-scatters as on the other ranks, zero gradient
+                continue
             loss.backward()
             w = micro.numel() / n_seq
             stats["loss"] = stats.get("loss", 0.0) + loss.detach()  # already globally normalised: a sum
@@ -274,17 +301,19 @@ class Trainer:
             sum(s["grad_norm"].float().cpu() for s in stats) / k, (rewards > rewards.min()).float().mean(),
         ]).to(dev)
         lo_min = torch.stack([s["logratio_min"].float() for s in stats]).min().reshape(1).to(dev)
+        extremes = torch.cat([-lo_min, torch.tensor([max(s["micro_batch_tokens_max"] for s in stats)], device=dev)])
         rollout_lp = batch.get("rollout_logprobs")
         diff = (rollout_lp - batch["old_logprobs"]).abs()[mask].sum() if rollout_lp is not None else 0.0
         tokens = torch.tensor([float(batch["attention_mask"].sum()), float(mask.sum()), float(diff)], device=dev)
         if W > 1:
             dist.all_reduce(local)
             dist.all_reduce(tokens)
-            dist.all_reduce(lo_min, op=dist.ReduceOp.MIN)
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # [-min logratio, max micro-batch tokens]
         v = (local / W).tolist()
         total_tokens, resp_tokens, diff_sum = tokens.tolist()
         row = {"kind": "train", "step": self.step, "reward_mean": v[0], "entropy": v[1], "response_len_mean": v[2],
-               "loss": v[3], "logratio_mean": v[4], "logratio_min": lo_min.item(), "grad_norm": v[5],
+               "loss": v[3], "logratio_mean": v[4], "logratio_min": -extremes[0].item(),
+               "micro_batch_tokens_max": extremes[1].item(), "grad_norm": v[5],
                "lr": self.scheduler.get_last_lr()[0], "update_s": t_update, "gen_s": t_gen,
                "tokens_per_s": total_tokens / t_update, "ms_per_token": 1000 * t_update / total_tokens,
                "gen_ms_per_token": 1000 * t_gen / max(resp_tokens, 1)}
