@@ -62,3 +62,27 @@ def test_timeout_reaches_the_process_group(monkeypatch):
         assert seen["timeout"] == timedelta(minutes=7)
     finally:
         shutdown_distributed()
+
+
+def test_cpu_offload_runs_on_cpu_and_changes_nothing(tmp_path, world_of_one):
+    """FSDP2 CPUOffloadPolicy (model.cpu_offload): a no-op on a CPU run that must still train, bit-identically."""
+    off, rows_off = _train(tmp_path, world_of_one, False)
+    cfg, _ = build_config(TINY + ["--out", str(tmp_path / "cpu_offload"), "--set", "model.cpu_offload=True"])
+    on = Trainer(cfg, world_of_one)
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    states = [m._get_fsdp_state() for m in on.policy.modules() if hasattr(m, "_get_fsdp_state")]
+    groups = [s._fsdp_param_group for s in states if s._fsdp_param_group is not None]
+    assert len(groups) == 1 + len(on.hf.model.layers)  # every FSDP unit offloads
+    assert all(isinstance(g.offload_policy, CPUOffloadPolicy) for g in groups)
+    rows_on = on.fit()
+    keys = ["reward_mean", "loss", "grad_norm", "logratio_mean"]
+    assert [[r[k] for k in keys] for r in rows_on] == [[r[k] for k in keys] for r in rows_off]
+
+
+def test_cpu_offload_and_offload_during_rollout_exclude_each_other():
+    from fastpmd.train.config import validate
+
+    cfg, _ = build_config(TINY + ["--set", "model.cpu_offload=True", "--set", "model.offload_during_rollout=True"])
+    with pytest.raises(ValueError, match="model.offload_during_rollout"):
+        validate(cfg)

@@ -29,6 +29,7 @@ class ModelConfig:
     reduce_dtype: str = "float32"  # FSDP gradient reduce dtype
     activation_checkpointing: bool = True  # recompute each decoder block in backward
     offload_during_rollout: bool = False  # sharded params + optimizer state wait in host memory during rollout
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, AdamW state and step on the host
     seed: int = 0  # seed of random initialisation (tiny archs) and of the whole run
 
 
@@ -159,6 +160,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(m.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
          f"unknown {m.attn_implementation!r}")
     need(m.pack_row_tokens >= 0, "model.pack_row_tokens", "must be >= 0")
+    need(not (m.cpu_offload and m.offload_during_rollout), "model.offload_during_rollout",
+         "model.cpu_offload already keeps the shards and optimizer state in host memory")
     need(d.task in ("math", "arithmetic"), "data.task", f"must be 'math' or 'arithmetic', got {d.task!r}")
     need(d.task != "math" or bool(d.path), "data.path", "task 'math' needs a problem file or dataset name")
     need(d.eval_size >= 0, "data.eval_size", "must be >= 0")

@@ -133,6 +133,7 @@ class Trainer:
 
         def named():
             for name, p in self.policy.named_parameters():
+                p = p.to(self.d.device)  # cpu_offload: the shard is gathered on the device
                 yield hf_state_key(name), p.full_tensor() if hasattr(p, "full_tensor") else p
 
         with torch.no_grad():
