@@ -5,8 +5,10 @@ Public API (stable names; see docs/API.md):
     advantages                                          group advantages (mean, loo, partition, partition_loo, grpo)
     pmd_loss, grpo_loss, gspo_loss, pg_loss             (logprobs, old_logprobs, advantages, mask) -> (loss, metrics)
     LossConfig, compute_loss, advantages_for            losses chosen by name
+    truncated_is_weights                                rollout correction (TIS) weights for the losses' weights=
 """
 from .advantages import ESTIMATORS, advantages
+from .correction import truncated_is_weights
 from .fused import fused_linear_pmd_loss
 from .logprobs import linear_logprobs
 from .losses import grpo_loss, gspo_loss, pg_loss, pmd_loss
@@ -17,4 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ESTIMATORS", "LOSS_NAMES", "LossConfig", "advantages", "advantages_for", "compute_loss",
     "fused_linear_pmd_loss", "grpo_loss", "gspo_loss", "linear_logprobs", "pg_loss", "pmd_loss",
+    "truncated_is_weights",
 ]

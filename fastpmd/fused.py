@@ -25,7 +25,7 @@ from ._checks import check_lm_head, check_positive, check_same_shape, check_tens
 from .chunked import acc_dtype, chunk_backward_matmuls, chunk_exp_stats_, chunk_logits, default_chunk_rows
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
 from .logprobs import compact_rows, linear_logprobs, resolve_backend
-from .losses import count_or, pmd_divisor, pmd_loss, pmd_metrics
+from .losses import check_weights, count_or, pmd_divisor, pmd_loss, pmd_metrics
 
 
 def sequence_chunks(lengths: list[int], chunk: int) -> list[tuple[int, int, int, int]] | None:
@@ -103,10 +103,12 @@ def fused_linear_pmd_loss(
     chunk_size: int | None = None,
     num_sequences: int | float | torch.Tensor | None = None,
     backend: str = "auto",
+    weights: torch.Tensor | None = None,  # [B] per-sequence weights (rollout correction)
 ):
     """PMD loss straight from hidden states; returns (loss, metrics) like `pmd_loss`.
 
     chunk_size: tokens per chunk (default: a 64 MB float32 logits block). backend as in `linear_logprobs`.
+    weights: w_i multiply sequence i's term (as in `pmd_loss`); the fused paths divide its divisor by w_i.
     """
     check_tensor("hidden", hidden, dims=3, floating=True)
     check_lm_head(hidden, weight, targets, bias)
@@ -122,13 +124,15 @@ def fused_linear_pmd_loss(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     pmd_divisor(length_norm, targets.new_ones(1))  # validates a numeric length_norm
+    if weights is not None:
+        weights = check_weights(weights, advantages.shape)
     mask = mask if mask.dtype == torch.bool else mask != 0
     backend = resolve_backend(backend, hidden.device)
 
     if backend == "naive":
         logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature, backend="naive")
         return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
-                        num_sequences=num_sequences)
+                        num_sequences=num_sequences, weights=weights)
 
     lengths = mask.sum(-1)  # [B]
     h, t, idx = compact_rows(hidden, targets, mask)  # [n, H], [n]; host sync: the compacted row count
@@ -137,6 +141,8 @@ def fused_linear_pmd_loss(
     acc = acc_dtype(hidden.dtype)
     divisor = torch.as_tensor(pmd_divisor(length_norm, lengths), dtype=acc, device=hidden.device).expand(
         lengths.shape).contiguous()
+    if weights is not None:  # w * term / d == term / (d / w): the kernels' per-sequence divisor carries it
+        divisor = divisor / weights.to(acc)
     num_seq = torch.as_tensor(count_or(num_sequences, (lengths > 0).sum(), "num_sequences"), dtype=acc,
                               device=hidden.device)
     adv, old = advantages.to(acc), old.to(acc)
@@ -155,7 +161,7 @@ def fused_linear_pmd_loss(
             logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature,
                                    chunk_size=chunk, backend="torch")
             return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
-                            num_sequences=num_sequences)
+                            num_sequences=num_sequences, weights=weights)
         seg_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=hidden.device), lengths)
         loss, delta, _ = SequenceChunkedPMD.apply(h, weight, bias, t, old, adv, seg_ids, lengths > 0, divisor,
                                                   num_seq, tau, 1.0 / temperature, chunks)

@@ -86,3 +86,21 @@ def test_cpu_offload_and_offload_during_rollout_exclude_each_other():
     cfg, _ = build_config(TINY + ["--set", "model.cpu_offload=True", "--set", "model.offload_during_rollout=True"])
     with pytest.raises(ValueError, match="model.offload_during_rollout"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("field, value", [("optim.micro_batch_tokens", -1), ("run.timeout_min", 0),
+                                          ("loss.rollout_correction", "'is'"), ("loss.rollout_is_cap", 0.0)])
+def test_new_fields_are_validated(field, value):
+    from fastpmd.train.config import validate
+
+    cfg, _ = build_config(TINY + ["--set", f"{field}={value}"])
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_tis_refuses_pg():
+    from fastpmd.train.config import validate
+
+    cfg, _ = build_config(TINY + ["--loss", "pg", "--set", "loss.rollout_correction=tis"])
+    with pytest.raises(ValueError, match="not the on-policy pg"):
+        validate(cfg)

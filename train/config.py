@@ -82,6 +82,9 @@ class LossSpec:
     epsilon_high: float | None = None
     chunk_size: int | None = None  # LM-head chunk size of fastpmd (None = its default)
     backend: str = "auto"  # fastpmd backend: auto | naive | torch | triton
+    rollout_correction: str = "none"  # "tis": truncated importance weights min(pi_old / pi_rollout, cap) from the
+    #   engine's log-probs, per token (grpo/gspo) or per sequence (pmd-mean/pmd-part: the product over the response)
+    rollout_is_cap: float = 2.0  # the TIS cap
 
 
 @dataclass
@@ -179,6 +182,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(lo.grpo_loss_type in ("grpo", "bnpo", "dapo", "dr_grpo"), "loss.grpo_loss_type", "unknown")
     need(lo.backend in ("auto", "naive", "torch", "triton"), "loss.backend", f"unknown {lo.backend!r}")
     need(lo.chunk_size is None or lo.chunk_size > 0, "loss.chunk_size", "must be > 0")
+    need(lo.rollout_correction in ("none", "tis"), "loss.rollout_correction",
+         f"must be 'none' or 'tis', got {lo.rollout_correction!r}")
+    need(lo.rollout_correction == "none" or lo.name != "pg", "loss.rollout_correction",
+         "'tis' applies to pmd-mean, pmd-part, grpo and gspo, not the on-policy pg loss")
+    need(lo.rollout_is_cap > 0, "loss.rollout_is_cap", "must be > 0")
     need(o.lr > 0, "optim.lr", "must be > 0")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")

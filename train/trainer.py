@@ -161,6 +161,8 @@ class Trainer:
         old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32, at the sampling temperature
         if (rollout_logp := rollout_logprobs(batch, responses)) is not None:
             batch["rollout_logprobs"] = rollout_logp  # [B, L]
+        elif self.cfg.loss.rollout_correction != "none":
+            raise ValueError("loss.rollout_correction: the rollout engine reported no log-probs (Response.logprobs)")
         adv = fastpmd.advantages_for(self.loss_cfg, rewards, n)  # [B]
         batch.update(old_logprobs=old_logp, advantages=adv)
         self._batch = batch  # the generation batch the mini-batches index into
@@ -274,17 +276,22 @@ class Trainer:
         """head_fn(hidden [b, L, H], weight [V, H]) -> (loss, metrics) for the configured loss."""
         lo, spec, T = self.loss_cfg, self.cfg.loss, self.temperature
         tgt, mask, old, adv = mb["targets"], mb["loss_mask"], mb["old_logprobs"], mb["advantages"]
+        weights = None  # rollout correction: [B] for the PMD losses, [B, L] for grpo/gspo
+        if spec.rollout_correction == "tis":
+            weights = fastpmd.truncated_is_weights(old, mb["rollout_logprobs"], mask, cap=spec.rollout_is_cap,
+                                                   level="sequence" if lo.is_pmd else "token")
         if lo.is_pmd:  # fused: no [N, V] logits, chunked over the LM head
             return lambda h, w: fastpmd.fused_linear_pmd_loss(h, w, tgt, mask, old, adv, tau=lo.tau,
                                                               length_norm=lo.length_norm, temperature=T,
                                                               chunk_size=spec.chunk_size, num_sequences=n_seq,
-                                                              backend=spec.backend)
+                                                              backend=spec.backend, weights=weights)
 
         def head(h, w):
             logp = fastpmd.linear_logprobs(h, w, tgt, mask=mask, temperature=T, chunk_size=spec.chunk_size,
                                            backend=spec.backend)
             cfg = dataclasses.replace(lo, loss_type="dapo") if lo.loss_type == "bnpo" else lo
-            loss, metrics = fastpmd.compute_loss(cfg, logp, old, adv, mask, num_sequences=n_seq, num_items=n_items)
+            loss, metrics = fastpmd.compute_loss(cfg, logp, old, adv, mask, num_sequences=n_seq, num_items=n_items,
+                                                 weights=weights)
             if lo.name in ("grpo", "gspo") and lo.loss_type in ("grpo", "dr_grpo"):
                 loss = loss * (micro_seqs / n_seq)  # these average over the micro-batch: reweight to the mini-batch
             return loss, metrics
