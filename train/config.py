@@ -58,6 +58,7 @@ class RolloutConfig:
     eval_n: int = 32  # samples per held-out problem (Avg@k, Pass@k, Maj@k)
     eval_temperature: float = 1.0
     eval_top_p: float = 0.7
+    eval_batch_size: int = 16  # held-out problems per eval chunk: chunks are seeded by index and dealt to ranks
     gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU while awake (it sleeps during the update)
 
 
@@ -175,6 +176,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(0 < r.top_p <= 1 and 0 < r.eval_top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(r.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
     need(r.eval_n >= 1, "rollout.eval_n", "must be >= 1")
+    need(r.eval_batch_size >= 1, "rollout.eval_batch_size", "must be >= 1")
     need(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     need(lo.name in LOSSES, "loss.name", f"must be one of {LOSSES}, got {lo.name!r}")
     need(lo.tau > 0, "loss.tau", "must be > 0")

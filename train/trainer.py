@@ -331,21 +331,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the run
     def evaluate(self) -> dict | None:
-        """Held-out Avg@k / Pass@k / Maj@k on rank 0 (others wait)."""
+        """Held-out Avg@k / Pass@k / Maj@k: each rank samples its share of the eval chunks
+        (`rollout.eval_batch_size` problems each, seeded by chunk), results gathered; equal for any world size."""
         from .evaluation import evaluate
 
-        r, res = self.cfg.rollout, None
-        if self.d.is_main and self.task.eval_problems:
-            sampling = SamplingConfig(n=r.eval_n, temperature=r.eval_temperature, top_p=r.eval_top_p,
-                                      max_new_tokens=r.max_new_tokens, seed=self.cfg.model.seed + 12_345)
-            threshold = (self.cfg.reward.correct + self.cfg.reward.incorrect) / 2
-            with self.rollout_phase():
-                res = evaluate(self.engine, self.task.eval_problems, k=r.eval_n, sampling=sampling,
-                               reward_fn=self.task.reward, encode=self.tok.encode_prompt, decode=self.tok.decode,
-                               template=self.task.template, answer_style="arith" if self.task.arith else "dapo",
-                               threshold=threshold)
-        dist.barrier()
-        return res
+        r = self.cfg.rollout
+        if not self.task.eval_problems:
+            return None
+        sampling = SamplingConfig(n=r.eval_n, temperature=r.eval_temperature, top_p=r.eval_top_p,
+                                  max_new_tokens=r.max_new_tokens, seed=self.cfg.model.seed + 12_345)
+        threshold = (self.cfg.reward.correct + self.cfg.reward.incorrect) / 2
+
+        def gather(rows: list) -> list[list]:
+            parts = [None] * self.d.world_size
+            dist.all_gather_object(parts, rows)
+            return parts
+
+        with self.rollout_phase():
+            return evaluate(self.engine, self.task.eval_problems, k=r.eval_n, sampling=sampling,
+                            reward_fn=self.task.reward, encode=self.tok.encode_prompt, decode=self.tok.decode,
+                            template=self.task.template, answer_style="arith" if self.task.arith else "dapo",
+                            threshold=threshold, batch_size=r.eval_batch_size, rank=self.d.rank,
+                            world_size=self.d.world_size, gather=gather)
 
     def _save(self) -> None:
         checkpoint.save(self.out, self.step, self.policy, self.optimizer,
