@@ -124,6 +124,7 @@ class RunConfig:
     eval_every: int = 0  # eval every N steps (0 = only before the first and after the last step)
     resume: bool = False  # resume from OUT/checkpoints/latest
     export_hf: bool = True  # save_pretrained the final policy to OUT/hf
+    export_dtype: str = "auto"  # dtype of the export: "auto" = model.param_dtype (bf16), or float32/float16
     tensorboard: bool = False
     plots: bool = True  # PNG training curves at the end
     progress: bool = True  # tqdm progress bar (rank 0)
@@ -204,6 +205,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto|cpu|cuda, got {run.device!r}")
     need(run.threads >= 0, "run.threads", "must be >= 0")
     need(run.timeout_min > 0, "run.timeout_min", "must be > 0")
+    need(run.export_dtype in ("auto", "bfloat16", "float32", "float16"), "run.export_dtype",
+         f"must be auto|bfloat16|float32|float16, got {run.export_dtype!r}")
     need(not run.tensorboard or importlib.util.find_spec("tensorboard") is not None, "run.tensorboard",
          "needs the tensorboard package (pip install tensorboard)")
     need(bool(run.out), "run.out", "output directory must be set")

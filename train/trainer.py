@@ -396,7 +396,8 @@ class Trainer:
             if last or (run.save_every and self.step % run.save_every == 0):
                 self._save()
         if run.export_hf:
-            checkpoint.export_hf(self.out / "hf", self.policy, self.hf, self.tok)
+            dtype = run.export_dtype if run.export_dtype != "auto" else self.cfg.model.param_dtype
+            checkpoint.export_hf(self.out / "hf", self.policy, self.hf, self.tok, dtype=DTYPES[dtype])
         log.close()
         if main and run.plots:
             plot_curves(self.out)
