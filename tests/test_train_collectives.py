@@ -2,19 +2,15 @@
 (rollout, old log-probs, update, metrics), an eval and a checkpoint on two gloo processes, with every collective
 wrapped (tests/collective_check.py; FASTPMD_COLLECTIVE_DEVICE=cuda makes a GPU run assert cuda)."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from collective_check import watch_collectives
+from train_helpers import torchrun
 
 from fastpmd.train.parallelize import init_distributed, shutdown_distributed
-
-sys.path.insert(0, str(Path(__file__).parent))
-from collective_check import watch_collectives  # noqa: E402
 
 WORKER = textwrap.dedent('''
     import json, os, sys
@@ -58,12 +54,6 @@ def test_check_catches_a_host_tensor_on_a_cuda_run():
 
 @pytest.mark.slow
 def test_trainer_collectives_on_the_group_device(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path), str(Path(__file__).parent)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(WORKER, tmp_path, 2, str(Path(__file__).parent))
     seen = json.loads((tmp_path / "calls.json").read_text())
     assert seen["count"] > 0 and "all_reduce" in seen["names"], seen

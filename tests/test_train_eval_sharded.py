@@ -1,12 +1,10 @@
 """Evaluation sharded across ranks: through Trainer.evaluate, two gloo processes each sample only their eval
 chunks and the gathered result equals the one-process eval exactly."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from train_helpers import torchrun
 
 WORKER = textwrap.dedent('''
     import json, sys
@@ -34,13 +32,7 @@ WORKER = textwrap.dedent('''
 
 
 def _run(tmp_path, world):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(script),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(WORKER, tmp_path, world)
     return [json.loads((tmp_path / f"rank{r}_world{world}.json").read_text()) for r in range(world)]
 
 

@@ -4,21 +4,14 @@ and the trainer's old log-probs (FSDP model, packed rows, fp32 on CPU) agree to 
 import pytest
 import torch
 
+from train_helpers import world_of_one  # noqa: F401 (fixture)
+
 from fastpmd.train.cli import build_config
-from fastpmd.train.parallelize import init_distributed, shutdown_distributed
 from fastpmd.train.trainer import Trainer
 
 TINY = ["--preset", "tiny-arith", "--prompts-per-step", "8", "--group-size", "4", "--mini-batches", "2",
         "--warmup-steps", "20", "--max-new-tokens", "4", "--no-progress", "--no-export", "--no-plots",
         "--set", "data.eval_size=0"]
-
-
-@pytest.fixture
-def world_of_one():
-    torch.set_num_threads(1)
-    d = init_distributed("cpu")
-    yield d
-    shutdown_distributed()
 
 
 @pytest.mark.parametrize("T", [1.0, 0.7])

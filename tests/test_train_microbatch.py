@@ -3,14 +3,12 @@ accumulation the gradient equals one big batch's, for every loss, on 1 process a
 sequences differ in length (so their first-fit counts differ and the shorter rank spreads over more
 micro-batches), with an empty (zero-weight) micro-batch inserted too."""
 import json
-import os
 import random
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from train_helpers import torchrun
 
 from fastpmd.train.microbatch import first_fit_decreasing, pack_micro_batches
 
@@ -113,13 +111,7 @@ def test_pack_micro_batches_balances_into_the_given_count():
 
 
 def _run(tmp_path, world):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(script),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(WORKER, tmp_path, world)
     return [json.loads((tmp_path / f"rank{r}_world{world}.json").read_text()) for r in range(world)]
 
 

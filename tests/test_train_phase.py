@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from train_helpers import world_of_one  # noqa: F401 (fixture)
+
 from fastpmd.train import offload, parallelize
 from fastpmd.train.cli import build_config
 from fastpmd.train.parallelize import init_distributed, shutdown_distributed
@@ -14,14 +16,6 @@ from fastpmd.train.trainer import Trainer
 TINY = ["--preset", "tiny-arith", "--prompts-per-step", "8", "--group-size", "4", "--mini-batches", "2",
         "--warmup-steps", "2", "--max-new-tokens", "4", "--no-progress", "--no-export", "--no-plots",
         "--eval-n", "2", "--set", "data.eval_size=4", "--max-steps", "3"]
-
-
-@pytest.fixture
-def world_of_one():
-    torch.set_num_threads(1)
-    d = init_distributed("cpu")
-    yield d
-    shutdown_distributed()
 
 
 def _train(tmp_path, d, on):
