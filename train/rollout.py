@@ -10,7 +10,7 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["SamplingConfig", "Response", "RolloutEngine", "HFEngine", "trim_response"]
+__all__ = ["SamplingConfig", "Response", "RolloutEngine", "HFEngine", "trim_response", "logprobs_on_grid"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,18 @@ class Response(list):
         self.logprobs = None if logprobs is None else list(logprobs)
         if self.logprobs is not None and len(self.logprobs) != len(self):
             raise ValueError(f"logprobs: {len(self.logprobs)} values for {len(self)} tokens")
+
+
+def logprobs_on_grid(responses: list, loss_mask: torch.Tensor) -> torch.Tensor | None:
+    """The responses' engine log-probs on a packed batch's [B, L] grid (0 off loss_mask), or None when any
+    response has none. loss_mask [B, L]'s True entries, row by row, are the response tokens in order
+    (`data.pack_batch`)."""
+    lps = [getattr(r, "logprobs", None) for r in responses]
+    if any(lp is None for lp in lps):
+        return None
+    out = torch.zeros(loss_mask.shape, dtype=torch.float32)  # [B, L]
+    out[loss_mask] = torch.tensor([x for lp in lps for x in lp], dtype=torch.float32)
+    return out
 
 
 @runtime_checkable

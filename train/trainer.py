@@ -27,7 +27,7 @@ from .microbatch import pack_micro_batches
 from .model import Policy, build_hf_model, hf_state_key, reset_rotary
 from .parallelize import DTYPES, Dist, apply_activation_checkpointing, apply_fsdp
 from .prompts import Task, make_tokenizer
-from .rollout import HFEngine, SamplingConfig
+from .rollout import HFEngine, SamplingConfig, logprobs_on_grid
 
 
 def loss_config(cfg: TrainConfig) -> fastpmd.LossConfig:
@@ -40,18 +40,6 @@ def loss_config(cfg: TrainConfig) -> fastpmd.LossConfig:
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def rollout_logprobs(batch: dict, responses: list) -> torch.Tensor | None:
-    """The engine's log-probs of the sampled tokens on the batch's [B, L] grid (0 off the loss mask), or None
-    when the engine did not report them. loss_mask's True entries, row by row, are the response tokens in order."""
-    lps = [getattr(r, "logprobs", None) for r in responses]
-    if any(lp is None for lp in lps):
-        return None
-    mask = batch["loss_mask"]
-    out = torch.zeros(mask.shape, dtype=torch.float32)  # [B, L]
-    out[mask] = torch.tensor([x for lp in lps for x in lp], dtype=torch.float32)
-    return out
 
 
 def _lengths(batch: dict, idx: torch.Tensor) -> list[int]:
@@ -159,7 +147,7 @@ class Trainer:
         batch = pack_batch([p for p in prompt_ids for _ in range(n)], responses, self.tok.pad_id)
         t1 = time.perf_counter()
         old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32, at the sampling temperature
-        if (rollout_logp := rollout_logprobs(batch, responses)) is not None:
+        if (rollout_logp := logprobs_on_grid(responses, batch["loss_mask"])) is not None:
             batch["rollout_logprobs"] = rollout_logp  # [B, L]
         elif self.cfg.loss.rollout_correction != "none":
             raise ValueError("loss.rollout_correction: the rollout engine reported no log-probs (Response.logprobs)")
