@@ -86,7 +86,8 @@ class Trainer:
         varlen = hf.config._attn_implementation == "flash_attention_2"
         policy = apply_fsdp(Policy(hf, row_tokens=None if varlen or not m.pack_row_tokens else m.pack_row_tokens),
                             m, dev)
-        policy.to_empty(device=dev)
+        # cpu_offload: FSDP2 wants the sharded params materialised on the host; the rotary buffers go to dev
+        policy.to_empty(device="cpu" if m.cpu_offload else dev)
         reset_rotary(hf, dev)
         checkpoint.load_full_state(policy, {"hf." + k: v for k, v in full.state_dict().items()} if full else {})
         del full
