@@ -301,13 +301,18 @@ class Trainer:
         extremes = torch.cat([-lo_min, torch.tensor([max(s["micro_batch_tokens_max"] for s in stats)], device=dev)])
         rollout_lp = batch.get("rollout_logprobs")
         diff = (rollout_lp - batch["old_logprobs"]).abs()[mask].sum() if rollout_lp is not None else 0.0
-        tokens = torch.tensor([float(batch["attention_mask"].sum()), float(mask.sum()), float(diff)], device=dev)
+        tis = self.cfg.loss.rollout_correction == "tis"
+        w = fastpmd.truncated_is_weights(batch["old_logprobs"], rollout_lp, mask, cap=self.cfg.loss.rollout_is_cap,
+                                         level="sequence" if self.loss_cfg.is_pmd else "token") if tis else None
+        w_sum, w_cnt = (float(w.sum()), float(mask.sum() if w.dim() == 2 else w.numel())) if tis else (0.0, 0.0)
+        tokens = torch.tensor([float(batch["attention_mask"].sum()), float(mask.sum()), float(diff), w_sum, w_cnt],
+                              device=dev)
         if W > 1:
             dist.all_reduce(local)
             dist.all_reduce(tokens)
             dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # [-min logratio, max micro-batch tokens]
         v = (local / W).tolist()
-        total_tokens, resp_tokens, diff_sum = tokens.tolist()
+        total_tokens, resp_tokens, diff_sum, w_sum, w_cnt = tokens.tolist()
         row = {"kind": "train", "step": self.step, "reward_mean": v[0], "entropy": v[1], "response_len_mean": v[2],
                "loss": v[3], "logratio_mean": v[4], "logratio_min": -extremes[0].item(),
                "micro_batch_tokens_max": extremes[1].item(), "grad_norm": v[5],
@@ -316,6 +321,8 @@ class Trainer:
                "gen_ms_per_token": 1000 * t_gen / max(resp_tokens, 1)}
         if rollout_lp is not None:  # |engine log-prob - trainer's old log-prob|, mean over response tokens
             row["rollout_logp_diff_mean"] = diff_sum / max(resp_tokens, 1)
+        if tis:  # mean TIS weight (per token for grpo/gspo, per sequence for pmd)
+            row["rollout_is_weight_mean"] = w_sum / max(w_cnt, 1)
         return {**row, **peak_memory(dev)}
 
     # ------------------------------------------------------------------------------------------ the run
