@@ -6,9 +6,11 @@ Public API (stable names; see docs/API.md):
     pmd_loss, grpo_loss, gspo_loss, pg_loss             (logprobs, old_logprobs, advantages, mask) -> (loss, metrics)
     LossConfig, compute_loss, advantages_for            losses chosen by name
     finite_checks, TAU_MIN                              opt-in NaN/inf input checks; the smallest tau
+    truncated_is_weights                                rollout correction (TIS) weights for the losses' weights=
 """
 from ._checks import TAU_MIN, finite_checks
 from .advantages import ESTIMATORS, advantages
+from .correction import truncated_is_weights
 from .fused import fused_linear_pmd_loss
 from .logprobs import linear_logprobs
 from .losses import grpo_loss, gspo_loss, pg_loss, pmd_loss
@@ -20,4 +22,5 @@ __all__ = [
     "ESTIMATORS", "LOSS_NAMES", "TAU_MIN", "LossConfig", "advantages", "advantages_for", "compute_loss",
     "finite_checks",
     "fused_linear_pmd_loss", "grpo_loss", "gspo_loss", "linear_logprobs", "pg_loss", "pmd_loss",
+    "truncated_is_weights",
 ]

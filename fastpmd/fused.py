@@ -25,7 +25,7 @@ from ._checks import check_fused_inputs, check_targets_in_range
 from .chunked import acc_dtype, chunk_backward_matmuls, chunk_exp_stats_, chunk_logits, default_chunk_rows
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
 from .logprobs import compact_rows, linear_logprobs, resolve_backend
-from .losses import count_or, pmd_divisor, pmd_loss, pmd_metrics
+from .losses import check_weights, count_or, pmd_divisor, pmd_loss, pmd_metrics
 
 
 def sequence_chunks(lengths: list[int], chunk: int) -> list[tuple[int, int, int, int]] | None:
@@ -110,19 +110,23 @@ def fused_linear_pmd_loss(
     chunk_size: int | None = None,
     num_sequences: int | float | torch.Tensor | None = None,
     backend: str = "auto",
+    weights: torch.Tensor | None = None,  # [B] per-sequence weights (rollout correction)
 ):
     """PMD loss straight from hidden states; returns (loss, metrics) like `pmd_loss`.
 
     chunk_size: tokens per chunk (default: a 64 MB float32 logits block). backend as in `linear_logprobs`.
+    weights: w_i multiply sequence i's term (as in `pmd_loss`); the fused paths divide its divisor by w_i.
     """
     mask, tau, temperature = check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, bias, tau,
                                                 temperature, chunk_size, length_norm)
+    if weights is not None:
+        weights = check_weights(weights, advantages.shape)
     backend = resolve_backend(backend, hidden.device)
 
     if backend == "naive" or hidden.shape[0] == 0:  # B = 0: nothing to fuse, the reference path gives loss 0
         logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature, backend="naive")
         return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
-                        num_sequences=num_sequences)
+                        num_sequences=num_sequences, weights=weights)
 
     lengths = mask.sum(-1)  # [B]
     h, t, idx = compact_rows(hidden, targets, mask)  # [n, H], [n]; host sync: the compacted row count
@@ -131,6 +135,8 @@ def fused_linear_pmd_loss(
     acc = acc_dtype(hidden.dtype)
     divisor = torch.as_tensor(pmd_divisor(length_norm, lengths), dtype=acc, device=hidden.device).expand(
         lengths.shape).contiguous()
+    if weights is not None:  # w * term / d == term / (d / w): the kernels' per-sequence divisor carries it
+        divisor = divisor / weights.to(acc)
     num_seq = torch.as_tensor(count_or(num_sequences, (lengths > 0).sum(), "num_sequences"), dtype=acc,
                               device=hidden.device)
     adv, old = advantages.to(acc), old.to(acc)
@@ -149,7 +155,7 @@ def fused_linear_pmd_loss(
             logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature,
                                    chunk_size=chunk, backend="torch")
             return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
-                            num_sequences=num_sequences)
+                            num_sequences=num_sequences, weights=weights)
         seg_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=hidden.device), lengths)
         loss, delta, _ = SequenceChunkedPMD.apply(h, weight, bias, t, old, adv, seg_ids, lengths > 0, divisor,
                                                   num_seq, tau, 1.0 / temperature, chunks, torch.is_grad_enabled())

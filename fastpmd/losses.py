@@ -62,13 +62,14 @@ def pmd_loss(
     tau: float,
     length_norm: bool | float = True,
     num_sequences: int | float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,  # [B] per-sequence weights (rollout correction), constants
 ):
     """PMD regression in log-policy space.
 
     Delta_i = sum_t mask*(logprobs - old_logprobs); per sequence (A_i - tau*Delta_i)^2 / (2*tau), divided by the
     sequence's token count (length_norm=True), by a constant (a number) or not at all (False); summed over
     sequences with at least one token and divided by num_sequences (default: their count). The gradient per
-    token is -(A_i - tau*Delta_i) / divisor_i / num_sequences.
+    token is -(A_i - tau*Delta_i) / divisor_i / num_sequences. ``weights`` w_i multiply sequence i's term.
     """
     mask = check_policy_inputs(logprobs, old_logprobs, advantages, mask)
     tau = check_tau(tau)
@@ -77,8 +78,17 @@ def pmd_loss(
     delta = sequence_logratio(logprobs, old_logprobs, mask)  # [B]
     resid = advantages.to(delta.dtype) - tau * delta
     per_seq = torch.where(valid, resid.square() / (2 * tau) / pmd_divisor(length_norm, lengths), 0.0)
+    if weights is not None:
+        per_seq = per_seq * check_weights(weights, advantages.shape).to(per_seq.dtype)
     loss = per_seq.sum() / count_or(num_sequences, valid.sum(), "num_sequences")
     return loss, pmd_metrics(loss, delta, resid, advantages, lengths)
+
+
+def check_weights(weights, shape) -> torch.Tensor:
+    """Loss weights (rollout correction): a floating tensor of the given shape, used as constants."""
+    check_tensor("weights", weights, dims=len(shape), floating=True)
+    check_same_shape("weights", weights, "the loss's per-term", shape)
+    return weights.detach()
 
 
 def pmd_metrics(loss, delta, resid, advantages, lengths) -> dict[str, torch.Tensor]:
@@ -120,6 +130,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items: int | float | torch.Tensor | None = None,
     importance_sampling_level: str = "token",
+    weights: torch.Tensor | None = None,  # [B, T] per-token weights (rollout correction), constants
 ):
     """Clipped-ratio policy loss, as TRL's GRPOTrainer and Liger's LigerFusedLinearGRPOLoss compute it.
 
@@ -127,6 +138,7 @@ def grpo_loss(
     GSPO); per-token loss -min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A) (+ beta * k3 KL to ref);
     aggregated by loss_type: grpo (per-sequence token mean, then mean), bnpo (sum / tokens in batch),
     dr_grpo (sum / (B * max_completion_length)), dapo (sum / num_items, the global token count).
+    ``weights`` multiply the per-token policy term (before the KL term), e.g. truncated IS weights.
     """
     mask = check_policy_inputs(logprobs, old_logprobs, advantages, mask, old_required=False,
                                ref_logprobs=ref_logprobs if beta != 0.0 else None)
@@ -144,6 +156,8 @@ def grpo_loss(
     coef2 = coef1.clamp(1 - epsilon_low, 1 + epsilon_high)
     adv = advantages.to(logprobs.dtype).unsqueeze(1)
     per_token = -torch.minimum(coef1 * adv, coef2 * adv).expand_as(logprobs)
+    if weights is not None:
+        per_token = per_token * check_weights(weights, logprobs.shape).to(per_token.dtype)
     if beta != 0.0:
         d = torch.where(mask, ref_logprobs.to(logprobs.dtype) - logprobs, 0.0)
         kl = torch.exp(d) - d - 1

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from train_helpers import world_of_one  # noqa: F401 (fixture)
+
 from fastpmd.train.cli import build_config
-from fastpmd.train.parallelize import init_distributed, shutdown_distributed
 from fastpmd.train.trainer import Trainer
 
 TINY = ["--preset", "tiny-arith", "--prompts-per-step", "8", "--group-size", "4", "--mini-batches", "2",
@@ -18,14 +19,6 @@ TINY = ["--preset", "tiny-arith", "--prompts-per-step", "8", "--group-size", "4"
         "--eval-n", "1", "--set", "data.eval_size=4", "--max-new-tokens", "4", "--no-progress"]
 KEYS = {"step", "reward_mean", "loss", "entropy", "logratio_min", "logratio_mean", "grad_norm", "response_len_mean",
         "tokens_per_s", "ms_per_token", "mem_peak_rss_gib"}
-
-
-@pytest.fixture
-def world_of_one():
-    torch.set_num_threads(1)
-    d = init_distributed("cpu")
-    yield d
-    shutdown_distributed()
 
 
 def _fit(tmp_path, d, *extra):

@@ -2,13 +2,11 @@
 model), through the trainer's own accumulation and normalisation (uneven micro-batches included); and the number
 of FSDP collectives per optimizer step."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from train_helpers import torchrun
 
 WORKER = textwrap.dedent('''
     import json, random, sys
@@ -70,13 +68,7 @@ WORKER = textwrap.dedent('''
 
 
 def _run(tmp_path, world):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(script),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(WORKER, tmp_path, world, timeout=240)
     return json.loads((tmp_path / f"world{world}.json").read_text())
 
 

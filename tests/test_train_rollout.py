@@ -6,7 +6,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from fastpmd.train.data import CharTokenizer
-from fastpmd.train.rollout import HFEngine, RolloutEngine, SamplingConfig, trim_response
+from fastpmd.train.rollout import HFEngine, Response, RolloutEngine, SamplingConfig, trim_response
 
 TOK = CharTokenizer()
 EOS, PAD = TOK.eos_id, TOK.pad_id
@@ -111,6 +111,41 @@ def test_hf_engine_temperature_and_top_p_sample_from_the_right_distribution():
             probs /= probs.sum()
             assert counts[probs == 0].sum() == 0
         assert (counts - probs).abs().max() < 0.04
+
+
+@pytest.mark.parametrize("T, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8), (0.0, 1.0)])
+def test_hf_engine_reports_the_sampled_tokens_logprobs(T, top_p):
+    """Response.logprobs[t] = log-prob of token t under softmax(logits / T), top-p renormalised (float64
+    reference from a full forward over prompt + response, no cache, no padding); greedy: log_softmax(logits)."""
+    model = tiny_model(seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)
+    out = HFEngine(model, EOS, PAD).generate(PROMPTS, SamplingConfig(n=3, temperature=T, top_p=top_p,
+                                                                     max_new_tokens=7, seed=1))
+    checked = 0
+    for prompt, group in zip(PROMPTS, out):
+        for resp in group:
+            assert isinstance(resp, Response) and len(resp.logprobs) == len(resp) > 0
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + list(resp)])).logits[0].double()  # [L, V]
+            z = logits[len(prompt) - 1 : len(prompt) - 1 + len(resp)] / (T or 1.0)  # [T_resp, V]
+            ref = torch.log_softmax(z, -1)
+            if top_p < 1.0:
+                sp, idx = ref.exp().sort(-1, descending=True)
+                drop = torch.zeros_like(ref, dtype=torch.bool).scatter(-1, idx, (sp.cumsum(-1) - sp) >= top_p)
+                ref = torch.log_softmax(z.masked_fill(drop, float("-inf")), -1)
+            want = ref.gather(1, torch.tensor(list(resp))[:, None]).squeeze(1)
+            torch.testing.assert_close(torch.tensor(resp.logprobs, dtype=torch.float64), want, atol=1e-5, rtol=0)
+            checked += len(resp)
+    assert checked > 10
+
+
+def test_response_is_a_token_list_with_aligned_logprobs():
+    r = Response([4, 5, EOS], [-0.1, -0.2, -0.3])
+    assert r == [4, 5, EOS] and r[1:] == [5, EOS] and r.logprobs == [-0.1, -0.2, -0.3]
+    assert Response([4]).logprobs is None
+    with pytest.raises(ValueError, match="logprobs: 1 values for 2 tokens"):
+        Response([4, 5], [-0.1])
 
 
 def test_hf_engine_update_weights_copy_and_shared():

@@ -242,18 +242,19 @@ def load_full_state(model, full_state: dict) -> None:
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def export_hf(out_dir: str | Path, model, hf_module, tokenizer=None) -> Path | None:
-    """Collective: gather the full state dict to rank 0 (on CPU) and `save_pretrained` it as safetensors."""
+def export_hf(out_dir: str | Path, model, hf_module, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> Path | None:
+    """Collective: gather the full state dict to rank 0 (on CPU) and `save_pretrained` it as safetensors, its
+    floating tensors cast to `dtype` (the trainer passes its compute dtype: bf16 by default, half of fp32)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rank = dist.get_rank() if dist.is_initialized() else 0
     path = Path(out_dir)
     if rank == 0:
-        sd = {hf_state_key(k): v for k, v in sd.items()}
+        sd = {hf_state_key(k): v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
         cfg = hf_module.config
         import transformers
 
         with torch.device("meta"):
-            plain = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            plain = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         plain.load_state_dict(sd, strict=False, assign=True)  # non-persistent buffers are not in sd
         plain.save_pretrained(path, state_dict=sd, safe_serialization=True)
         if tokenizer is not None:

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(cfg.run.threads)
-    d = init_distributed(cfg.run.device)
+    d = init_distributed(cfg.run.device, cfg.run.timeout_min, cfg.model.cpu_offload)
     trainer = None
     try:
         try:

@@ -33,6 +33,8 @@ class ModelConfig:
     param_dtype: str = "bfloat16"  # FSDP compute/param dtype; "float32" allowed (CPU/gloo: bf16 on CPU is slow)
     reduce_dtype: str = "float32"  # FSDP gradient reduce dtype
     activation_checkpointing: bool = True  # recompute each decoder block in backward
+    offload_during_rollout: bool = False  # sharded params + optimizer state wait in host memory during rollout
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, AdamW state and step on the host
     seed: int = 0  # seed of random initialisation (tiny archs) and of the whole run
 
 
@@ -61,6 +63,7 @@ class RolloutConfig:
     eval_n: int = 32  # samples per held-out problem (Avg@k, Pass@k, Maj@k)
     eval_temperature: float = 1.0
     eval_top_p: float = 0.7
+    eval_batch_size: int = 16  # held-out problems per eval chunk: chunks are seeded by index and dealt to ranks
     gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU while awake (it sleeps during the update)
     tensor_parallel_size: int = 1  # vLLM: ranks per engine (groups of consecutive ranks share one; divides W)
 
@@ -86,6 +89,9 @@ class LossSpec:
     epsilon_high: float | None = None
     chunk_size: int | None = None  # LM-head chunk size of fastpmd (None = its default)
     backend: str = "auto"  # fastpmd backend: auto | naive | torch | triton
+    rollout_correction: str = "none"  # "tis": truncated importance weights min(pi_old / pi_rollout, cap) from the
+    #   engine's log-probs, per token (grpo/gspo) or per sequence (pmd-mean/pmd-part: the product over the response)
+    rollout_is_cap: float = 2.0  # the TIS cap
 
 
 @dataclass
@@ -99,6 +105,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     mini_batches: int = 16  # k optimizer steps per generation batch (512 prompts / 32 per mini-batch)
     micro_batch_seqs: int = 64  # sequences per forward/backward (gradient accumulation inside a mini-batch)
+    micro_batch_tokens: int = 0  # > 0: micro-batches of at most this many tokens (prompt + response), the same
+    #   count on every rank, lengths balanced (train/microbatch.py); micro_batch_seqs is then unused
 
 
 @dataclass
@@ -122,11 +130,13 @@ class RunConfig:
     eval_every: int = 0  # eval every N steps (0 = only before the first and after the last step)
     resume: bool = False  # resume from OUT/checkpoints/latest
     export_hf: bool = True  # save_pretrained the final policy to OUT/hf
+    export_dtype: str = "auto"  # dtype of the export: "auto" = model.param_dtype (bf16), or float32/float16
     tensorboard: bool = False
     plots: bool = True  # PNG training curves at the end
     progress: bool = True  # tqdm progress bar (rank 0)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int = 0  # torch intra-op CPU threads per process (0 = torch's default; the CPU demo uses 1)
+    timeout_min: float = 30.0  # process-group timeout: a collective waiting longer than this fails the run
 
 
 @dataclass
@@ -204,6 +214,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(m.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
          f"unknown {m.attn_implementation!r}")
     need(m.pack_row_tokens >= 0, "model.pack_row_tokens", "must be >= 0")
+    need(not (m.cpu_offload and m.offload_during_rollout), "model.offload_during_rollout",
+         "model.cpu_offload already keeps the shards and optimizer state in host memory")
     need(d.task in ("math", "arithmetic"), "data.task", f"must be 'math' or 'arithmetic', got {d.task!r}")
     need(d.task != "math" or bool(d.path), "data.path", "task 'math' needs a problem file or dataset name")
     need(d.eval_size >= 0, "data.eval_size", "must be >= 0")
@@ -214,6 +226,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(0 < r.top_p <= 1 and 0 < r.eval_top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(r.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
     need(r.eval_n >= 1, "rollout.eval_n", "must be >= 1")
+    need(r.eval_batch_size >= 1, "rollout.eval_batch_size", "must be >= 1")
     need(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     need(lo.name in LOSSES, "loss.name", f"must be one of {LOSSES}, got {lo.name!r}")
     need(lo.tau >= TAU_MIN, "loss.tau", f"must be >= {TAU_MIN:g} (fastpmd.TAU_MIN), got {lo.tau!r}")
@@ -223,6 +236,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(lo.grpo_loss_type in ("grpo", "bnpo", "dapo", "dr_grpo"), "loss.grpo_loss_type", "unknown")
     need(lo.backend in ("auto", "naive", "torch", "triton"), "loss.backend", f"unknown {lo.backend!r}")
     need(lo.chunk_size is None or lo.chunk_size > 0, "loss.chunk_size", "must be > 0")
+    need(lo.rollout_correction in ("none", "tis"), "loss.rollout_correction",
+         f"must be 'none' or 'tis', got {lo.rollout_correction!r}")
+    need(lo.rollout_correction == "none" or lo.name != "pg", "loss.rollout_correction",
+         "'tis' applies to pmd-mean, pmd-part, grpo and gspo, not the on-policy pg loss")
+    need(lo.rollout_is_cap > 0, "loss.rollout_is_cap", "must be > 0")
     need(o.lr > 0, "optim.lr", "must be > 0")
     need(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas), "optim.betas",
          f"must be two numbers in [0, 1), got {o.betas!r}")
@@ -231,6 +249,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
     need(o.mini_batches >= 1, "optim.mini_batches", "must be >= 1")
     need(o.micro_batch_seqs >= 1, "optim.micro_batch_seqs", "must be >= 1")
+    need(o.micro_batch_tokens >= 0, "optim.micro_batch_tokens", "must be >= 0 (0 = micro_batch_seqs)")
     need(w.steps >= 0 and w.batch_size > 0 and w.lr > 0, "warmup", "steps >= 0, batch_size > 0, lr > 0")
     need(0.0 <= w.noise < 1.0 and w.noise_span >= 1, "warmup.noise", "noise in [0, 1), noise_span >= 1")
     need(run.max_steps >= 1, "run.max_steps", "must be >= 1")
@@ -238,6 +257,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(run.eval_every >= 0, "run.eval_every", "must be >= 0")
     need(run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto|cpu|cuda, got {run.device!r}")
     need(run.threads >= 0, "run.threads", "must be >= 0")
+    need(run.timeout_min > 0, "run.timeout_min", "must be > 0")
+    need(run.export_dtype in ("auto", "bfloat16", "float32", "float16"), "run.export_dtype",
+         f"must be auto|bfloat16|float32|float16, got {run.export_dtype!r}")
     need(not run.tensorboard or importlib.util.find_spec("tensorboard") is not None, "run.tensorboard",
          "needs the tensorboard package (pip install tensorboard)")
     need(bool(run.out), "run.out", "output directory must be set")

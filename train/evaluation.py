@@ -95,8 +95,11 @@ def evaluate(
     answer_style: str = "auto",
     threshold: float = 0.0,
     batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[list], list[list]] | None = None,
 ) -> dict[str, float]:
-    """Sample k responses per problem and score them.
+    """Sample k responses per problem and score them, optionally sharded over ranks.
 
     ``reward_fn(response_text, gold)``; a sample is correct when its reward is > ``threshold``. Prompts are
     ``encode(format_prompt(problem, template))``; responses are ``decode(ids)`` (strip special tokens there).
@@ -104,6 +107,11 @@ def evaluate(
     ("arith" for the synthetic task: the voted answer must equal the gold exactly; otherwise voted answers are
     checked with ``rewards.is_equivalent``). Returns ``avg@k``, ``pass@j`` for j = 1, 2, 4, ... <= k (and k),
     ``maj@k``, ``num_problems`` and ``mean_response_tokens``.
+
+    Problems go to the engine in chunks of ``batch_size``; chunk c is sampled with seed ``sampling.seed + c``
+    (None stays None). With ``world_size`` > 1, rank ``rank`` samples chunks rank, rank + W, ... only and
+    ``gather(rows)`` (every rank's list of rows, e.g. built on ``torch.distributed.all_gather_object``) joins
+    them: the result does not depend on the world size, and every rank returns it.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -111,24 +119,32 @@ def evaluate(
         raise ValueError("problems must not be empty")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sampling = dataclasses.replace(sampling, n=k)
-    correct = np.zeros((len(problems), k), dtype=bool)  # [P, k]
-    answers: list[list[str | None]] = []
-    lengths: list[int] = []
-    for s in range(0, len(problems), batch_size):
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if world_size > 1 and gather is None:
+        raise ValueError("gather: needed to join the ranks' results when world_size > 1")
+    rows = []  # (problem index, correct [k], answers [k], lengths [k]) of this rank's chunks
+    for c, s in enumerate(range(0, len(problems), batch_size)):
+        if c % world_size != rank:
+            continue
         chunk = problems[s : s + batch_size]
         prompt_ids = [encode(format_prompt(p, template)) for p in chunk]
-        outs = engine.generate(prompt_ids, sampling)  # [P_chunk][k][T_i]
+        seed = None if sampling.seed is None else sampling.seed + c
+        outs = engine.generate(prompt_ids, dataclasses.replace(sampling, n=k, seed=seed))  # [P_chunk][k][T_i]
         if len(outs) != len(chunk) or any(len(o) != k for o in outs):
             raise RuntimeError("engine.generate returned the wrong number of responses")
         for i, (prob, resp) in enumerate(zip(chunk, outs)):
-            row = []
-            for j, ids in enumerate(resp):
-                text = decode(ids)
-                correct[s + i, j] = reward_fn(text, prob.answer) > threshold
-                row.append(extract_answer(text, answer_style))
-                lengths.append(len(ids))
-            answers.append(row)
+            texts = [decode(ids) for ids in resp]
+            rows.append((s + i, [bool(reward_fn(t, prob.answer) > threshold) for t in texts],
+                         [extract_answer(t, answer_style) for t in texts], [len(ids) for ids in resp]))
+    if world_size > 1:
+        rows = [r for part in gather(rows) for r in part]
+    rows.sort(key=lambda r: r[0])
+    if [r[0] for r in rows] != list(range(len(problems))):
+        raise RuntimeError("evaluate: the gathered rows do not cover every problem exactly once")
+    correct = np.array([r[1] for r in rows], dtype=bool)  # [P, k]
+    answers: list[list[str | None]] = [r[2] for r in rows]
+    lengths = [n for r in rows for n in r[3]]
     result: dict[str, float] = {f"avg@{k}": avg_at_k(correct)}
     c = correct.sum(axis=1)
     js = sorted({2**e for e in range(k.bit_length()) if 2**e <= k} | {k})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -53,18 +54,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(requested_device: str = "auto") -> Dist:
-    """Join (or create, for a plain single process) the default process group; backend chosen by device."""
+def init_distributed(requested_device: str = "auto", timeout_min: float = 30.0, cpu_offload: bool = False) -> Dist:
+    """Join (or create, for a plain single process) the default process group; backend chosen by device.
+    A collective that waits longer than `timeout_min` minutes fails instead of hanging (run.timeout_min).
+    cpu_offload on CUDA adds gloo for host tensors (FSDP's offloaded gradient norms), nccl for the rest."""
     device = pick_device(requested_device)
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if device.type == "cuda" else "gloo"
+        timeout = timedelta(minutes=timeout_min)
         if "RANK" in os.environ:  # launched by torchrun
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
         else:  # plain `python -m fastpmd.train`: a world of one (the environment is left untouched)
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                    world_size=1)
+                                    world_size=1, timeout=timeout)
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
@@ -84,15 +88,18 @@ def apply_activation_checkpointing(hf: nn.Module) -> None:
 def apply_fsdp(policy: nn.Module, cfg: ModelConfig, device: torch.device) -> nn.Module:
     """fully_shard each decoder block, then the root; params stay float32 masters, compute in cfg.param_dtype."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     param_dtype = DTYPES[cfg.param_dtype]
     mp = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
                               reduce_dtype=DTYPES[cfg.reduce_dtype])
+    # cpu_offload: sharded params, grads and the optimizer step live in host memory; FSDP copies each unit's
+    # shard to the device for its all-gather (on a CPU run the shards are already there: nothing moves)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
     blocks = decoder_blocks(policy.hf)
     for i, block in enumerate(blocks):
         # the last block is gathered again right away for backward: keep it unsharded
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(policy, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1, offload_policy=offload)
+    fully_shard(policy, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return policy

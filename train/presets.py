@@ -20,7 +20,8 @@ def tiny_arith() -> TrainConfig:
         model=ModelConfig(arch="tiny-qwen2", tokenizer="char", param_dtype="float32", activation_checkpointing=False,
                           arch_kwargs=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2)),
         data=DataConfig(task="arithmetic", arith_kwargs=dict(max_operand=20), eval_size=200),
-        rollout=RolloutConfig(prompts_per_step=64, n=16, max_new_tokens=4, eval_n=16, eval_top_p=1.0),
+        rollout=RolloutConfig(prompts_per_step=64, n=16, max_new_tokens=4, eval_n=16, eval_top_p=1.0,
+                              eval_batch_size=64),  # the 41 held-out problems in one chunk, as measured
         reward=RewardSpec(correct=1.0, incorrect=0.0),
         loss=LossSpec(name="pmd-mean", tau=0.1, estimator="mean"),
         # lr 1e-3 and above made this tiny model's RL drift down after a first rise; 5e-4 climbed steadily
@@ -49,10 +50,12 @@ def _dapo(model: str, tau: float) -> TrainConfig:
         data=DataConfig(task="math", path="hf:BytedTsinghua-SIA/DAPO-Math-17k", eval_path="hf:HuggingFaceH4/aime_2024",
                         max_prompt_len=2048, eval_size=0),
         rollout=RolloutConfig(engine="vllm", prompts_per_step=512, n=16, temperature=1.0, top_p=1.0,
-                              max_new_tokens=8192, eval_n=32, eval_temperature=1.0, eval_top_p=0.7),
+                              max_new_tokens=8192, eval_n=32, eval_temperature=1.0, eval_top_p=0.7,
+                              eval_batch_size=4),  # AIME's 30 problems: 8 chunks, one per GPU
         reward=RewardSpec(correct=1.0, incorrect=-1.0),
         loss=LossSpec(name="pmd-mean", tau=tau, estimator="mean"),
-        optim=OptimConfig(lr=1e-6, weight_decay=0.01, mini_batches=16, micro_batch_seqs=8),
+        # micro-batches of at most 16k tokens per GPU (a 2k-prompt + 8k-response sequence fits; the memory plan's T)
+        optim=OptimConfig(lr=1e-6, weight_decay=0.01, mini_batches=16, micro_batch_seqs=8, micro_batch_tokens=16384),
         run=RunConfig(out=f"runs/{model.split('/')[-1].lower()}-pmd", max_steps=34, save_every=5, eval_every=5,
                       device="cuda"),  # 1 epoch of ~17.4k deduplicated prompts at 512 per step
     )

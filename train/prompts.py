@@ -67,11 +67,14 @@ class Task:
         else:
             self.arith = None
             self.template = DAPO_TEMPLATE
-            self.problems = self._fit(load_problems(d.path))
+            # this rank's shard (every world_size-th problem of the deduplicated file): only it is tokenized,
+            # filtered and kept; the ranks' shards are disjoint and together the whole data set
+            self.problems = self._fit(load_problems(d.path)[rank::world_size])
             if not self.problems:
-                raise ValueError(f"data.path: no problems of at most {d.max_prompt_len} tokens in {d.path!r}")
+                raise ValueError(f"data.path: no problems of at most {d.max_prompt_len} tokens in rank {rank}'s "
+                                 f"shard (1/{world_size}) of {d.path!r}")
             self._perm = (-1, None)
-            self.position = 0  # global index of the next prompt in the shuffled epoch order
+            self.position = 0  # index of this rank's next prompt in its shard's shuffled epoch order
             self.eval_problems = self._fit(load_problems(d.eval_path))[: d.eval_size or None] if d.eval_path else []
 
     def _fit(self, problems: list[Problem]) -> list[Problem]:
@@ -86,17 +89,17 @@ class Task:
         return math_reward(response, gold, style=style, correct=r.correct, incorrect=r.incorrect)
 
     def next_prompts(self, n_local: int) -> list[Problem]:
-        """This rank's share of the next generation batch (n_local prompts)."""
+        """This rank's share of the next generation batch (n_local prompts), drawn from its own shard."""
         if self.arith is not None:
             return self.arith.sample(n_local, self.rng)
         out, N = [], len(self.problems)
-        start = self.position + self.rank * n_local
-        for g in range(start, start + n_local):
+        for g in range(self.position, self.position + n_local):
             epoch, i = divmod(g, N)
-            if self._perm[0] != epoch:  # each epoch a fresh seeded shuffle
-                self._perm = (epoch, torch.randperm(N, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch)))
+            if self._perm[0] != epoch:  # each epoch a fresh shuffle, seeded per (run, epoch, rank)
+                gen = torch.Generator().manual_seed((self.seed * 1000 + epoch) * 1024 + self.rank)
+                self._perm = (epoch, torch.randperm(N, generator=gen))
             out.append(self.problems[int(self._perm[1][i])])
-        self.position += n_local * self.world
+        self.position += n_local
         return out
 
     def state_dict(self) -> dict:

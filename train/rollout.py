@@ -10,7 +10,7 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["SamplingConfig", "Generations", "RolloutEngine", "HFEngine", "trim_response"]
+__all__ = ["SamplingConfig", "Response", "RolloutEngine", "HFEngine", "trim_response", "logprobs_on_grid"]
 
 
 @dataclass(frozen=True)
@@ -35,27 +35,39 @@ class SamplingConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-class Generations(list):
-    """What ``generate`` returns: a list, per prompt, of ``n`` response token-id lists (compares equal to the
-    plain nested list), plus ``logprobs``: per prompt, per response, the engine's log-prob of each sampled token
-    under the distribution it sampled from (temperature applied), ``[prompt][response][token]`` floats aligned
-    with the response tokens; None when the engine does not report them."""
+class Response(list):
+    """One sampled response: its token ids (a plain ``list`` of int, so it is used like one) plus ``logprobs``,
+    a list of floats aligned with the tokens: the log-probability of each sampled token under the distribution
+    the engine sampled it from, i.e. the model's logits divided by the temperature, then top-p filtered and
+    renormalised (vLLM's ``logprobs_mode="processed_logprobs"``); greedy (temperature 0): the plain
+    log-softmax. At top_p = 1 this is the trainer's log-prob at the sampling temperature; at top_p < 1 it is
+    larger by -log(kept mass) of each step's nucleus. ``logprobs`` is None when the engine did not record them."""
 
-    def __init__(self, token_ids=(), logprobs: list[list[list[float]]] | None = None):
+    def __init__(self, token_ids=(), logprobs=None):
         super().__init__(token_ids)
-        if logprobs is not None and [[len(x) for x in row] for row in logprobs] != [[len(r) for r in row]
-                                                                                  for row in self]:
-            raise ValueError("logprobs: not aligned with the response tokens")
-        self.logprobs = logprobs
+        self.logprobs = None if logprobs is None else list(logprobs)
+        if self.logprobs is not None and len(self.logprobs) != len(self):
+            raise ValueError(f"logprobs: {len(self.logprobs)} values for {len(self)} tokens")
+
+
+def logprobs_on_grid(responses: list, loss_mask: torch.Tensor) -> torch.Tensor | None:
+    """The responses' engine log-probs on a packed batch's [B, L] grid (0 off loss_mask), or None when any
+    response has none. loss_mask [B, L]'s True entries, row by row, are the response tokens in order
+    (`data.pack_batch`)."""
+    lps = [getattr(r, "logprobs", None) for r in responses]
+    if any(lp is None for lp in lps):
+        return None
+    out = torch.zeros(loss_mask.shape, dtype=torch.float32)  # [B, L]
+    out[loss_mask] = torch.tensor([x for lp in lps for x in lp], dtype=torch.float32)
+    return out
 
 
 @runtime_checkable
 class RolloutEngine(Protocol):
     """What the trainer needs from a generator.
 
-    ``generate`` returns, per prompt, ``sampling.n`` response token-id lists; a response that produced eos ends
-    with it (eos included), else it has ``max_new_tokens`` tokens (a ``Generations`` may add the engine's
-    log-probs of the sampled tokens). ``update_weights`` takes (name, full tensor)
+    ``generate`` returns, per prompt, ``sampling.n`` responses (``Response``: token-id lists with ``logprobs``); a
+    response that produced eos ends with it (eos included), else it has ``max_new_tokens`` tokens. ``update_weights`` takes (name, full tensor)
     pairs named as in the Hugging Face model's ``state_dict``. ``sleep``/``wake`` free and restore the engine's
     accelerator memory around the training phase (no-ops where there is nothing to free).
     """
@@ -83,6 +95,37 @@ def check_prompts(prompt_ids: list[list[int]]) -> None:
         raise ValueError(f"prompt_ids must be a list of token-id lists, got {type(prompt_ids).__name__}")
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("prompt_ids: every prompt needs at least one token")
+
+
+class _SampledLogprobs:
+    """A logits processor that applies temperature and top-p itself (HF's own warpers then stay off) and keeps
+    the log-softmax of the processed scores for one step; the token sampled from them is read off the next
+    step's input_ids (the last step's off the output), so memory is one [rows, V] block, not one per step."""
+
+    def __init__(self, temperature: float, top_p: float):
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warpers = []
+        if temperature not in (0.0, 1.0):
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if temperature != 0.0 and top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=top_p))
+        self.prev: torch.Tensor | None = None  # [rows, V] log-probs of the last step
+        self.steps: list[torch.Tensor] = []  # [rows] per generated token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[rows, T] log-probs of the generated tokens (sequences [rows, L + T])."""
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, sequences[:, -1:]).squeeze(1))
+        return torch.stack(self.steps, dim=1)
 
 
 class HFEngine:
@@ -114,11 +157,11 @@ class HFEngine:
 
         greedy = sampling.temperature == 0
         # Explicit values: None would be filled from the model's generation_config (e.g. top_k=20) or
-        # transformers' global defaults (top_k=50).
+        # transformers' global defaults (top_k=50). Temperature and top-p are applied by _SampledLogprobs.
         return GenerationConfig(
             do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
+            temperature=None if greedy else 1.0,
+            top_p=None if greedy else 1.0,
             top_k=None if greedy else 0,
             min_p=None,
             typical_p=1.0,
@@ -131,7 +174,7 @@ class HFEngine:
         )
 
     @torch.no_grad()
-    def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[list[int]]]:
+    def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Response]]:
         device = next(self.model.parameters()).device
         L = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), L), self.pad_id, dtype=torch.long)  # [P, L], left padded
@@ -139,21 +182,26 @@ class HFEngine:
         for i, p in enumerate(prompts):
             input_ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask[i, L - len(p) :] = 1
+        recorder = _SampledLogprobs(sampling.temperature, sampling.top_p)
         out = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             generation_config=self._generation_config(sampling),
+            logits_processor=[recorder],
         )  # [P * n, L + T], rows of prompt i at [i * n, (i + 1) * n)
         new = out[:, L:].tolist()
+        logps = recorder.finish(out).tolist()  # [P * n, T]
+
+        def response(row: int) -> Response:
+            ids = trim_response(new[row], self.eos_id, sampling.max_new_tokens)
+            return Response(ids, logps[row][: len(ids)])
+
         n = sampling.n
         if sampling.temperature == 0:  # [P, L + T]: one greedy row per prompt
-            return [[trim_response(new[i], self.eos_id, sampling.max_new_tokens)] * n for i in range(len(prompts))]
-        return [
-            [trim_response(new[i * n + j], self.eos_id, sampling.max_new_tokens) for j in range(n)]
-            for i in range(len(prompts))
-        ]
+            return [[response(i)] * n for i in range(len(prompts))]
+        return [[response(i * n + j) for j in range(n)] for i in range(len(prompts))]
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[list[int]]]:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Response]]:
         check_prompts(prompt_ids)
         if not prompt_ids:
             return []
@@ -166,7 +214,7 @@ class HFEngine:
             with torch.random.fork_rng(devices=devices, enabled=sampling.seed is not None):
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
-                out: list[list[list[int]]] = []
+                out: list[list[Response]] = []
                 for s in range(0, len(prompt_ids), bs):
                     out.extend(self._generate_chunk([list(p) for p in prompt_ids[s : s + bs]], sampling))
         finally:

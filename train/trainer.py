@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -19,14 +20,15 @@ import torch.distributed as dist
 
 import fastpmd
 
-from . import checkpoint, faults
+from . import checkpoint, faults, offload
 from .config import TrainConfig, validate
 from .data import pack_batch
 from .metrics import MetricsLogger, peak_memory, plot_curves
+from .microbatch import pack_micro_batches
 from .model import Policy, build_hf_model, hf_state_key, reset_rotary
 from .parallelize import DTYPES, Dist, apply_activation_checkpointing, apply_fsdp
 from .prompts import Task, make_tokenizer
-from .rollout import HFEngine, SamplingConfig
+from .rollout import HFEngine, SamplingConfig, logprobs_on_grid
 
 
 def loss_config(cfg: TrainConfig) -> fastpmd.LossConfig:
@@ -39,6 +41,11 @@ def loss_config(cfg: TrainConfig) -> fastpmd.LossConfig:
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _lengths(batch: dict, idx: torch.Tensor) -> list[int]:
+    """Prompt + response tokens of the sequences idx (what a packed micro-batch holds)."""
+    return batch["attention_mask"][idx].sum(1).tolist()
 
 
 def _slice(batch: dict, idx: torch.Tensor) -> dict:
@@ -67,6 +74,7 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)))
         self.step = 0
         self.p_local = cfg.rollout.prompts_per_step // d.world_size
+        self.temperature = cfg.rollout.temperature  # old and new log-probs of the distribution that was sampled
 
     # ------------------------------------------------------------------------------------------- set-up
     def _build_policy(self):
@@ -79,7 +87,8 @@ class Trainer:
         varlen = hf.config._attn_implementation == "flash_attention_2"
         policy = apply_fsdp(Policy(hf, row_tokens=None if varlen or not m.pack_row_tokens else m.pack_row_tokens),
                             m, dev)
-        policy.to_empty(device=dev)
+        # cpu_offload: FSDP2 wants the sharded params materialised on the host; the rotary buffers go to dev
+        policy.to_empty(device="cpu" if m.cpu_offload else dev)
         reset_rotary(hf, dev)
         checkpoint.load_full_state(policy, {"hf." + k: v for k, v in full.state_dict().items()} if full else {})
         del full
@@ -135,6 +144,7 @@ class Trainer:
 
         def named():
             for name, p in self.policy.named_parameters():
+                p = p.to(self.d.device)  # cpu_offload: the shard is gathered on the device
                 yield hf_state_key(name), p.full_tensor() if hasattr(p, "full_tensor") else p
 
         with torch.no_grad():
@@ -151,16 +161,19 @@ class Trainer:
         t0 = time.perf_counter()
         problems = self.task.next_prompts(self.p_local)
         prompt_ids = [self.task.encode(p) for p in problems]
-        self.engine.wake()
-        responses = [r for group in self.engine.generate(prompt_ids, self.sampling(self.step)) for r in group]
-        self.engine.sleep()  # 1. [P_local * n] responses
+        with self.rollout_phase():  # 1. [P_local * n] responses (Response: token ids + the engine's log-probs)
+            responses = [r for group in self.engine.generate(prompt_ids, self.sampling(self.step)) for r in group]
         t_gen = time.perf_counter() - t0
         texts = [self.tok.decode(r) for r in responses]
         rewards = torch.tensor([self.task.reward(t, problems[i // n].answer) for i, t in enumerate(texts)],
                                dtype=torch.float32)  # 2. [B]
         batch = pack_batch([p for p in prompt_ids for _ in range(n)], responses, self.tok.pad_id)
         t1 = time.perf_counter()
-        old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32
+        old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32, at the sampling temperature
+        if (rollout_logp := logprobs_on_grid(responses, batch["loss_mask"])) is not None:
+            batch["rollout_logprobs"] = rollout_logp  # [B, L]
+        elif self.cfg.loss.rollout_correction != "none":
+            raise ValueError("loss.rollout_correction: the rollout engine reported no log-probs (Response.logprobs)")
         adv = fastpmd.advantages_for(self.loss_cfg, rewards, n)  # [B]
         batch.update(old_logprobs=old_logp, advantages=adv)
         self._batch = batch  # the generation batch the mini-batches index into
@@ -171,6 +184,21 @@ class Trainer:
         self._sync_weights()  # 5.
         return self._step_metrics(batch, rewards, entropy, stats, t_gen, t_update)
 
+    @contextlib.contextmanager
+    def rollout_phase(self):
+        """The engine awake around generation: with `model.offload_during_rollout` the trainer's sharded params
+        and optimizer state wait in host memory; the allocator's cached blocks are released before it wakes."""
+        moved = offload.offload_to_host(self.policy, self.optimizer) if self.cfg.model.offload_during_rollout else None
+        if self.d.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.engine.wake()
+        try:
+            yield
+        finally:
+            self.engine.sleep()
+            if moved is not None:
+                offload.reload(self.policy, self.d.device, moved)
+
     @torch.no_grad()
     def old_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """pi_t log-probs [B, L] (0 off the loss mask) and entropies of the current policy, by micro-batch."""
@@ -178,12 +206,15 @@ class Trainer:
         logp = torch.zeros(B, L)
         ent = torch.zeros(B, L)
         lo = self.cfg.loss
-        for idx in torch.arange(B).split(self.cfg.optim.micro_batch_seqs):
-            mb = _to(_slice(batch, idx), self.d.device)
+        all_idx = torch.arange(B)
+        for idx in self.micro_batches(batch, all_idx):
+            mb = _to(_slice(batch, idx if idx.numel() else all_idx[:1]), self.d.device)  # empty: run, discard
             head = lambda h, w: fastpmd.linear_logprobs(h, w, mb["targets"], mask=mb["loss_mask"],  # noqa: E731
-                                                        return_entropy=True, chunk_size=lo.chunk_size,
-                                                        backend=lo.backend)
+                                                        return_entropy=True, temperature=self.temperature,
+                                                        chunk_size=lo.chunk_size, backend=lo.backend)
             lp, e = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(), head)
+            if not idx.numel():
+                continue
             logp[idx, : lp.shape[1]] = lp.cpu()
             ent[idx, : e.shape[1]] = e.cpu()
         return logp, ent
@@ -195,6 +226,19 @@ class Trainer:
         prompts = torch.randperm(self.p_local, generator=g)
         for chunk in prompts.chunk(k):
             yield (chunk[:, None] * n + torch.arange(n)).reshape(-1)  # sequence indices
+
+    def micro_batches(self, batch: dict, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Micro-batches of the sequences idx, the same number on every rank (FSDP's collectives pair up):
+        `optim.micro_batch_seqs` sequences each, or with `optim.micro_batch_tokens` at most that many tokens each
+        (train/microbatch.py; an over-long sequence alone; a micro-batch may be empty)."""
+        budget = self.cfg.optim.micro_batch_tokens
+        if not budget:
+            return list(idx.split(self.cfg.optim.micro_batch_seqs))
+        lengths = _lengths(batch, idx)
+        count = torch.tensor([len(pack_micro_batches(lengths, budget))], device=self.d.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return [idx[b] for b in pack_micro_batches(lengths, budget, int(count.item()))]
 
     def update(self, idx: torch.Tensor) -> dict:
         """One optimizer step on the sequences idx (a mini-batch): accumulate, clip to grad_clip, AdamW, LR step."""
@@ -212,12 +256,13 @@ class Trainer:
         """Backward over micro-batches of idx with global normalisers, so the sum equals one big batch's loss."""
         batch, dev = self._batch, self.d.device
         n_seq = float(idx.numel())  # same on every rank; FSDP averages over ranks -> the global mean
-        tokens = batch["loss_mask"][idx].sum().float().reshape(1)
+        tokens = batch["loss_mask"][idx].sum().float().reshape(1).to(dev)  # collectives: on the trainer's device
         if dist.get_world_size() > 1:
             dist.all_reduce(tokens)
         n_items = tokens.item() / dist.get_world_size()  # global token count / world (dapo/bnpo normaliser)
         stats: dict[str, torch.Tensor] = {}
-        micros = idx.split(self.cfg.optim.micro_batch_seqs)
+        micros = self.micro_batches(batch, idx)
+        stats["micro_batch_tokens_max"] = float(max(sum(_lengths(batch, m)) for m in micros))
         for i, micro in enumerate(micros):
             # The root (embeddings, final norm, LM head) stays gathered and accumulates its gradient unsharded
             # across the micro-batches: one all-gather and one reduce-scatter per optimizer step. Blocks
@@ -225,9 +270,13 @@ class Trainer:
             last = i == len(micros) - 1
             self.policy.set_requires_gradient_sync(last, recurse=False)
             self.policy.set_reshard_after_backward(last, recurse=False)
-            mb = _to(_slice(batch, micro), dev)
+            empty = micro.numel() == 0  # this rank has fewer micro-batches: one sequence at zero weight
+            mb = _to(_slice(batch, idx[:1] if empty else micro), dev)
             loss, metrics = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(),
-                                        self._loss_head(mb, n_seq, n_items, micro.numel()))
+                                        self._loss_head(mb, n_seq, n_items, max(micro.numel(), 1)))
+            if empty:
+                (loss * 0.0).backward()  # FSDP's gathers and reduce-scatters as on the other ranks, zero gradient
+                continue
             loss.backward()
             w = micro.numel() / n_seq
             stats["loss"] = stats.get("loss", 0.0) + loss.detach()  # already globally normalised: a sum
@@ -238,17 +287,24 @@ class Trainer:
 
     def _loss_head(self, mb: dict, n_seq: float, n_items: float, micro_seqs: int):
         """head_fn(hidden [b, L, H], weight [V, H]) -> (loss, metrics) for the configured loss."""
-        lo, spec = self.loss_cfg, self.cfg.loss
+        lo, spec, T = self.loss_cfg, self.cfg.loss, self.temperature
         tgt, mask, old, adv = mb["targets"], mb["loss_mask"], mb["old_logprobs"], mb["advantages"]
+        weights = None  # rollout correction: [B] for the PMD losses, [B, L] for grpo/gspo
+        if spec.rollout_correction == "tis":
+            weights = fastpmd.truncated_is_weights(old, mb["rollout_logprobs"], mask, cap=spec.rollout_is_cap,
+                                                   level="sequence" if lo.is_pmd else "token")
         if lo.is_pmd:  # fused: no [N, V] logits, chunked over the LM head
             return lambda h, w: fastpmd.fused_linear_pmd_loss(h, w, tgt, mask, old, adv, tau=lo.tau,
-                                                              length_norm=lo.length_norm, chunk_size=spec.chunk_size,
-                                                              num_sequences=n_seq, backend=spec.backend)
+                                                              length_norm=lo.length_norm, temperature=T,
+                                                              chunk_size=spec.chunk_size, num_sequences=n_seq,
+                                                              backend=spec.backend, weights=weights)
 
         def head(h, w):
-            logp = fastpmd.linear_logprobs(h, w, tgt, mask=mask, chunk_size=spec.chunk_size, backend=spec.backend)
+            logp = fastpmd.linear_logprobs(h, w, tgt, mask=mask, temperature=T, chunk_size=spec.chunk_size,
+                                           backend=spec.backend)
             cfg = dataclasses.replace(lo, loss_type="dapo") if lo.loss_type == "bnpo" else lo
-            loss, metrics = fastpmd.compute_loss(cfg, logp, old, adv, mask, num_sequences=n_seq, num_items=n_items)
+            loss, metrics = fastpmd.compute_loss(cfg, logp, old, adv, mask, num_sequences=n_seq, num_items=n_items,
+                                                 weights=weights)
             if lo.name in ("grpo", "gspo") and lo.loss_type in ("grpo", "dr_grpo"):
                 loss = loss * (micro_seqs / n_seq)  # these average over the micro-batch: reweight to the mini-batch
             return loss, metrics
@@ -266,38 +322,57 @@ class Trainer:
             sum(s["grad_norm"].float().cpu() for s in stats) / k, (rewards > rewards.min()).float().mean(),
         ]).to(dev)
         lo_min = torch.stack([s["logratio_min"].float() for s in stats]).min().reshape(1).to(dev)
-        tokens = torch.tensor([float(batch["attention_mask"].sum()), float(mask.sum())], device=dev)
+        extremes = torch.cat([-lo_min, torch.tensor([max(s["micro_batch_tokens_max"] for s in stats)], device=dev)])
+        rollout_lp = batch.get("rollout_logprobs")
+        diff = (rollout_lp - batch["old_logprobs"]).abs()[mask].sum() if rollout_lp is not None else 0.0
+        tis = self.cfg.loss.rollout_correction == "tis"
+        w = fastpmd.truncated_is_weights(batch["old_logprobs"], rollout_lp, mask, cap=self.cfg.loss.rollout_is_cap,
+                                         level="sequence" if self.loss_cfg.is_pmd else "token") if tis else None
+        w_sum, w_cnt = (float(w.sum()), float(mask.sum() if w.dim() == 2 else w.numel())) if tis else (0.0, 0.0)
+        tokens = torch.tensor([float(batch["attention_mask"].sum()), float(mask.sum()), float(diff), w_sum, w_cnt],
+                              device=dev)
         if W > 1:
             dist.all_reduce(local)
             dist.all_reduce(tokens)
-            dist.all_reduce(lo_min, op=dist.ReduceOp.MIN)
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # [-min logratio, max micro-batch tokens]
         v = (local / W).tolist()
-        total_tokens, resp_tokens = tokens.tolist()
+        total_tokens, resp_tokens, diff_sum, w_sum, w_cnt = tokens.tolist()
         row = {"kind": "train", "step": self.step, "reward_mean": v[0], "entropy": v[1], "response_len_mean": v[2],
-               "loss": v[3], "logratio_mean": v[4], "logratio_min": lo_min.item(), "grad_norm": v[5],
+               "loss": v[3], "logratio_mean": v[4], "logratio_min": -extremes[0].item(),
+               "micro_batch_tokens_max": extremes[1].item(), "grad_norm": v[5],
                "lr": self.scheduler.get_last_lr()[0], "update_s": t_update, "gen_s": t_gen,
                "tokens_per_s": total_tokens / t_update, "ms_per_token": 1000 * t_update / total_tokens,
                "gen_ms_per_token": 1000 * t_gen / max(resp_tokens, 1)}
+        if rollout_lp is not None:  # |engine log-prob - trainer's old log-prob|, mean over response tokens
+            row["rollout_logp_diff_mean"] = diff_sum / max(resp_tokens, 1)
+        if tis:  # mean TIS weight (per token for grpo/gspo, per sequence for pmd)
+            row["rollout_is_weight_mean"] = w_sum / max(w_cnt, 1)
         return {**row, **peak_memory(dev)}
 
     # ------------------------------------------------------------------------------------------ the run
     def evaluate(self) -> dict | None:
-        """Held-out Avg@k / Pass@k / Maj@k on rank 0 (others wait)."""
+        """Held-out Avg@k / Pass@k / Maj@k: each rank samples its share of the eval chunks
+        (`rollout.eval_batch_size` problems each, seeded by chunk), results gathered; equal for any world size."""
         from .evaluation import evaluate
 
-        r, res = self.cfg.rollout, None
-        if self.d.is_main and self.task.eval_problems:
-            sampling = SamplingConfig(n=r.eval_n, temperature=r.eval_temperature, top_p=r.eval_top_p,
-                                      max_new_tokens=r.max_new_tokens, seed=self.cfg.model.seed + 12_345)
-            threshold = (self.cfg.reward.correct + self.cfg.reward.incorrect) / 2
-            self.engine.wake()
-            res = evaluate(self.engine, self.task.eval_problems, k=r.eval_n, sampling=sampling,
-                           reward_fn=self.task.reward, encode=self.tok.encode_prompt, decode=self.tok.decode,
-                           template=self.task.template, answer_style="arith" if self.task.arith else "dapo",
-                           threshold=threshold)
-            self.engine.sleep()
-        dist.barrier()
-        return res
+        r = self.cfg.rollout
+        if not self.task.eval_problems:
+            return None
+        sampling = SamplingConfig(n=r.eval_n, temperature=r.eval_temperature, top_p=r.eval_top_p,
+                                  max_new_tokens=r.max_new_tokens, seed=self.cfg.model.seed + 12_345)
+        threshold = (self.cfg.reward.correct + self.cfg.reward.incorrect) / 2
+
+        def gather(rows: list) -> list[list]:
+            parts = [None] * self.d.world_size
+            dist.all_gather_object(parts, rows)
+            return parts
+
+        with self.rollout_phase():
+            return evaluate(self.engine, self.task.eval_problems, k=r.eval_n, sampling=sampling,
+                            reward_fn=self.task.reward, encode=self.tok.encode_prompt, decode=self.tok.decode,
+                            template=self.task.template, answer_style="arith" if self.task.arith else "dapo",
+                            threshold=threshold, batch_size=r.eval_batch_size, rank=self.d.rank,
+                            world_size=self.d.world_size, gather=gather)
 
     def _save(self) -> Path:
         extra = {"step": self.step, "scheduler": self.scheduler.state_dict(), "task": self.task.state_dict()}
@@ -356,7 +431,8 @@ class Trainer:
         finally:
             log.close()
         if run.export_hf:
-            checkpoint.export_hf(self.out / "hf", self.policy, self.hf, self.tok)
+            dtype = run.export_dtype if run.export_dtype != "auto" else self.cfg.model.param_dtype
+            checkpoint.export_hf(self.out / "hf", self.policy, self.hf, self.tok, dtype=DTYPES[dtype])
         if main and run.plots:
             plot_curves(self.out)
         return rows
