@@ -25,7 +25,7 @@ from ._checks import check_lm_head, check_positive, check_same_shape, check_tens
 from .chunked import acc_dtype, chunk_backward_matmuls, chunk_exp_stats_, chunk_logits, default_chunk_rows
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
 from .logprobs import compact_rows, linear_logprobs, resolve_backend
-from .losses import count_or, pmd_divisor, pmd_loss, pmd_metrics
+from .losses import check_tau, count_or, pmd_divisor, pmd_loss, pmd_metrics
 
 
 def sequence_chunks(lengths: list[int], chunk: int) -> list[tuple[int, int, int, int]] | None:
@@ -96,7 +96,7 @@ def fused_linear_pmd_loss(
     old_logprobs: torch.Tensor,  # [B, T]
     advantages: torch.Tensor,  # [B]
     *,
-    tau: float,
+    tau: float | torch.Tensor,  # a number or [B] (per sequence)
     length_norm: bool | float = True,
     temperature: float = 1.0,
     bias: torch.Tensor | None = None,  # [V]
@@ -107,6 +107,8 @@ def fused_linear_pmd_loss(
     """PMD loss straight from hidden states; returns (loss, metrics) like `pmd_loss`.
 
     chunk_size: tokens per chunk (default: a 64 MB float32 logits block). backend as in `linear_logprobs`.
+    tau [B]: per-sequence temperatures, run through the scalar-tau kernels as tau' = 1, A' = A/tau_i,
+    divisor' = divisor_i/tau_i: (A' - Delta)^2/2/divisor' = (A - tau_i*Delta)^2/(2*tau_i)/divisor_i, same gradient.
     """
     check_tensor("hidden", hidden, dims=3, floating=True)
     check_lm_head(hidden, weight, targets, bias)
@@ -117,7 +119,7 @@ def fused_linear_pmd_loss(
     check_tensor("advantages", advantages, dims=1, floating=True)
     if advantages.shape[0] != targets.shape[0]:
         raise ValueError(f"advantages has {advantages.shape[0]} entries, targets has B = {targets.shape[0]} rows")
-    tau = check_positive("tau", tau)
+    tau = check_tau(tau, targets.shape[0])
     temperature = check_positive("temperature", temperature)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -140,14 +142,18 @@ def fused_linear_pmd_loss(
     num_seq = torch.as_tensor(count_or(num_sequences, (lengths > 0).sum(), "num_sequences"), dtype=acc,
                               device=hidden.device)
     adv, old = advantages.to(acc), old.to(acc)
+    k_adv, k_div, k_tau = adv, divisor, tau  # what the scalar-tau kernels see
+    if isinstance(tau, torch.Tensor):
+        tau = tau.to(acc)
+        k_adv, k_div, k_tau = adv / tau, divisor / tau, 1.0
 
     if backend == "triton":
         from fastpmd.kernels import fused_linear_pmd_loss_triton
 
         cu = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32, device=hidden.device)
         cu[1:] = lengths.cumsum(0)
-        loss, delta, _ = fused_linear_pmd_loss_triton(h, weight, t, bias, old.float(), adv.float(), cu, divisor.float(), tau,
-                                                      temperature, num_seq.float())
+        loss, delta, _ = fused_linear_pmd_loss_triton(h, weight, t, bias, old.float(), k_adv.float(), cu,
+                                                      k_div.float(), k_tau, temperature, num_seq.float())
     else:
         chunk = chunk_size or default_chunk_rows(weight.shape[0])
         chunks = sequence_chunks(lengths.tolist(), chunk)  # host sync: sequence boundaries
@@ -157,7 +163,7 @@ def fused_linear_pmd_loss(
             return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
                             num_sequences=num_sequences)
         seg_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=hidden.device), lengths)
-        loss, delta, _ = SequenceChunkedPMD.apply(h, weight, bias, t, old, adv, seg_ids, lengths > 0, divisor,
-                                                  num_seq, tau, 1.0 / temperature, chunks)
+        loss, delta, _ = SequenceChunkedPMD.apply(h, weight, bias, t, old, k_adv, seg_ids, lengths > 0, k_div,
+                                                  num_seq, k_tau, 1.0 / temperature, chunks)
     resid = adv - tau * delta
     return loss, pmd_metrics(loss, delta, resid, advantages, lengths)

@@ -63,6 +63,17 @@ def masked_stats(x: torch.Tensor, valid: torch.Tensor, prefix: str) -> dict[str,
     }
 
 
+def check_tau(tau, batch: int):
+    """tau: a positive number, or a [B] floating tensor (one temperature per sequence). Tensor values are not
+    read here (no host sync in the loss); fastpmd.tau_schedule builds them finite and > 0."""
+    if isinstance(tau, torch.Tensor):
+        check_tensor("tau", tau, dims=1, floating=True)
+        if tau.shape[0] != batch:
+            raise ValueError(f"tau has {tau.shape[0]} entries, logprobs has B = {batch} rows")
+        return tau
+    return check_positive("tau", tau)
+
+
 def sequence_logratio(logprobs, old_logprobs, mask) -> torch.Tensor:
     """Delta [B] = sum_t mask * (logprobs - old_logprobs)."""
     return torch.where(mask, logprobs - old_logprobs.to(logprobs.dtype), 0.0).sum(-1)
@@ -74,7 +85,7 @@ def pmd_loss(
     advantages: torch.Tensor,  # [B]
     mask: torch.Tensor,  # [B, T]
     *,
-    tau: float,
+    tau: float | torch.Tensor,  # a number or [B] (per sequence)
     length_norm: bool | float = True,
     num_sequences: int | float | torch.Tensor | None = None,
 ):
@@ -83,13 +94,15 @@ def pmd_loss(
     Delta_i = sum_t mask*(logprobs - old_logprobs); per sequence (A_i - tau*Delta_i)^2 / (2*tau), divided by the
     sequence's token count (length_norm=True), by a constant (a number) or not at all (False); summed over
     sequences with at least one token and divided by num_sequences (default: their count). The gradient per
-    token is -(A_i - tau*Delta_i) / divisor_i / num_sequences.
+    token is -(A_i - tau*Delta_i) / divisor_i / num_sequences. tau may be a [B] tensor: tau_i per sequence.
     """
     mask = _check_inputs(logprobs, old_logprobs, advantages, mask)
-    tau = check_positive("tau", tau)
+    tau = check_tau(tau, logprobs.shape[0])
     lengths = mask.sum(-1)
     valid = lengths > 0
     delta = sequence_logratio(logprobs, old_logprobs, mask)  # [B]
+    if isinstance(tau, torch.Tensor):
+        tau = tau.to(delta.dtype)
     resid = advantages.to(delta.dtype) - tau * delta
     per_seq = torch.where(valid, resid.square() / (2 * tau) / pmd_divisor(length_norm, lengths), 0.0)
     loss = per_seq.sum() / count_or(num_sequences, valid.sum(), "num_sequences")
@@ -97,10 +110,13 @@ def pmd_loss(
 
 
 def pmd_metrics(loss, delta, resid, advantages, lengths) -> dict[str, torch.Tensor]:
-    """Detached PMD metrics from per-sequence delta, residual A - tau*delta, advantages and token counts [B]."""
+    """Detached PMD metrics from per-sequence delta, residual A - tau*delta, advantages and token counts [B].
+    As the released code logs them: ppo_kl = mean_i(-delta_i / len_i), and seq_ratio_{mean,min,max} of exp(delta)."""
     valid = lengths > 0
     metrics = {"loss": loss.detach(), "num_tokens": lengths.sum().detach().float()}
     metrics.update(masked_stats(delta, valid, "logratio"))
+    metrics["ppo_kl"] = masked_stats(-delta.detach() / lengths.clamp(min=1), valid, "k")["k_mean"]
+    metrics.update(masked_stats(torch.exp(delta.detach().float()), valid, "seq_ratio"))
     metrics["residual_abs_mean"] = masked_stats(resid.abs(), valid, "r")["r_mean"]
     metrics["advantage_abs_mean"] = masked_stats(advantages.abs(), valid, "a")["a_mean"]
     return metrics

@@ -11,7 +11,8 @@ import importlib.util
 from dataclasses import dataclass, field
 
 LOSSES = ("pmd-mean", "pmd-part", "grpo", "gspo", "pg")
-ESTIMATORS = ("mean", "loo")
+ESTIMATORS = ("", "mean", "loo", "partition", "partition_loo", "partition_loo_clamped", "grpo")  # "": the loss's default
+TAU_SCHEDULES = ("none", "mean-reward")
 
 
 @dataclass
@@ -72,8 +73,12 @@ class LossSpec:
     """Step 4: the policy loss, chosen by name."""
 
     name: str = "pmd-mean"  # one of LOSSES
-    tau: float = 0.01  # PMD temperature (paper's scripts: 0.01; 30B figure: 0.1)
-    estimator: str = "mean"  # pmd-mean baseline: "mean" (paper) or "loo" (released code: RLOO, n/(n-1) x mean)
+    tau: float = 0.01  # PMD temperature of the loss (released scripts' pmd_tau: 0.01; 30B figure: 0.1)
+    estimator: str = ""  # advantage estimator; "" = the loss's default (pmd-mean "mean", pmd-part "partition",
+    #   grpo/gspo "grpo", pg "loo"); pmd-mean "loo" = released rloo; pmd-part "partition_loo" (exact) or
+    #   "partition_loo_clamped" (the released ploo, clamp and all); a bad pair is an error before any work
+    partition_tau: float | None = None  # temperature of the partition estimators (released: partition_tau); None = tau
+    tau_schedule: str = "none"  # "mean-reward": per-prompt tau from the group's mean reward (fastpmd.tau_schedule)
     length_norm: bool = True  # divide each sequence's term by its token count ("seq-mean-token-mean")
     grpo_loss_type: str = "grpo"  # grpo / gspo aggregation: grpo | bnpo | dapo | dr_grpo
     epsilon_low: float | None = None  # clip range; None = the loss's default
@@ -169,6 +174,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(lo.name in LOSSES, "loss.name", f"must be one of {LOSSES}, got {lo.name!r}")
     need(lo.tau > 0, "loss.tau", "must be > 0")
     need(lo.estimator in ESTIMATORS, "loss.estimator", f"must be one of {ESTIMATORS}, got {lo.estimator!r}")
+    need(lo.partition_tau is None or lo.partition_tau > 0, "loss.partition_tau", "must be > 0 or None")
+    need(lo.tau_schedule in TAU_SCHEDULES, "loss.tau_schedule", f"must be one of {TAU_SCHEDULES}")
+    need(lo.tau_schedule == "none" or cfg.reward.correct > cfg.reward.incorrect, "loss.tau_schedule",
+         "'mean-reward' needs binary rewards with reward.correct > reward.incorrect")
+    if lo.name in LOSSES and lo.estimator in ESTIMATORS:
+        from fastpmd.objectives import check_estimator
+
+        pair = check_estimator(lo.name, lo.estimator or None)
+        need(pair is None, "loss.estimator", str(pair))
     need(lo.grpo_loss_type in ("grpo", "bnpo", "dapo", "dr_grpo"), "loss.grpo_loss_type", "unknown")
     need(lo.backend in ("auto", "naive", "torch", "triton"), "loss.backend", f"unknown {lo.backend!r}")
     need(lo.chunk_size is None or lo.chunk_size > 0, "loss.chunk_size", "must be > 0")

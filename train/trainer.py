@@ -29,9 +29,9 @@ from .rollout import HFEngine, SamplingConfig
 
 
 def loss_config(cfg: TrainConfig) -> fastpmd.LossConfig:
-    lo = cfg.loss
-    estimator = lo.estimator if lo.name == "pmd-mean" else None
-    return fastpmd.LossConfig(name=lo.name, tau=lo.tau, estimator=estimator, length_norm=lo.length_norm,
+    lo = cfg.loss  # --estimator holds for every loss ("" = the loss's default)
+    return fastpmd.LossConfig(name=lo.name, tau=lo.tau, estimator=lo.estimator or None, length_norm=lo.length_norm,
+                              partition_tau=lo.partition_tau, tau_schedule=lo.tau_schedule,
                               loss_type=lo.grpo_loss_type, epsilon_low=lo.epsilon_low, epsilon_high=lo.epsilon_high,
                               max_completion_length=cfg.rollout.max_new_tokens)
 
@@ -139,8 +139,12 @@ class Trainer:
         batch = pack_batch([p for p in prompt_ids for _ in range(n)], responses, self.tok.pad_id)
         t1 = time.perf_counter()
         old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32
-        adv = fastpmd.advantages_for(self.loss_cfg, rewards, n)  # [B]
+        rw = self.cfg.reward
+        tau = fastpmd.loss_tau(self.loss_cfg, rewards, n, reward_range=(rw.incorrect, rw.correct))  # number or [B]
+        adv = fastpmd.advantages_for(self.loss_cfg, rewards, n, tau=tau)  # [B]
         batch.update(old_logprobs=old_logp, advantages=adv)
+        if isinstance(tau, torch.Tensor):
+            batch["tau"] = tau.float()
         self._batch = batch  # the generation batch the mini-batches index into
         stats = [self.update(mb) for mb in self.minibatches()]  # 4. k optimizer steps
         if dev.type == "cuda":
@@ -208,16 +212,22 @@ class Trainer:
             w = micro.numel() / n_seq
             stats["loss"] = stats.get("loss", 0.0) + loss.detach()  # already globally normalised: a sum
             stats["logratio_mean"] = stats.get("logratio_mean", 0.0) + metrics["logratio_mean"] * w
-            lo_min = metrics["logratio_min"]
-            stats["logratio_min"] = torch.minimum(stats["logratio_min"], lo_min) if "logratio_min" in stats else lo_min
+            for key, reduce in (("logratio_min", torch.minimum), ("seq_ratio_min", torch.minimum),
+                                ("seq_ratio_max", torch.maximum)):
+                if key in metrics:
+                    stats[key] = reduce(stats[key], metrics[key]) if key in stats else metrics[key]
+            for key in ("ppo_kl", "seq_ratio_mean"):  # the released code's sequence-level KL and ratio
+                if key in metrics:
+                    stats[key] = stats.get(key, 0.0) + metrics[key] * w
         return stats
 
     def _loss_head(self, mb: dict, n_seq: float, n_items: float, micro_seqs: int):
         """head_fn(hidden [b, L, H], weight [V, H]) -> (loss, metrics) for the configured loss."""
         lo, spec = self.loss_cfg, self.cfg.loss
         tgt, mask, old, adv = mb["targets"], mb["loss_mask"], mb["old_logprobs"], mb["advantages"]
+        tau = mb.get("tau", lo.tau)  # [b] with tau_schedule="mean-reward"
         if lo.is_pmd:  # fused: no [N, V] logits, chunked over the LM head
-            return lambda h, w: fastpmd.fused_linear_pmd_loss(h, w, tgt, mask, old, adv, tau=lo.tau,
+            return lambda h, w: fastpmd.fused_linear_pmd_loss(h, w, tgt, mask, old, adv, tau=tau,
                                                               length_norm=lo.length_norm, chunk_size=spec.chunk_size,
                                                               num_sequences=n_seq, backend=spec.backend)
 
@@ -232,7 +242,7 @@ class Trainer:
         return head
 
     def _step_metrics(self, batch, rewards, entropy, stats, t_gen, t_update) -> dict:
-        """Reduce across ranks with two collectives and one host sync."""
+        """Reduce across ranks (a few collectives) with one host sync."""
         dev, W = self.d.device, dist.get_world_size()
         mask = batch["loss_mask"]
         k = len(stats)
@@ -242,19 +252,37 @@ class Trainer:
             sum(s["grad_norm"].float().cpu() for s in stats) / k, (rewards > rewards.min()).float().mean(),
         ]).to(dev)
         lo_min = torch.stack([s["logratio_min"].float() for s in stats]).min().reshape(1).to(dev)
+        last_keys, last_lo, last_mean = self._last_minibatch_metrics(stats[-1], dev)
         tokens = torch.tensor([float(batch["attention_mask"].sum()), float(mask.sum())], device=dev)
         if W > 1:
             dist.all_reduce(local)
             dist.all_reduce(tokens)
             dist.all_reduce(lo_min, op=dist.ReduceOp.MIN)
+            dist.all_reduce(last_lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(last_mean)
         v = (local / W).tolist()
+        lv = torch.cat([last_lo * torch.tensor([1.0, 1.0, -1.0], device=dev), last_mean / W]).tolist()
         total_tokens, resp_tokens = tokens.tolist()
         row = {"kind": "train", "step": self.step, "reward_mean": v[0], "entropy": v[1], "response_len_mean": v[2],
                "loss": v[3], "logratio_mean": v[4], "logratio_min": lo_min.item(), "grad_norm": v[5],
                "lr": self.scheduler.get_last_lr()[0], "update_s": t_update, "gen_s": t_gen,
                "tokens_per_s": total_tokens / t_update, "ms_per_token": 1000 * t_update / total_tokens,
-               "gen_ms_per_token": 1000 * t_gen / max(resp_tokens, 1)}
+               "gen_ms_per_token": 1000 * t_gen / max(resp_tokens, 1),
+               **{k: x for k, x in zip(("logratio_min_last", "seq_ratio_min", "seq_ratio_max", "ppo_kl",
+                                        "seq_ratio_mean"), lv) if k in last_keys}}
         return {**row, **peak_memory(dev)}
+
+    @staticmethod
+    def _last_minibatch_metrics(s: dict, dev):
+        """The step's last mini-batch as the released code logs it: (keys present, [min log-ratio, min exp(Delta),
+        -max exp(Delta)] to MIN-reduce, [ppo_kl, mean exp(Delta)] to SUM-reduce); absent metrics are left out."""
+        def get(k, sign=1.0):
+            return sign * s[k].float().cpu() if k in s else torch.tensor(0.0)
+
+        keys = {"logratio_min_last"} | {k for k in ("seq_ratio_min", "seq_ratio_max", "ppo_kl", "seq_ratio_mean")
+                                        if k in s}
+        lo = torch.stack([get("logratio_min"), get("seq_ratio_min"), get("seq_ratio_max", -1.0)]).to(dev)
+        return keys, lo, torch.stack([get("ppo_kl"), get("seq_ratio_mean")]).to(dev)
 
     # ------------------------------------------------------------------------------------------ the run
     def evaluate(self) -> dict | None:
