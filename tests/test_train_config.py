@@ -73,7 +73,7 @@ def test_print_config(capsys):
     (["--tau-schedule", "cosine"], "loss.tau_schedule"),
     (["--tau-schedule", "mean-reward", "--set", "reward.correct=0.0"], "loss.tau_schedule"),
     (["--group-size", "1"], "rollout.n"),
-    (["--max-steps", "0"], "run.max_steps"),
+    (["--max-steps", "-1"], "run.max_steps"),
     (["--lr", "-1"], "optim.lr"),
     (["--prompts-per-step", "31"], "optim.mini_batches"),  # 31 prompts do not split into 2 mini-batches
     (["--device", "tpu"], "run.device"),

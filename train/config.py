@@ -116,7 +116,7 @@ class RunConfig:
     """Loop length, output, checkpoints, logging."""
 
     out: str = "runs/fastpmd"  # output directory: metrics.jsonl, checkpoints/, plots, hf/ export
-    max_steps: int = 100  # generation batches (RL steps)
+    max_steps: int = 100  # generation batches (RL steps); 0 = warm-up, eval and export only
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     eval_every: int = 0  # eval every N steps (0 = only before the first and after the last step)
     resume: bool = False  # resume from OUT/checkpoints/latest
@@ -194,7 +194,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(o.micro_batch_seqs >= 1, "optim.micro_batch_seqs", "must be >= 1")
     need(w.steps >= 0 and w.batch_size > 0 and w.lr > 0, "warmup", "steps >= 0, batch_size > 0, lr > 0")
     need(0.0 <= w.noise < 1.0 and w.noise_span >= 1, "warmup.noise", "noise in [0, 1), noise_span >= 1")
-    need(run.max_steps >= 1, "run.max_steps", "must be >= 1")
+    need(run.max_steps >= 0, "run.max_steps", "must be >= 0")
     need(run.save_every >= 0, "run.save_every", "must be >= 0")
     need(run.eval_every >= 0, "run.eval_every", "must be >= 0")
     need(run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto|cpu|cuda, got {run.device!r}")
