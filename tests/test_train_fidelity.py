@@ -3,21 +3,11 @@ partition tau, the mean-reward tau schedule, and the released code's metrics in 
 import math
 
 import pytest
-import torch
 
 import fastpmd
 from fastpmd.train.cli import build_config
-from fastpmd.train.parallelize import init_distributed, shutdown_distributed
 from fastpmd.train.trainer import Trainer
-from test_train_e2e import TINY
-
-
-@pytest.fixture
-def world_of_one():
-    torch.set_num_threads(1)
-    d = init_distributed("cpu")
-    yield d
-    shutdown_distributed()
+from test_train_e2e import TINY, world_of_one  # noqa: F401  (the fixture)
 
 
 @pytest.mark.parametrize("extra", [
