@@ -167,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=ints, default=[1, 4, 16], help="mini-batches per generation batch")
     p.add_argument("--ns", type=ints, default=[4, 16], help="responses per prompt")
     p.add_argument("--seeds", type=ints, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=60, help="RL steps per cell")
+    p.add_argument("--steps", type=int, default=30, help="RL steps per cell")
     p.add_argument("--prompts", type=int, default=16, help="prompts per generation batch (divisible by every k)")
     p.add_argument("--tau", type=float, default=0.01)
     p.add_argument("--eval-n", type=int, default=16)
