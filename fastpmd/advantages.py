@@ -10,8 +10,9 @@ of any sizes in any order, as verl groups by uid). Plain-PyTorch equivalents for
                                m = r.max(); Z = exp((r - m)/tau).sum()
                                d_i = clamp((Z - exp((r_i - m)/tau)) / (n-1), min=1e-8)
                                A_i = r_i - (m + tau*log(d_i))
-                           Z - exp(...) cancels to 0 for a lone best answer once (gap)/tau > ~37 (float64), so
-                           the clamp fires and A = -tau*log(1e-8) = 18.42*tau (+0.184 at tau 0.01, +1/-1 rewards,
+                           For a lone best answer the others' mean exp(-gap/tau) is below 1e-8 once gap/tau >
+                           ln(1e8) = 18.42 (and Z - exp(...) cancels to exactly 0 beyond ~37 in float64), so the
+                           clamp fires and A = -tau*log(1e-8) = 18.42*tau (+0.184 at tau 0.01, +1/-1 rewards,
                            instead of +2). Reproduces that code's values; not a better estimator.
     grpo                   (r - r.mean()) / (r.std(unbiased=True) + eps)
 tau may be a number or a [B] tensor (one value per sequence, equal within a group: a per-prompt tau).
@@ -20,7 +21,8 @@ Groups of one: "mean", "partition" give 0, "grpo" 0 (no spread); the leave-one-o
 verl differs here: its loop rloo/grpo/ploo pass the raw score through for a lone response (mean 0, std 1,
 baseline 0) and its vectorised rloo gives 0; a lone response has no leave-one-out baseline, so fastpmd refuses.
 No Python loop over groups: reductions run over a [groups, width] table (a view, or a scatter for group_ids).
-One host sync validates the input (finite rewards, group sizes, tau); the arithmetic itself has none.
+One host sync validates the input (finite rewards, group sizes; with group_ids also the table's shape), one more
+for a tensor tau (finite, > 0, constant within groups); the arithmetic itself has none.
 """
 from __future__ import annotations
 
