@@ -53,6 +53,17 @@ def check_tau(value, name: str = "tau") -> float:
     return tau
 
 
+def check_sequence_tau(tau, batch: int):
+    """tau: a number (check_tau), or a [B] floating tensor (one temperature per sequence). Tensor values are not
+    read here (no host sync in the loss); fastpmd.tau_schedule builds them finite and >= TAU_MIN."""
+    if isinstance(tau, torch.Tensor):
+        check_tensor("tau", tau, dims=1, floating=True)
+        if tau.shape[0] != batch:
+            raise ValueError(f"tau has {tau.shape[0]} entries, the batch has B = {batch} rows")
+        return tau
+    return check_tau(tau)
+
+
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -255,7 +266,7 @@ def check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, 
     if advantages.shape[0] != targets.shape[0]:
         raise ValueError(f"advantages has {advantages.shape[0]} entries, targets has B = {targets.shape[0]} rows")
     check_device("advantages", advantages, "hidden", hidden.device)
-    tau, temperature = check_tau(tau), check_positive("temperature", temperature)
+    tau, temperature = check_sequence_tau(tau, targets.shape[0]), check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
     check_length_norm(length_norm)
     check_head_finite(hidden, weight, bias, mask)
@@ -269,6 +280,8 @@ def check_loss_config_fields(cfg) -> None:
     """LossConfig.__post_init__'s number checks: tau, length_norm, epsilons (None or >= 0), beta,
     max_completion_length (None or a positive int)."""
     check_tau(cfg.tau)
+    if getattr(cfg, "partition_tau", None) is not None:
+        check_tau(cfg.partition_tau, "partition_tau")
     check_length_norm(cfg.length_norm)
     for name in ("epsilon_low", "epsilon_high"):
         if getattr(cfg, name) is not None:

@@ -8,6 +8,7 @@ COMMANDS = {
     "demo": ("fastpmd.demo", "CPU demo: fused PMD loss against the naive path (values, time, memory)"),
     "bench": ("fastpmd.bench.cli", "ms/token and memory of the loss against baseline losses"),
     "train": ("fastpmd.train.cli", "RL trainer (PMD-mean and baselines), e.g. --preset tiny-arith"),
+    "study": ("fastpmd.train.study", "stability grid on the CPU task (losses x staleness x group size x seeds)"),
     "kernels-report": ("fastpmd.kernels.report", "compile every Triton kernel for sm_80/90/100/120; registers, spills"),
     "theory-figures": ("fastpmd.bench.theory_figures", "the paper's toy figures (Lambert-W update) as PNGs"),
 }

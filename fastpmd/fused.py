@@ -103,7 +103,7 @@ def fused_linear_pmd_loss(
     old_logprobs: torch.Tensor,  # [B, T]
     advantages: torch.Tensor,  # [B]
     *,
-    tau: float,
+    tau: float | torch.Tensor,  # a number or [B] (per sequence)
     length_norm: bool | float = True,
     temperature: float = 1.0,
     bias: torch.Tensor | None = None,  # [V]
@@ -116,6 +116,8 @@ def fused_linear_pmd_loss(
 
     chunk_size: tokens per chunk (default: a 64 MB float32 logits block). backend as in `linear_logprobs`.
     weights: w_i multiply sequence i's term (as in `pmd_loss`); the fused paths divide its divisor by w_i.
+    tau [B]: per-sequence temperatures, run through the scalar-tau kernels as tau' = 1, A' = A/tau_i,
+    divisor' = divisor_i/tau_i: (A' - Delta)^2/2/divisor' = (A - tau_i*Delta)^2/(2*tau_i)/divisor_i, same gradient.
     """
     mask, tau, temperature = check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, bias, tau,
                                                 temperature, chunk_size, length_norm)
@@ -140,14 +142,18 @@ def fused_linear_pmd_loss(
     num_seq = torch.as_tensor(count_or(num_sequences, (lengths > 0).sum(), "num_sequences"), dtype=acc,
                               device=hidden.device)
     adv, old = advantages.to(acc), old.to(acc)
+    k_adv, k_div, k_tau = adv, divisor, tau  # what the scalar-tau kernels see
+    if isinstance(tau, torch.Tensor):
+        tau = tau.to(acc)
+        k_adv, k_div, k_tau = adv / tau, divisor / tau, 1.0
 
     if backend == "triton":
         from fastpmd.kernels import fused_linear_pmd_loss_triton
 
         cu = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32, device=hidden.device)
         cu[1:] = lengths.cumsum(0)
-        loss, delta, _ = fused_linear_pmd_loss_triton(h, weight, t, bias, old.float(), adv.float(), cu, divisor.float(), tau,
-                                                      temperature, num_seq.float())
+        loss, delta, _ = fused_linear_pmd_loss_triton(h, weight, t, bias, old.float(), k_adv.float(), cu,
+                                                      k_div.float(), k_tau, temperature, num_seq.float())
     else:
         chunk = chunk_size or default_chunk_rows(weight.shape[0])
         chunks = sequence_chunks(lengths.tolist(), chunk)  # host sync: sequence boundaries
@@ -157,7 +163,7 @@ def fused_linear_pmd_loss(
             return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
                             num_sequences=num_sequences, weights=weights)
         seg_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=hidden.device), lengths)
-        loss, delta, _ = SequenceChunkedPMD.apply(h, weight, bias, t, old, adv, seg_ids, lengths > 0, divisor,
-                                                  num_seq, tau, 1.0 / temperature, chunks, torch.is_grad_enabled())
+        loss, delta, _ = SequenceChunkedPMD.apply(h, weight, bias, t, old, k_adv, seg_ids, lengths > 0, k_div,
+                                                  num_seq, k_tau, 1.0 / temperature, chunks, torch.is_grad_enabled())
     resid = adv - tau * delta
     return loss, pmd_metrics(loss, delta, resid, advantages, lengths)

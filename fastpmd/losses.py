@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_count, check_grpo_options, check_length_norm, check_policy_inputs, check_positive
-from ._checks import check_tau
+from ._checks import check_sequence_tau
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -59,7 +59,7 @@ def pmd_loss(
     advantages: torch.Tensor,  # [B]
     mask: torch.Tensor,  # [B, T]
     *,
-    tau: float,
+    tau: float | torch.Tensor,  # a number or [B] (per sequence)
     length_norm: bool | float = True,
     num_sequences: int | float | torch.Tensor | None = None,
     weights: torch.Tensor | None = None,  # [B] per-sequence weights (rollout correction), constants
@@ -70,12 +70,15 @@ def pmd_loss(
     sequence's token count (length_norm=True), by a constant (a number) or not at all (False); summed over
     sequences with at least one token and divided by num_sequences (default: their count). The gradient per
     token is -(A_i - tau*Delta_i) / divisor_i / num_sequences. ``weights`` w_i multiply sequence i's term.
+    tau may be a [B] tensor: tau_i per sequence.
     """
     mask = check_policy_inputs(logprobs, old_logprobs, advantages, mask)
-    tau = check_tau(tau)
+    tau = check_sequence_tau(tau, logprobs.shape[0])
     lengths = mask.sum(-1)
     valid = lengths > 0
     delta = sequence_logratio(logprobs, old_logprobs, mask)  # [B]
+    if isinstance(tau, torch.Tensor):
+        tau = tau.to(delta.dtype)
     resid = advantages.to(delta.dtype) - tau * delta
     per_seq = torch.where(valid, resid.square() / (2 * tau) / pmd_divisor(length_norm, lengths), 0.0)
     if weights is not None:
@@ -92,10 +95,13 @@ def check_weights(weights, shape) -> torch.Tensor:
 
 
 def pmd_metrics(loss, delta, resid, advantages, lengths) -> dict[str, torch.Tensor]:
-    """Detached PMD metrics from per-sequence delta, residual A - tau*delta, advantages and token counts [B]."""
+    """Detached PMD metrics from per-sequence delta, residual A - tau*delta, advantages and token counts [B].
+    As the released code logs them: ppo_kl = mean_i(-delta_i / len_i), and seq_ratio_{mean,min,max} of exp(delta)."""
     valid = lengths > 0
     metrics = {"loss": loss.detach(), "num_tokens": lengths.sum().detach().float()}
     metrics.update(masked_stats(delta, valid, "logratio"))
+    metrics["ppo_kl"] = masked_stats(-delta.detach() / lengths.clamp(min=1), valid, "k")["k_mean"]
+    metrics.update(masked_stats(torch.exp(delta.detach().float()), valid, "seq_ratio"))
     metrics["residual_abs_mean"] = masked_stats(resid.abs(), valid, "r")["r_mean"]
     metrics["advantage_abs_mean"] = masked_stats(advantages.abs(), valid, "a")["a_mean"]
     return metrics

@@ -8,8 +8,23 @@ import torch
 from ._checks import check_loss_config_fields
 from .advantages import advantages
 from .losses import GRPO_LOSS_TYPES, grpo_loss, gspo_loss, pg_loss, pmd_loss
+from .tau_schedule import TAU_SCHEDULES, sequence_tau
 
 LOSS_NAMES = ("pmd-mean", "pmd-part", "grpo", "gspo", "pg")
+# estimators each loss takes (the first is its default); partition estimators only where the target is PMD-part
+ALLOWED_ESTIMATORS = {
+    "pmd-mean": ("mean", "loo"),
+    "pmd-part": ("partition", "partition_loo", "partition_loo_clamped"),
+    "grpo": ("grpo", "mean", "loo"), "gspo": ("grpo", "mean", "loo"), "pg": ("loo", "mean"),
+}
+
+
+def check_estimator(name: str, estimator: str | None) -> str | None:
+    """None when `estimator` (None = the default) fits loss `name`, else the error message."""
+    allowed = ALLOWED_ESTIMATORS.get(name, ())
+    if estimator is not None and estimator not in allowed:
+        return f"estimator {estimator!r} does not fit loss {name!r}; choose one of {allowed}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -17,9 +32,13 @@ class LossConfig:
     """Options of the policy loss.
 
     name: pmd-mean (the paper), pmd-part (log-partition target), grpo, gspo, or pg (on-policy gradient).
-    tau: PMD temperature (regulariser strength); also the partition estimators' temperature.
+    tau: PMD temperature of the loss (regulariser strength; the released code's pmd_tau).
+    partition_tau: temperature of the partition estimators (the released code's partition_tau); None = tau.
+    tau_schedule: "none", or "mean-reward": a per-prompt loss tau from the group's mean reward
+        (fastpmd.tau_schedule; the partition estimators then use it too unless partition_tau is set).
     estimator: advantage estimator; None picks the default of `name` (pmd-mean: "mean", pmd-part: "partition",
-        grpo/gspo: "grpo", pg: "loo"). pmd-mean accepts "mean" or "loo"; pmd-part "partition" or "partition_loo".
+        grpo/gspo: "grpo", pg: "loo"); ALLOWED_ESTIMATORS lists what each loss takes ("partition_loo_clamped"
+        reproduces the released ploo, clamp included).
     length_norm: PMD/PG per-sequence divisor: token count (True), none (False) or a constant (a number).
     loss_type, epsilon_low, epsilon_high, beta: GRPO/GSPO options (TRL conventions); None epsilons take the
         loss's defaults (GRPO 0.2/0.2, GSPO 3e-4/4e-4).
@@ -29,6 +48,8 @@ class LossConfig:
     name: str = "pmd-mean"
     tau: float = 0.01
     estimator: str | None = None
+    partition_tau: float | None = None
+    tau_schedule: str = "none"
     length_norm: bool | float = True
     loss_type: str = "grpo"
     epsilon_low: float | None = None
@@ -40,10 +61,10 @@ class LossConfig:
         if self.name not in LOSS_NAMES:
             raise ValueError(f"LossConfig.name must be one of {LOSS_NAMES}, got {self.name!r}")
         check_loss_config_fields(self)
-        allowed = {"pmd-mean": ("mean", "loo"), "pmd-part": ("partition", "partition_loo"),
-                   "grpo": ("grpo", "mean", "loo"), "gspo": ("grpo", "mean", "loo"), "pg": ("loo", "mean")}[self.name]
-        if self.estimator is not None and self.estimator not in allowed:
-            raise ValueError(f"estimator {self.estimator!r} does not fit loss {self.name!r}; choose one of {allowed}")
+        if self.tau_schedule not in TAU_SCHEDULES:
+            raise ValueError(f"tau_schedule must be one of {TAU_SCHEDULES}, got {self.tau_schedule!r}")
+        if (msg := check_estimator(self.name, self.estimator)) is not None:
+            raise ValueError(msg)
         if self.loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
 
@@ -51,28 +72,41 @@ class LossConfig:
     def advantage_estimator(self) -> str:
         if self.estimator is not None:
             return self.estimator
-        return {"pmd-mean": "mean", "pmd-part": "partition", "grpo": "grpo", "gspo": "grpo", "pg": "loo"}[self.name]
+        return ALLOWED_ESTIMATORS[self.name][0]
 
     @property
     def is_pmd(self) -> bool:
         return self.name.startswith("pmd")
 
 
-def advantages_for(cfg: LossConfig, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Advantages [B] of rewards [B] (consecutive groups of group_size) for the configured loss."""
-    return advantages(rewards, group_size=group_size, estimator=cfg.advantage_estimator, tau=cfg.tau)
+def loss_tau(cfg: LossConfig, rewards: torch.Tensor, group_size: int | None = None, *, group_ids=None,
+             reward_range: tuple[float, float] = (0.0, 1.0)) -> float | torch.Tensor:
+    """The loss temperature: cfg.tau, or with tau_schedule="mean-reward" a [B] tensor (one value per prompt;
+    reward_range = (incorrect, correct) rewards)."""
+    return sequence_tau(rewards, tau=cfg.tau, schedule=cfg.tau_schedule, low=reward_range[0], high=reward_range[1],
+                        group_size=group_size, group_ids=group_ids)
+
+
+def advantages_for(cfg: LossConfig, rewards: torch.Tensor, group_size: int | None = None, *, group_ids=None,
+                   tau: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Advantages [B] of rewards [B] (consecutive groups of group_size, or group_ids) for the configured loss.
+    Partition estimators use cfg.partition_tau if set, else `tau` (e.g. loss_tau's [B] tensor), else cfg.tau."""
+    a_tau = cfg.partition_tau if cfg.partition_tau is not None else (cfg.tau if tau is None else tau)
+    return advantages(rewards, group_size=group_size, group_ids=group_ids, estimator=cfg.advantage_estimator,
+                      tau=a_tau)
 
 
 def compute_loss(cfg: LossConfig, logprobs, old_logprobs, advantages_, mask, *, num_sequences=None,
-                 num_items=None, ref_logprobs=None, weights=None):
+                 num_items=None, ref_logprobs=None, weights=None, tau: float | torch.Tensor | None = None):
     """Dispatch to the configured loss on per-token log-probs [B, T]; returns (loss, metrics).
-    weights: per-sequence [B] for the PMD losses, per-token [B, T] for grpo/gspo (rollout correction)."""
+    weights: per-sequence [B] for the PMD losses, per-token [B, T] for grpo/gspo (rollout correction).
+    tau: the PMD losses' temperature, a number or a [B] tensor (loss_tau); None = cfg.tau."""
     if not isinstance(cfg, LossConfig):
         raise TypeError(f"compute_loss: cfg must be a fastpmd.LossConfig, got {type(cfg).__name__} {cfg!r} "
                         f"(e.g. fastpmd.LossConfig(name={cfg!r}))")
     if cfg.is_pmd:
-        return pmd_loss(logprobs, old_logprobs, advantages_, mask, tau=cfg.tau, length_norm=cfg.length_norm,
-                        num_sequences=num_sequences, weights=weights)
+        return pmd_loss(logprobs, old_logprobs, advantages_, mask, tau=cfg.tau if tau is None else tau,
+                        length_norm=cfg.length_norm, num_sequences=num_sequences, weights=weights)
     if weights is not None and cfg.name == "pg":
         raise ValueError("weights: the pg loss takes no weights (rollout correction is for pmd/grpo/gspo)")
     if cfg.name == "pg":

@@ -15,12 +15,40 @@ def test_presets_validate(name):
     assert cfg.loss.name == "pmd-mean"
 
 
-def test_paper_recipe_defaults():
-    cfg = get_preset("qwen2.5-7b-dapo")
-    assert (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.optim.mini_batches) == (512, 16, 16)
-    assert cfg.rollout.temperature == 1.0 and cfg.optim.lr == 1e-6 and cfg.optim.grad_clip == 1.0
+@pytest.mark.parametrize("name", ["qwen2.5-7b-dapo", "qwen3-30b-a3b-dapo"])
+def test_presets_follow_the_released_scripts(name):
+    # OpenKimi examples/math/run_pmd_dapo17k_{qwen25-7b,qwen3-30b-a3b}.sh
+    cfg = get_preset(name)
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.optim.mini_batches) == (512, 16, 16)  # mini-batch 32
+    assert cfg.rollout.prompts_per_step // cfg.optim.mini_batches == 32
+    assert cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0 and cfg.rollout.max_new_tokens == 8192
+    assert (cfg.rollout.eval_n, cfg.rollout.eval_temperature, cfg.rollout.eval_top_p) == (32, 1.0, 0.7)
+    assert cfg.optim.lr == 1e-6 and cfg.optim.grad_clip == 1.0 and cfg.data.max_prompt_len == 2048
     assert (cfg.reward.correct, cfg.reward.incorrect) == (1.0, -1.0)
-    assert get_preset("qwen3-30b-a3b-dapo").loss.tau == 0.1
+    lo = cfg.loss
+    assert (lo.name, lo.tau, lo.estimator, lo.length_norm) == ("pmd-mean", 0.01, "loo", True)  # rloo, pmd_tau 0.01
+    assert lo.partition_tau is None and lo.tau_schedule == "none"  # partition_tau = pmd_tau = 0.01
+    assert cfg.data.path == "hf:fengyao1909/dapo-math-17k-deduplicated"
+    assert (cfg.run.max_steps, cfg.run.eval_every, cfg.run.save_every) == (510, 5, 100)
+    from fastpmd.train.trainer import loss_config
+    assert loss_config(cfg).advantage_estimator == "loo"
+
+
+def test_estimator_honoured_for_every_loss():
+    from fastpmd.train.trainer import loss_config
+    for loss, est in [("pmd-part", "partition_loo"), ("pmd-part", "partition_loo_clamped"), ("grpo", "loo"),
+                      ("gspo", "mean"), ("pg", "mean"), ("pmd-mean", "loo")]:
+        cfg, _ = build_config(["--loss", loss, "--estimator", est, "--partition-tau", "0.05"])
+        validate(cfg)
+        lc = loss_config(cfg)
+        assert lc.advantage_estimator == est and lc.partition_tau == 0.05
+    cfg, _ = build_config(["--loss", "grpo"])  # tiny-arith: "" = the loss's own default
+    assert loss_config(cfg).advantage_estimator == "grpo"
+    for loss, est in [("grpo", "partition"), ("pmd-mean", "partition_loo_clamped"), ("pmd-part", "loo")]:
+        cfg, _ = build_config(["--loss", loss, "--estimator", est])
+        with pytest.raises(ValueError, match="loss.estimator"):
+            validate(cfg)
+        assert main(["--loss", loss, "--estimator", est, "--print-config"]) == 2
 
 
 def test_overrides():
@@ -41,8 +69,11 @@ def test_print_config(capsys):
     (["--loss", "ppo"], "loss.name"),
     (["--tau", "0"], "loss.tau"),
     (["--estimator", "median"], "loss.estimator"),
+    (["--partition-tau", "0"], "loss.partition_tau"),
+    (["--tau-schedule", "cosine"], "loss.tau_schedule"),
+    (["--tau-schedule", "mean-reward", "--set", "reward.correct=0.0"], "loss.tau_schedule"),
     (["--group-size", "1"], "rollout.n"),
-    (["--max-steps", "0"], "run.max_steps"),
+    (["--max-steps", "-1"], "run.max_steps"),
     (["--lr", "-1"], "optim.lr"),
     (["--prompts-per-step", "31"], "optim.mini_batches"),  # 31 prompts do not split into 2 mini-batches
     (["--device", "tpu"], "run.device"),

@@ -30,6 +30,7 @@ FLAGS = {
     "--group-size": ("rollout.n", int), "--temperature": ("rollout.temperature", float),
     "--max-new-tokens": ("rollout.max_new_tokens", int), "--eval-n": ("rollout.eval_n", int),
     "--loss": ("loss.name", str), "--tau": ("loss.tau", float), "--estimator": ("loss.estimator", str),
+    "--partition-tau": ("loss.partition_tau", float), "--tau-schedule": ("loss.tau_schedule", str),
     "--backend": ("loss.backend", str), "--chunk-size": ("loss.chunk_size", int),
     "--lr": ("optim.lr", float), "--lr-warmup-steps": ("optim.warmup_steps", int),
     "--mini-batches": ("optim.mini_batches", int), "--micro-batch-seqs": ("optim.micro_batch_seqs", int),

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from fastpmd._checks import TAU_MIN
 
 LOSSES = ("pmd-mean", "pmd-part", "grpo", "gspo", "pg")
-ESTIMATORS = ("mean", "loo")
+ESTIMATORS = ("", "mean", "loo", "partition", "partition_loo", "partition_loo_clamped", "grpo")  # "": the loss's default
+TAU_SCHEDULES = ("none", "mean-reward")
 
 
 @dataclass
@@ -81,8 +82,12 @@ class LossSpec:
     """Step 4: the policy loss, chosen by name."""
 
     name: str = "pmd-mean"  # one of LOSSES
-    tau: float = 0.01  # PMD temperature (paper's scripts: 0.01; 30B figure: 0.1)
-    estimator: str = "mean"  # pmd-mean baseline: "mean" (paper) or "loo" (released code: RLOO, n/(n-1) x mean)
+    tau: float = 0.01  # PMD temperature of the loss (released scripts' pmd_tau: 0.01; 30B figure: 0.1)
+    estimator: str = ""  # advantage estimator; "" = the loss's default (pmd-mean "mean", pmd-part "partition",
+    #   grpo/gspo "grpo", pg "loo"); pmd-mean "loo" = released rloo; pmd-part "partition_loo" (exact) or
+    #   "partition_loo_clamped" (the released ploo, clamp and all); a bad pair is an error before any work
+    partition_tau: float | None = None  # temperature of the partition estimators (released: partition_tau); None = tau
+    tau_schedule: str = "none"  # "mean-reward": per-prompt tau from the group's mean reward (fastpmd.tau_schedule)
     length_norm: bool = True  # divide each sequence's term by its token count ("seq-mean-token-mean")
     grpo_loss_type: str = "grpo"  # grpo / gspo aggregation: grpo | bnpo | dapo | dr_grpo
     epsilon_low: float | None = None  # clip range; None = the loss's default
@@ -125,7 +130,7 @@ class RunConfig:
     """Loop length, output, checkpoints, logging."""
 
     out: str = "runs/fastpmd"  # output directory: metrics.jsonl, checkpoints/, plots, hf/ export
-    max_steps: int = 100  # generation batches (RL steps)
+    max_steps: int = 100  # generation batches (RL steps); 0 = warm-up, eval and export only
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     eval_every: int = 0  # eval every N steps (0 = only before the first and after the last step)
     resume: bool = False  # resume from OUT/checkpoints/latest
@@ -233,6 +238,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     for eps in ("epsilon_low", "epsilon_high"):
         need(getattr(lo, eps) is None or getattr(lo, eps) >= 0, f"loss.{eps}", "must be None or >= 0")
     need(lo.estimator in ESTIMATORS, "loss.estimator", f"must be one of {ESTIMATORS}, got {lo.estimator!r}")
+    need(lo.partition_tau is None or lo.partition_tau > 0, "loss.partition_tau", "must be > 0 or None")
+    need(lo.tau_schedule in TAU_SCHEDULES, "loss.tau_schedule", f"must be one of {TAU_SCHEDULES}")
+    need(lo.tau_schedule == "none" or cfg.reward.correct > cfg.reward.incorrect, "loss.tau_schedule",
+         "'mean-reward' needs binary rewards with reward.correct > reward.incorrect")
+    if lo.name in LOSSES and lo.estimator in ESTIMATORS:
+        from fastpmd.objectives import check_estimator
+
+        pair = check_estimator(lo.name, lo.estimator or None)
+        need(pair is None, "loss.estimator", str(pair))
     need(lo.grpo_loss_type in ("grpo", "bnpo", "dapo", "dr_grpo"), "loss.grpo_loss_type", "unknown")
     need(lo.backend in ("auto", "naive", "torch", "triton"), "loss.backend", f"unknown {lo.backend!r}")
     need(lo.chunk_size is None or lo.chunk_size > 0, "loss.chunk_size", "must be > 0")
@@ -252,7 +266,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(o.micro_batch_tokens >= 0, "optim.micro_batch_tokens", "must be >= 0 (0 = micro_batch_seqs)")
     need(w.steps >= 0 and w.batch_size > 0 and w.lr > 0, "warmup", "steps >= 0, batch_size > 0, lr > 0")
     need(0.0 <= w.noise < 1.0 and w.noise_span >= 1, "warmup.noise", "noise in [0, 1), noise_span >= 1")
-    need(run.max_steps >= 1, "run.max_steps", "must be >= 1")
+    need(run.max_steps >= 0, "run.max_steps", "must be >= 0")
     need(run.save_every >= 0, "run.save_every", "must be >= 0")
     need(run.eval_every >= 0, "run.eval_every", "must be >= 0")
     need(run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto|cpu|cuda, got {run.device!r}")

