@@ -64,6 +64,13 @@ def check_sequence_tau(tau, batch: int):
     return check_tau(tau)
 
 
+def check_weights(weights, shape) -> torch.Tensor:
+    """Loss weights (rollout correction): a floating tensor of the given shape, used as constants."""
+    check_tensor("weights", weights, dims=len(shape), floating=True)
+    check_same_shape("weights", weights, "the loss's per-term", shape)
+    return weights.detach()
+
+
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_fused_inputs, check_targets_in_range
+from ._checks import check_fused_inputs, check_targets_in_range, check_weights
 from .chunked import acc_dtype, chunk_backward_matmuls, chunk_exp_stats_, chunk_logits, default_chunk_rows
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
 from .logprobs import compact_rows, linear_logprobs, resolve_backend
-from .losses import check_weights, count_or, pmd_divisor, pmd_loss, pmd_metrics
+from .losses import count_or, pmd_divisor, pmd_loss, pmd_metrics
 
 
 def sequence_chunks(lengths: list[int], chunk: int) -> list[tuple[int, int, int, int]] | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_count, check_grpo_options, check_length_norm, check_policy_inputs, check_positive
-from ._checks import check_sequence_tau
+from ._checks import check_sequence_tau, check_weights
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -85,13 +85,6 @@ def pmd_loss(
         per_seq = per_seq * check_weights(weights, advantages.shape).to(per_seq.dtype)
     loss = per_seq.sum() / count_or(num_sequences, valid.sum(), "num_sequences")
     return loss, pmd_metrics(loss, delta, resid, advantages, lengths)
-
-
-def check_weights(weights, shape) -> torch.Tensor:
-    """Loss weights (rollout correction): a floating tensor of the given shape, used as constants."""
-    check_tensor("weights", weights, dims=len(shape), floating=True)
-    check_same_shape("weights", weights, "the loss's per-term", shape)
-    return weights.detach()
 
 
 def pmd_metrics(loss, delta, resid, advantages, lengths) -> dict[str, torch.Tensor]:
