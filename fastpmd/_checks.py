@@ -93,7 +93,7 @@ def check_count(name: str, value, fallback: torch.Tensor) -> torch.Tensor | floa
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dtype == torch.bool:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-        if value.device != fallback.device:
+        if value.device != fallback.device and not (value.device.type == "cpu" and value.dim() == 0):
             raise ValueError(f"{name} is on {value.device}, the losses' tensors on {fallback.device}")
         if finite_checks_enabled():
             v = float(value)

@@ -187,6 +187,9 @@ def test_other_device_is_named():
         fastpmd.grpo_loss(lp2, lp2, a2, m2, beta=0.1, ref_logprobs=lp2.to(meta))
     with pytest.raises(ValueError, match="old_logprobs"):
         fastpmd.pg_loss(lp2, lp2.to(meta), a2, m2)
+    with pytest.raises(ValueError, match="num_sequences"):
+        fastpmd.pmd_loss(lp2, lp2, a2, m2, tau=0.1, num_sequences=torch.tensor(2.0, device=meta))
+    fastpmd.pmd_loss(lp2, lp2, a2, m2, tau=0.1, num_sequences=torch.tensor(2.0))  # a 0-d CPU count mixes anywhere
     h, w, t = torch.randn(2, 3, 4), torch.randn(5, 4), torch.randint(0, 5, (2, 3))
     for name, args in {"mask": (m2.to(meta), lp2, a2), "old_logprobs": (m2, lp2.to(meta), a2),
                        "advantages": (m2, lp2, a2.to(meta))}.items():
