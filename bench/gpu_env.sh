@@ -75,6 +75,29 @@ for dist, mod in (("liger-kernel", "liger_kernel"), ("cut-cross-entropy", "cut_c
 EOF
 }
 
+# Phase bookkeeping of the check scripts: gpu_check_init OUT_DIR NAME DEVICE (set-up phase, summary.txt),
+# say MESSAGE, phase_verdict PHASE RC (PASS when RC is 0; sets status=1 otherwise).
+gpu_check_init() {
+    GPU_CHECK_NAME="$2" summary="$1/summary.txt" status=0 phase_start=$SECONDS
+    : >"$summary"
+    gpu_env_setup >"$1/setup.log" 2>&1  # not in a pipe: it exports PYTHONPATH to this shell
+    tee -a "$summary" <"$1/setup.log"
+    if [[ $3 == cuda ]] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+        say "no CUDA device visible"
+        return 2
+    fi
+}
+
+say() { echo "$GPU_CHECK_NAME: $*" | tee -a "$summary"; }
+
+phase_verdict() {
+    local v=PASS
+    if [[ $2 -ne 0 ]]; then v=FAIL; status=1; fi
+    if [[ $2 -eq 124 || $2 -eq 137 ]]; then v="FAIL (time cap)"; fi
+    say "$v  $1 ($((SECONDS - phase_start)) s; total $SECONDS s)"
+    phase_start=$SECONDS
+}
+
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     set -u
     case "${1:-}" in

@@ -22,25 +22,8 @@ CAP_S="${TRAIN_CHECK_CAP_S:-200}"
 RUN="$OUT_DIR/run"
 mkdir -p "$OUT_DIR" && rm -rf "$RUN" || { echo "gpu_check_train: cannot use $OUT_DIR" >&2; exit 2; }
 unset TRITON_INTERPRET
-summary="$OUT_DIR/summary.txt"
-: >"$summary"
-status=0
-phase_start=$SECONDS
-say() { echo "gpu_check_train: $*" | tee -a "$summary"; }
-verdict() {  # $1 = phase, $2 = 0 for PASS
-    local v=PASS
-    [[ $2 -eq 0 ]] || { v=FAIL; status=1; }
-    say "$v  $1 ($((SECONDS - phase_start)) s; total $SECONDS s)"
-    phase_start=$SECONDS
-}
-
 source bench/gpu_env.sh
-gpu_env_setup >"$OUT_DIR/setup.log" 2>&1  # not in a pipe: it exports PYTHONPATH here
-tee -a "$summary" <"$OUT_DIR/setup.log"
-if [[ $DEVICE == cuda ]]; then
-    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
-        say "no CUDA device visible"; exit 2; }
-fi
+gpu_check_init "$OUT_DIR" gpu_check_train "$DEVICE" || exit 2
 "$PYTHON" - "$DEVICE" <<'EOF' | tee -a "$summary"
 import sys, torch
 from fastpmd.logprobs import resolve_backend
@@ -57,7 +40,7 @@ if "$PYTHON" -m fastpmd.train "${ARGS[@]}" --set "optim.micro_batch_tokens=$MB_T
 else
     say "SKIP  optim.micro_batch_tokens unknown to this trainer ($(tail -n 1 "$OUT_DIR/option_check.log")): by count"
 fi
-verdict "set-up and config" 0
+phase_verdict "set-up and config" 0
 
 torchrun_() {  # $1 = log file, rest = trainer arguments
     local log="$1"; shift
@@ -91,11 +74,11 @@ EOF
 torchrun_ "$OUT_DIR/train.log" "${ARGS[@]}" --max-steps "$STEPS" --save-every "$STEPS"
 rc=$? ok=1
 if [[ $rc -eq 0 ]] && check "$STEPS"; then ok=0; fi
-verdict "train $STEPS steps (rc $rc, log $OUT_DIR/train.log)" $ok
+phase_verdict "train $STEPS steps (rc $rc, log $OUT_DIR/train.log)" $ok
 torchrun_ "$OUT_DIR/resume.log" "${ARGS[@]}" --max-steps $((STEPS + 1)) --save-every 1 --resume
 rc=$? ok=1
 if [[ $rc -eq 0 ]] && check $((STEPS + 1)); then ok=0; fi
-verdict "resume for step $((STEPS + 1)) (rc $rc, log $OUT_DIR/resume.log)" $ok
+phase_verdict "resume for step $((STEPS + 1)) (rc $rc, log $OUT_DIR/resume.log)" $ok
 if [[ -f "$RUN/hf/config.json" ]]; then
     say "hf export dtype: $(grep -oE '"(torch_)?dtype": *"[a-z0-9]+"' "$RUN/hf/config.json" | head -n 1)"
 fi

@@ -96,7 +96,7 @@ def test_gpu_check_script_cpu_dry_run(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    assert "PASS  phase gpu_timing" in summary and "SKIP  N=48 fastpmd-triton" in summary
+    assert "PASS  gpu_timing" in summary and "SKIP  N=48 fastpmd-triton" in summary
     assert json.loads((tmp_path / "out" / "gpu_timing.json").read_text())["rows"]
 
 
