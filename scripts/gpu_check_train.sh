@@ -2,7 +2,7 @@
 # GPU check of the trainer (issue 12), one prepared command, < 8 minutes on one H200:
 #   bash scripts/gpu_check_train.sh [OUT_DIR]       # OUT_DIR default: $OUT, else /tmp/fastpmd-gpu-train
 # torchrun with one process (nccl, a world of 1) trains the tiny-arith model (shrunk: 16 prompts x 8 responses,
-# no warm-up, 16 eval problems) on CUDA in bf16 with the HF engine, backend=auto (Triton on CUDA), activation
+# 100 supervised warm-up steps so that some rewards differ and the PMD gradient is not zero, 16 eval problems) on CUDA in bf16 with the HF engine, backend=auto (Triton on CUDA), activation
 # checkpointing and token-budget micro-batches (optim.micro_batch_tokens, when this trainer knows the option),
 # for STEPS steps (default 3) with a checkpoint at the end; then a second torchrun resumes for one more step.
 # PASS/FAIL per phase; logs, metrics.jsonl and checkpoints in OUT_DIR. Needs transformers on the device: bring
@@ -31,7 +31,7 @@ print(f"gpu_check_train: backend auto -> {resolve_backend('auto', torch.device(s
 EOF
 
 ARGS=(--preset tiny-arith --device "$DEVICE" --param-dtype "$DTYPE" --backend auto --engine hf
-      --prompts-per-step 16 --group-size 8 --mini-batches 2 --warmup-steps 0 --eval-n 2 --threads 1
+      --prompts-per-step 16 --group-size 8 --mini-batches 2 --warmup-steps "${WARMUP_STEPS:-100}" --eval-n 2 --threads 1
       --set data.eval_size=16 --set model.activation_checkpointing=True --no-plots --no-progress --out "$RUN")
 if "$PYTHON" -m fastpmd.train "${ARGS[@]}" --set "optim.micro_batch_tokens=$MB_TOKENS" --print-config \
         >/dev/null 2>"$OUT_DIR/option_check.log"; then
@@ -51,7 +51,7 @@ torchrun_() {  # $1 = log file, rest = trainer arguments
     return $rc
 }
 
-check() {  # $1 = expected last step: metrics rows 1..$1 once each, finite, checkpoint present
+check() {  # $1 = expected last step: metrics rows 1..$1 once each, finite, grad norm > 0, checkpoint present
     "$PYTHON" - "$RUN" "$1" "$MB_TOKENS" <<'EOF' | tee -a "$summary"
 import json, math, sys
 from pathlib import Path
@@ -63,9 +63,11 @@ bad = [(r["step"], k) for r in train for k in ("loss", "grad_norm", "reward_mean
        if not isinstance(r.get(k), (int, float)) or not math.isfinite(r[k])]
 ckpt = (run / "checkpoints" / f"step_{last:06d}").is_dir()
 mbt = [r.get("micro_batch_tokens_max") for r in train]
-print(f"gpu_check_train: steps {steps}, non-finite {bad}, checkpoint step {last}: {ckpt}, "
-      f"micro_batch_tokens_max {mbt}, loss {[round(r['loss'], 5) for r in train]}")
-ok = steps == list(range(1, last + 1)) and not bad and ckpt
+zero = [r["step"] for r in train if not bad and r["grad_norm"] <= 0]
+print(f"gpu_check_train: steps {steps}, non-finite {bad}, zero gradient {zero}, checkpoint step {last}: {ckpt}, "
+      f"micro_batch_tokens_max {mbt}, loss {[round(r['loss'], 5) for r in train]}, "
+      f"grad_norm {[round(r['grad_norm'], 4) for r in train]}, reward {[round(r['reward_mean'], 3) for r in train]}")
+ok = steps == list(range(1, last + 1)) and not bad and not zero and ckpt
 ok = ok and all(m is None or m <= budget for m in mbt)
 sys.exit(0 if ok else 1)
 EOF

@@ -109,6 +109,6 @@ def test_train_check_script_cpu(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert out.returncode == 0, summary + out.stdout[-3000:]
     assert "PASS  train 1 steps" in summary and "PASS  resume for step 2" in summary
-    assert "backend auto -> torch on cpu" in summary
+    assert "backend auto -> torch on cpu" in summary and "zero gradient []" in summary
     rows = [json.loads(x) for x in (tmp_path / "out" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
