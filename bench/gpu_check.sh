@@ -33,8 +33,8 @@ gpu_check_init "$OUT_DIR" gpu_check "$DEVICE" || exit 2
 if [[ $DEVICE == cuda ]]; then
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader 2>&1 | tee -a "$summary"
 fi
-"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" \
-    2>&1 | tee -a "$summary"
+"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+      'cuda', torch.version.cuda)" 2>&1 | tee -a "$summary"
 phase_verdict setup 0
 
 # 1. kernel tests, compiled

@@ -2,8 +2,9 @@
 # GPU check of the trainer (issue 12), one prepared command, < 8 minutes on one H200:
 #   bash scripts/gpu_check_train.sh [OUT_DIR]       # OUT_DIR default: $OUT, else /tmp/fastpmd-gpu-train
 # torchrun with one process (nccl, a world of 1) trains the tiny-arith model (shrunk: 16 prompts x 8 responses,
-# 100 supervised warm-up steps so that some rewards differ and the PMD gradient is not zero, 16 eval problems) on CUDA in bf16 with the HF engine, backend=auto (Triton on CUDA), activation
-# checkpointing and token-budget micro-batches (optim.micro_batch_tokens, when this trainer knows the option),
+# 100 supervised warm-up steps so that some rewards differ and the PMD gradient is not zero, 16 eval problems)
+# on CUDA in bf16 with the HF engine, backend=auto (Triton on CUDA), activation checkpointing and token-budget
+# micro-batches (optim.micro_batch_tokens, when this trainer knows the option),
 # for STEPS steps (default 3) with a checkpoint at the end; then a second torchrun resumes for one more step.
 # PASS/FAIL per phase; logs, metrics.jsonl and checkpoints in OUT_DIR. Needs transformers on the device: bring
 # it as wheels with `bash bench/gpu_env.sh download train` (carry .whl; see bench/gpu_env.sh).

@@ -60,22 +60,25 @@ def test_gpu_timing_budget_and_bad_args(tmp_path, capsys):
     assert gpu_timing.main([*TINY, "--device", "tpu", "--out", str(tmp_path)]) == 2
 
 
-def _row(method, ms, mem, status="ok", n=4096):
+def _row(method, ms, mem, status="ok", n=4096, loss=None):
     return {"method": method, "tokens": n, "status": status, "reason": "" if status == "ok" else "missing",
-            "ms_median": ms, "peak_mem_mb": mem, "pct_floor_speed": 100 * 70 / ms if ms else None}
+            "ms_median": ms, "peak_mem_mb": mem, "pct_floor_speed": 100 * 70 / ms if ms else None,
+            "loss_value": loss}
 
 
 def test_checks_verdicts():
-    rows = [_row("fastpmd-triton", 100.0, 500.0), _row("liger-flce", 120.0, 400.0), _row("liger", 150.0, 900.0),
-            _row("cce", None, None, "skipped"), _row("naive", 90.0, 9000.0), _row("matmul-floor", 70.0, None)]
+    rows = [_row("fastpmd-triton", 100.0, 500.0, loss=0.5), _row("fastpmd-torch", 130.0, 600.0, loss=0.505),
+            _row("liger-flce", 120.0, 400.0), _row("liger", 150.0, 900.0), _row("cce", None, None, "skipped"),
+            _row("naive", 90.0, 9000.0), _row("matmul-floor", 70.0, None)]
     lines = {c["check"]: c["verdict"] for c in gpu_timing.checks(rows)}
-    assert lines == {"N=4096 fastpmd-triton >= 70% of floor speed": "PASS",  # 70 / 100 ms = 70%
+    assert lines == {"N=4096 fastpmd-triton loss agrees with fastpmd-torch": "PASS",
+                     "N=4096 fastpmd-triton >= 70% of floor speed": "PASS",  # 70 / 100 ms = 70%
                      "N=4096 fastpmd-triton faster than liger-flce at <= memory": "FAIL",  # more memory
                      "N=4096 fastpmd-triton faster than liger at <= memory": "PASS",
                      "N=4096 fastpmd-triton faster than cce at <= memory": "SKIP",
                      "N=4096 fastpmd-triton faster than naive at <= memory": "FAIL"}  # slower
-    rows[0]["ms_median"], rows[0]["pct_floor_speed"] = 101.0, 100 * 70 / 101.0
-    assert gpu_timing.checks(rows)[0]["verdict"] == "FAIL"
+    rows[0]["ms_median"], rows[0]["pct_floor_speed"], rows[0]["loss_value"] = 101.0, 100 * 70 / 101.0, 0.6
+    assert [c["verdict"] for c in gpu_timing.checks(rows)][:2] == ["FAIL", "FAIL"]
 
 
 def test_shim_imports_the_source_tree(tmp_path):
