@@ -14,7 +14,6 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-/tmp/fastpmd-gpu-train}}"
-PYTHON="${PYTHON:-python}"
 DEVICE="${TRAIN_CHECK_DEVICE:-cuda}"
 DTYPE="${TRAIN_CHECK_DTYPE:-bfloat16}"
 STEPS="${STEPS:-3}"

@@ -93,13 +93,18 @@ def test_shim_imports_the_source_tree(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_script_cpu_dry_run(tmp_path):
-    env = _env(GPU_CHECK_DEVICE="cpu", GPU_CHECK_SKIP_TESTS="1", GPU_ENV_TMP=str(tmp_path),
+    env = _env(GPU_CHECK_DEVICE="cpu", GPU_CHECK_PYTEST_ARGS="-k autotune_picks", GPU_ENV_TMP=str(tmp_path),
                GPU_CHECK_TIMING_ARGS=" ".join(TINY[2:] + ["--methods", "fastpmd-triton", "naive"]))
     out = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "PASS  gpu_timing" in summary and "SKIP  N=48 fastpmd-triton" in summary
+    assert "PASS  kernel tests" in summary
+    log = (tmp_path / "out" / "kernel_tests.log").read_text()
+    files = log.splitlines()[0]
+    assert "tests/test_kernels.py" in files and "report" not in files, log  # the CPU-side report is left out
+    assert "1 passed" in log, log
     assert json.loads((tmp_path / "out" / "gpu_timing.json").read_text())["rows"]
 
 
