@@ -24,11 +24,16 @@ mkdir -p "$OUT_DIR" && rm -rf "$RUN" || { echo "gpu_check_train: cannot use $OUT
 unset TRITON_INTERPRET
 source bench/gpu_env.sh
 gpu_check_init "$OUT_DIR" gpu_check_train "$DEVICE" || exit 2
-"$PYTHON" - "$DEVICE" <<'EOF' | tee -a "$summary"
+backend="$("$PYTHON" - "$DEVICE" <<'EOF'
 import sys, torch
 from fastpmd.logprobs import resolve_backend
-print(f"gpu_check_train: backend auto -> {resolve_backend('auto', torch.device(sys.argv[1]))} on {sys.argv[1]}")
+print(resolve_backend("auto", torch.device(sys.argv[1])))
 EOF
+)"
+say "backend auto -> $backend on $DEVICE"
+if [[ $DEVICE == cuda && $backend != triton ]]; then
+    phase_verdict "backend auto resolves to triton on CUDA" 1
+fi
 
 ARGS=(--preset tiny-arith --device "$DEVICE" --param-dtype "$DTYPE" --backend auto --engine hf
       --prompts-per-step 16 --group-size 8 --mini-batches 2 --warmup-steps "${WARMUP_STEPS:-100}" --eval-n 2 --threads 1
