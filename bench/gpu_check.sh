@@ -23,43 +23,32 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-/tmp/fastpmd-gpu-check}}"
 mkdir -p "$OUT_DIR" || { echo "gpu_check: cannot create $OUT_DIR" >&2; exit 2; }
-PYTHON="${PYTHON:-python}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 unset TRITON_INTERPRET
-summary="$OUT_DIR/summary.txt"
-: >"$summary"
-status=0
-phase_start=$SECONDS
-say() { echo "gpu_check: $*" | tee -a "$summary"; }
-phase_done() {  # $1 = name, $2 = rc
-    local verdict=PASS
-    [[ $2 -eq 0 ]] || { verdict=FAIL; status=1; }
-    [[ $2 -eq 124 || $2 -eq 137 ]] && verdict="FAIL (time cap)"
-    say "$verdict  phase $1 (rc $2, $((SECONDS - phase_start)) s; total $SECONDS s)"
-    phase_start=$SECONDS
-}
 
 # 0. set-up
 source bench/gpu_env.sh
-gpu_env_setup >"$OUT_DIR/setup.log" 2>&1  # not in a pipe: it exports PYTHONPATH here
-tee -a "$summary" <"$OUT_DIR/setup.log"
+gpu_check_init "$OUT_DIR" gpu_check "$DEVICE" || exit 2
 if [[ $DEVICE == cuda ]]; then
-    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
-        say "no CUDA device visible"; exit 2; }
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader 2>&1 | tee -a "$summary"
 fi
-"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" \
-    2>&1 | tee -a "$summary"
-phase_done setup 0
+"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+      'cuda', torch.version.cuda)" 2>&1 | tee -a "$summary"
+phase_verdict setup 0
 
-# 1. kernel tests, compiled
+# 1. kernel tests, compiled (GPU_CHECK_PYTEST_ARGS: extra pytest arguments, e.g. -k NAME)
+# shellcheck disable=SC2086
 if [[ -z "${GPU_CHECK_SKIP_TESTS:-}" ]]; then
-    timeout -k 10 "${KERNEL_TESTS_S:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels*.py \
-        --ignore=tests/test_kernels_report.py \
-        >"$OUT_DIR/kernel_tests.log" 2>&1
+    files=()
+    for f in tests/test_kernels*.py; do  # an explicit file is collected even with --ignore: leave it out here
+        [[ $f == tests/test_kernels_report.py ]] || files+=("$f")
+    done
+    echo "kernel tests: ${files[*]} ${GPU_CHECK_PYTEST_ARGS:-}" >"$OUT_DIR/kernel_tests.log"
+    timeout -k 10 "${KERNEL_TESTS_S:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider "${files[@]}" \
+        ${GPU_CHECK_PYTEST_ARGS:-} >>"$OUT_DIR/kernel_tests.log" 2>&1
     rc=$?
     tail -n 5 "$OUT_DIR/kernel_tests.log"
-    phase_done "kernel tests (log: $OUT_DIR/kernel_tests.log)" $rc
+    phase_verdict "kernel tests (log: $OUT_DIR/kernel_tests.log)" $rc
 fi
 
 # 2. timing: one interleaved run per N; no new N starts after --budget-s
@@ -67,7 +56,7 @@ fi
 timeout -k 10 "${TIMING_S:-280}" "$PYTHON" -m fastpmd.bench.gpu_timing --device "$DEVICE" --out "$OUT_DIR" \
     --budget-s "${TIMING_BUDGET_S:-160}" ${GPU_CHECK_TIMING_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_timing.log"
 rc=$?
-phase_done "gpu_timing (table: $OUT_DIR/gpu_timing.md)" $rc
+phase_verdict "gpu_timing (table: $OUT_DIR/gpu_timing.md)" $rc
 if grep -q "^    FAIL" "$OUT_DIR/gpu_timing.md" 2>/dev/null; then
     status=1
 fi

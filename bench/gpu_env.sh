@@ -4,11 +4,12 @@
 #
 # Here, on a machine with the package registry, fill .whl/ with what the device lacks (the device runs
 # Python 3.12 on x86_64; the versions are the ones the CPU tests use):
-#   bash bench/gpu_env.sh download peers   # liger-kernel, cut-cross-entropy (pure Python, ~1 MB)
+#   bash bench/gpu_env.sh download peers   # liger-kernel, cut-cross-entropy; pytest (the kernel tests) (~3 MB)
 #   bash bench/gpu_env.sh download train   # transformers and its dependencies (~44 MB; none needs torch)
 # which runs
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #       -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl pytest==9.0.3
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl transformers==5.24.0
 # .whl/ is git-ignored: bring it with the device tool's carry [".whl"]. On the device, `source bench/gpu_env.sh`
@@ -19,8 +20,9 @@
 # the fastpmd.* namespace (what pyproject's package-dir does), without pip or setuptools; PYTHONSAFEPATH=1 keeps
 # the current directory (the repository root, whose fastpmd/ lacks kernels/) off sys.path.
 GPU_ENV_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python}"
-PEER_WHEELS=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1)
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"  # the interpreter every phase uses
+PEER_WHEELS=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1)  # no dependencies beyond torch and triton
+TEST_WHEELS=(pytest==9.0.3)
 TRAIN_WHEELS=(transformers==5.24.0)
 
 gpu_env_download() {  # $1 = peers | train | all
@@ -28,6 +30,7 @@ gpu_env_download() {  # $1 = peers | train | all
     mkdir -p "$dest"
     if [[ $what == peers || $what == all ]]; then
         "$PYTHON" -m pip download --no-deps --only-binary=:all: "${plat[@]}" -d "$dest" "${PEER_WHEELS[@]}" || return 1
+        "$PYTHON" -m pip download --only-binary=:all: "${plat[@]}" -d "$dest" "${TEST_WHEELS[@]}" || return 1
     fi
     if [[ $what == train || $what == all ]]; then
         "$PYTHON" -m pip download --only-binary=:all: "${plat[@]}" --platform manylinux_2_17_x86_64 \
@@ -67,12 +70,35 @@ gpu_env_setup() {
 import importlib.metadata as md
 import importlib.util
 for dist, mod in (("liger-kernel", "liger_kernel"), ("cut-cross-entropy", "cut_cross_entropy"),
-                  ("transformers", "transformers")):
+                  ("pytest", "pytest"), ("transformers", "transformers")):
     if importlib.util.find_spec(mod) is None:
         print(f"gpu_env: {dist} missing (bring wheels: bash bench/gpu_env.sh download peers|train, carry .whl)")
     else:
         print(f"gpu_env: {dist} {md.version(dist)}")
 EOF
+}
+
+# Phase bookkeeping of the check scripts: gpu_check_init OUT_DIR NAME DEVICE (set-up phase, summary.txt),
+# say MESSAGE, phase_verdict PHASE RC (PASS when RC is 0; sets status=1 otherwise).
+gpu_check_init() {
+    GPU_CHECK_NAME="$2" summary="$1/summary.txt" status=0 phase_start=$SECONDS
+    : >"$summary"
+    gpu_env_setup >"$1/setup.log" 2>&1  # not in a pipe: it exports PYTHONPATH to this shell
+    tee -a "$summary" <"$1/setup.log"
+    if [[ $3 == cuda ]] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+        say "no CUDA device visible"
+        return 2
+    fi
+}
+
+say() { echo "$GPU_CHECK_NAME: $*" | tee -a "$summary"; }
+
+phase_verdict() {
+    local v=PASS
+    if [[ $2 -ne 0 ]]; then v=FAIL; status=1; fi
+    if [[ $2 -eq 124 || $2 -eq 137 ]]; then v="FAIL (time cap)"; fi
+    say "$v  $1 ($((SECONDS - phase_start)) s; total $SECONDS s)"
+    phase_start=$SECONDS
 }
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then

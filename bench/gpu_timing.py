@@ -42,6 +42,7 @@ METHOD_LOSS = {"fastpmd-triton": "pmd-mean", "fastpmd-torch": "pmd-mean", "liger
                "liger": "grpo", "cce": "pmd-mean", "naive": "pmd-mean"}
 OURS, PEERS = "fastpmd-triton", ("liger-flce", "liger", "cce", "naive")
 FLOOR_SPEED_TARGET = 70.0  # % of the floor's speed
+LOSS_RTOL = 2e-2  # fastpmd-triton's loss vs fastpmd-torch's on the same bf16 inputs (a sanity check, not a test)
 
 
 def dense_peak(device: torch.device) -> float | None:
@@ -111,6 +112,12 @@ def checks(rows: list[dict]) -> list[dict]:
             out.append(_check(f"N={n} {OURS} >= {FLOOR_SPEED_TARGET:.0f}% of floor speed", None, why))
             out += [_check(f"N={n} {OURS} faster than {p} at <= memory", None, why) for p in PEERS if p in by]
             continue
+        ref = by.get("fastpmd-torch")
+        if ref is not None and ref.get("loss_value") is not None and ours.get("loss_value") is not None:
+            a, b = ours["loss_value"], ref["loss_value"]
+            agree = abs(a - b) <= LOSS_RTOL * max(1.0, abs(b))
+            out.append(_check(f"N={n} {OURS} loss agrees with fastpmd-torch", agree,
+                              f"{a:.6g} vs {b:.6g} (rtol {LOSS_RTOL})"))
         pct = ours["pct_floor_speed"]
         out.append(_check(f"N={n} {OURS} >= {FLOOR_SPEED_TARGET:.0f}% of floor speed",
                           None if pct is None else pct >= FLOOR_SPEED_TARGET, f"{_fmt(pct)}%"))
@@ -176,7 +183,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls per method (compilation happens here)")
     p.add_argument("--reps", type=int, nargs="+", default=[5, 10], help="timed rounds, one value per --n")
     p.add_argument("--cap-s", type=float, default=20.0, help="max timed seconds per method and N")
-    p.add_argument("--budget-s", type=float, default=None, help="start no new N after this many seconds (the first N always runs)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new N after this many seconds (the first N always runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.environ.get("OUT"), help="output directory (default: $OUT)")
     a = p.parse_args(argv)

@@ -2,8 +2,9 @@
 # GPU check of the trainer (issue 12), one prepared command, < 8 minutes on one H200:
 #   bash scripts/gpu_check_train.sh [OUT_DIR]       # OUT_DIR default: $OUT, else /tmp/fastpmd-gpu-train
 # torchrun with one process (nccl, a world of 1) trains the tiny-arith model (shrunk: 16 prompts x 8 responses,
-# no warm-up, 16 eval problems) on CUDA in bf16 with the HF engine, backend=auto (Triton on CUDA), activation
-# checkpointing and token-budget micro-batches (optim.micro_batch_tokens, when this trainer knows the option),
+# 100 supervised warm-up steps so that some rewards differ and the PMD gradient is not zero, 16 eval problems)
+# on CUDA in bf16 with the HF engine, backend=auto (Triton on CUDA), activation checkpointing and token-budget
+# micro-batches (optim.micro_batch_tokens, when this trainer knows the option),
 # for STEPS steps (default 3) with a checkpoint at the end; then a second torchrun resumes for one more step.
 # PASS/FAIL per phase; logs, metrics.jsonl and checkpoints in OUT_DIR. Needs transformers on the device: bring
 # it as wheels with `bash bench/gpu_env.sh download train` (carry .whl; see bench/gpu_env.sh).
@@ -13,7 +14,6 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-/tmp/fastpmd-gpu-train}}"
-PYTHON="${PYTHON:-python}"
 DEVICE="${TRAIN_CHECK_DEVICE:-cuda}"
 DTYPE="${TRAIN_CHECK_DTYPE:-bfloat16}"
 STEPS="${STEPS:-3}"
@@ -22,33 +22,21 @@ CAP_S="${TRAIN_CHECK_CAP_S:-200}"
 RUN="$OUT_DIR/run"
 mkdir -p "$OUT_DIR" && rm -rf "$RUN" || { echo "gpu_check_train: cannot use $OUT_DIR" >&2; exit 2; }
 unset TRITON_INTERPRET
-summary="$OUT_DIR/summary.txt"
-: >"$summary"
-status=0
-phase_start=$SECONDS
-say() { echo "gpu_check_train: $*" | tee -a "$summary"; }
-verdict() {  # $1 = phase, $2 = 0 for PASS
-    local v=PASS
-    [[ $2 -eq 0 ]] || { v=FAIL; status=1; }
-    say "$v  $1 ($((SECONDS - phase_start)) s; total $SECONDS s)"
-    phase_start=$SECONDS
-}
-
 source bench/gpu_env.sh
-gpu_env_setup >"$OUT_DIR/setup.log" 2>&1  # not in a pipe: it exports PYTHONPATH here
-tee -a "$summary" <"$OUT_DIR/setup.log"
-if [[ $DEVICE == cuda ]]; then
-    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
-        say "no CUDA device visible"; exit 2; }
-fi
-"$PYTHON" - "$DEVICE" <<'EOF' | tee -a "$summary"
+gpu_check_init "$OUT_DIR" gpu_check_train "$DEVICE" || exit 2
+backend="$("$PYTHON" - "$DEVICE" <<'EOF'
 import sys, torch
 from fastpmd.logprobs import resolve_backend
-print(f"gpu_check_train: backend auto -> {resolve_backend('auto', torch.device(sys.argv[1]))} on {sys.argv[1]}")
+print(resolve_backend("auto", torch.device(sys.argv[1])))
 EOF
+)"
+say "backend auto -> $backend on $DEVICE"
+if [[ $DEVICE == cuda && $backend != triton ]]; then
+    phase_verdict "backend auto resolves to triton on CUDA" 1
+fi
 
 ARGS=(--preset tiny-arith --device "$DEVICE" --param-dtype "$DTYPE" --backend auto --engine hf
-      --prompts-per-step 16 --group-size 8 --mini-batches 2 --warmup-steps 0 --eval-n 2 --threads 1
+      --prompts-per-step 16 --group-size 8 --mini-batches 2 --warmup-steps "${WARMUP_STEPS:-100}" --eval-n 2 --threads 1
       --set data.eval_size=16 --set model.activation_checkpointing=True --no-plots --no-progress --out "$RUN")
 if "$PYTHON" -m fastpmd.train "${ARGS[@]}" --set "optim.micro_batch_tokens=$MB_TOKENS" --print-config \
         >/dev/null 2>"$OUT_DIR/option_check.log"; then
@@ -57,7 +45,7 @@ if "$PYTHON" -m fastpmd.train "${ARGS[@]}" --set "optim.micro_batch_tokens=$MB_T
 else
     say "SKIP  optim.micro_batch_tokens unknown to this trainer ($(tail -n 1 "$OUT_DIR/option_check.log")): by count"
 fi
-verdict "set-up and config" 0
+phase_verdict "set-up and config" 0
 
 torchrun_() {  # $1 = log file, rest = trainer arguments
     local log="$1"; shift
@@ -68,7 +56,7 @@ torchrun_() {  # $1 = log file, rest = trainer arguments
     return $rc
 }
 
-check() {  # $1 = expected last step: metrics rows 1..$1 once each, finite, checkpoint present
+check() {  # $1 = expected last step: metrics rows 1..$1 once each, finite, grad norm > 0, checkpoint present
     "$PYTHON" - "$RUN" "$1" "$MB_TOKENS" <<'EOF' | tee -a "$summary"
 import json, math, sys
 from pathlib import Path
@@ -80,9 +68,11 @@ bad = [(r["step"], k) for r in train for k in ("loss", "grad_norm", "reward_mean
        if not isinstance(r.get(k), (int, float)) or not math.isfinite(r[k])]
 ckpt = (run / "checkpoints" / f"step_{last:06d}").is_dir()
 mbt = [r.get("micro_batch_tokens_max") for r in train]
-print(f"gpu_check_train: steps {steps}, non-finite {bad}, checkpoint step {last}: {ckpt}, "
-      f"micro_batch_tokens_max {mbt}, loss {[round(r['loss'], 5) for r in train]}")
-ok = steps == list(range(1, last + 1)) and not bad and ckpt
+zero = [r["step"] for r in train if not bad and r["grad_norm"] <= 0]
+print(f"gpu_check_train: steps {steps}, non-finite {bad}, zero gradient {zero}, checkpoint step {last}: {ckpt}, "
+      f"micro_batch_tokens_max {mbt}, loss {[round(r['loss'], 5) for r in train]}, "
+      f"grad_norm {[round(r['grad_norm'], 4) for r in train]}, reward {[round(r['reward_mean'], 3) for r in train]}")
+ok = steps == list(range(1, last + 1)) and not bad and not zero and ckpt
 ok = ok and all(m is None or m <= budget for m in mbt)
 sys.exit(0 if ok else 1)
 EOF
@@ -91,11 +81,11 @@ EOF
 torchrun_ "$OUT_DIR/train.log" "${ARGS[@]}" --max-steps "$STEPS" --save-every "$STEPS"
 rc=$? ok=1
 if [[ $rc -eq 0 ]] && check "$STEPS"; then ok=0; fi
-verdict "train $STEPS steps (rc $rc, log $OUT_DIR/train.log)" $ok
+phase_verdict "train $STEPS steps (rc $rc, log $OUT_DIR/train.log)" $ok
 torchrun_ "$OUT_DIR/resume.log" "${ARGS[@]}" --max-steps $((STEPS + 1)) --save-every 1 --resume
 rc=$? ok=1
 if [[ $rc -eq 0 ]] && check $((STEPS + 1)); then ok=0; fi
-verdict "resume for step $((STEPS + 1)) (rc $rc, log $OUT_DIR/resume.log)" $ok
+phase_verdict "resume for step $((STEPS + 1)) (rc $rc, log $OUT_DIR/resume.log)" $ok
 if [[ -f "$RUN/hf/config.json" ]]; then
     say "hf export dtype: $(grep -oE '"(torch_)?dtype": *"[a-z0-9]+"' "$RUN/hf/config.json" | head -n 1)"
 fi

@@ -60,22 +60,25 @@ def test_gpu_timing_budget_and_bad_args(tmp_path, capsys):
     assert gpu_timing.main([*TINY, "--device", "tpu", "--out", str(tmp_path)]) == 2
 
 
-def _row(method, ms, mem, status="ok", n=4096):
+def _row(method, ms, mem, status="ok", n=4096, loss=None):
     return {"method": method, "tokens": n, "status": status, "reason": "" if status == "ok" else "missing",
-            "ms_median": ms, "peak_mem_mb": mem, "pct_floor_speed": 100 * 70 / ms if ms else None}
+            "ms_median": ms, "peak_mem_mb": mem, "pct_floor_speed": 100 * 70 / ms if ms else None,
+            "loss_value": loss}
 
 
 def test_checks_verdicts():
-    rows = [_row("fastpmd-triton", 100.0, 500.0), _row("liger-flce", 120.0, 400.0), _row("liger", 150.0, 900.0),
-            _row("cce", None, None, "skipped"), _row("naive", 90.0, 9000.0), _row("matmul-floor", 70.0, None)]
+    rows = [_row("fastpmd-triton", 100.0, 500.0, loss=0.5), _row("fastpmd-torch", 130.0, 600.0, loss=0.505),
+            _row("liger-flce", 120.0, 400.0), _row("liger", 150.0, 900.0), _row("cce", None, None, "skipped"),
+            _row("naive", 90.0, 9000.0), _row("matmul-floor", 70.0, None)]
     lines = {c["check"]: c["verdict"] for c in gpu_timing.checks(rows)}
-    assert lines == {"N=4096 fastpmd-triton >= 70% of floor speed": "PASS",  # 70 / 100 ms = 70%
+    assert lines == {"N=4096 fastpmd-triton loss agrees with fastpmd-torch": "PASS",
+                     "N=4096 fastpmd-triton >= 70% of floor speed": "PASS",  # 70 / 100 ms = 70%
                      "N=4096 fastpmd-triton faster than liger-flce at <= memory": "FAIL",  # more memory
                      "N=4096 fastpmd-triton faster than liger at <= memory": "PASS",
                      "N=4096 fastpmd-triton faster than cce at <= memory": "SKIP",
                      "N=4096 fastpmd-triton faster than naive at <= memory": "FAIL"}  # slower
-    rows[0]["ms_median"], rows[0]["pct_floor_speed"] = 101.0, 100 * 70 / 101.0
-    assert gpu_timing.checks(rows)[0]["verdict"] == "FAIL"
+    rows[0]["ms_median"], rows[0]["pct_floor_speed"], rows[0]["loss_value"] = 101.0, 100 * 70 / 101.0, 0.6
+    assert [c["verdict"] for c in gpu_timing.checks(rows)][:2] == ["FAIL", "FAIL"]
 
 
 def test_shim_imports_the_source_tree(tmp_path):
@@ -90,13 +93,18 @@ def test_shim_imports_the_source_tree(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_script_cpu_dry_run(tmp_path):
-    env = _env(GPU_CHECK_DEVICE="cpu", GPU_CHECK_SKIP_TESTS="1", GPU_ENV_TMP=str(tmp_path),
+    env = _env(GPU_CHECK_DEVICE="cpu", GPU_CHECK_PYTEST_ARGS="-k autotune_picks", GPU_ENV_TMP=str(tmp_path),
                GPU_CHECK_TIMING_ARGS=" ".join(TINY[2:] + ["--methods", "fastpmd-triton", "naive"]))
     out = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    assert "PASS  phase gpu_timing" in summary and "SKIP  N=48 fastpmd-triton" in summary
+    assert "PASS  gpu_timing" in summary and "SKIP  N=48 fastpmd-triton" in summary
+    assert "PASS  kernel tests" in summary
+    log = (tmp_path / "out" / "kernel_tests.log").read_text()
+    files = log.splitlines()[0]
+    assert "tests/test_kernels.py" in files and "report" not in files, log  # the CPU-side report is left out
+    assert "1 passed" in log, log
     assert json.loads((tmp_path / "out" / "gpu_timing.json").read_text())["rows"]
 
 
@@ -109,6 +117,6 @@ def test_train_check_script_cpu(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert out.returncode == 0, summary + out.stdout[-3000:]
     assert "PASS  train 1 steps" in summary and "PASS  resume for step 2" in summary
-    assert "backend auto -> torch on cpu" in summary
+    assert "backend auto -> torch on cpu" in summary and "zero gradient []" in summary
     rows = [json.loads(x) for x in (tmp_path / "out" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
