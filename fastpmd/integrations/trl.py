@@ -132,7 +132,8 @@ class PMDTrainer(FusedGRPOTrainer):
                 old = linear_logprobs(hidden.detach(), weight.detach(), completion_ids, mask=mask,
                                       bias=None if bias is None else bias.detach(), temperature=self.temperature)
         mode = "train" if self.model.training else "eval"
-        accum = self.current_gradient_accumulation_steps if mode == "train" else 1
+        accum = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        accum = accum if mode == "train" else 1  # TRL's convention: the loss is pre-divided for accumulation
         loss, metrics = fused_linear_pmd_loss(hidden, weight, completion_ids, mask, old, inputs["advantages"],
                                               tau=self.args.tau, length_norm=self.args.length_norm,
                                               temperature=self.temperature, bias=bias,
