@@ -1,6 +1,6 @@
 """verl integration: PMD-mean and PMD-part as verl policy losses, by a config switch.
 
-    import fastpmd.integrations.verl as fv; fv.register(pmd_tau=0.01)   # in the driver and in every worker
+    import fastpmd.integrations.verl   # registers on import, in the entry script (as the released code does)
     actor_rollout_ref.actor.policy_loss.loss_mode=pmd_mean  algorithm.adv_estimator=rloo          # PMD-mean
     actor_rollout_ref.actor.policy_loss.loss_mode=pmd_part  algorithm.adv_estimator=pmd_partition  # PMD-part
 
@@ -11,12 +11,14 @@ fastpmd.pmd_loss from verl's (old_log_prob, log_prob, advantages, response_mask,
 loss_agg_mode picks divisor and normaliser: seq-mean-token-mean (divisor |y_i|, the released OpenKimi loss),
 seq-mean-token-sum-norm (divisor loss_scale_factor or the padded length), seq-mean-token-sum (1), token-mean
 (1, normalised by the token count). verl's global_batch_info (dp_size, global_batch_size, batch_num_tokens) gives
-the global normalisers. tau: `pmd_tau` in config.policy_loss (or the actor config), else register()'s.
+the global normalisers. tau: `pmd_tau` in config.policy_loss (or the actor config), else $FASTPMD_PMD_TAU,
+else register()'s.
 Advantage estimators "pmd_partition" / "pmd_partition_loo": fastpmd.advantages per prompt group (verl's uid).
 Importing this module needs verl (its policy-loss registry, verl.trainer.ppo.core_algos).
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -45,11 +47,15 @@ def _get(cfg, key):
 
 
 def pmd_tau(config) -> float:
-    """`pmd_tau` from config.policy_loss, else from the actor config, else register()'s default."""
+    """`pmd_tau` from config.policy_loss or the actor config (a DictConfig, or a fork's dataclass with the field),
+    else $FASTPMD_PMD_TAU (reaches Ray workers through runtime_env; stock verl's dataclass ActorConfig rejects
+    unknown keys), else register()'s default (0.01, the released scripts' value)."""
     for src in (_get(config, "policy_loss"), config):
         tau = _get(src, "pmd_tau")
         if tau is not None:
             return check_positive("pmd_tau", float(tau))
+    if os.environ.get("FASTPMD_PMD_TAU"):
+        return check_positive("FASTPMD_PMD_TAU", float(os.environ["FASTPMD_PMD_TAU"]))
     return _DEFAULT["pmd_tau"]
 
 
