@@ -95,3 +95,22 @@ def test_verl_config_errors():
         fn(old, new, token_rewards, mask, "seq-mean-token-mean", OmegaConf.create({"pmd_tau": -1.0}))
     with pytest.raises(ValueError, match="importance"):
         fn(old, new, token_rewards, mask, "seq-mean-token-mean", None, torch.ones_like(old))
+
+
+def test_fastpmd_head_answers_verl_fused_forward():
+    from verl.models.transformers.dense_common import forward_with_torch_backend
+
+    import trl_tiny
+
+    model = trl_tiny.qwen2()
+    ids = torch.randint(3, 14, (1, 11))  # verl's packed layout: one row, position ids restart per sequence
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]])
+    want = forward_with_torch_backend(model, input_ids=ids, position_ids=pos, temperature=0.8, return_dict=True)
+    (gw,) = torch.autograd.grad(want.log_probs.sum() + want.entropy.sum(), model.lm_head.weight)
+    fv.use_fastpmd_head(model)
+    got = model(input_ids=ids, position_ids=pos, temperature=0.8, return_dict=True)
+    (gg,) = torch.autograd.grad(got.log_probs.sum() + got.entropy.sum(), model.lm_head.weight)
+    torch.testing.assert_close(got.log_probs, want.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gg, gw, rtol=1e-4, atol=1e-5)
+    assert (want.log_probs < 0).all() and gw.abs().sum() > 0

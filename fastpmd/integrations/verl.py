@@ -32,7 +32,9 @@ except ImportError as e:  # pragma: no cover - exercised only without verl
 
 from .. import advantages as group_advantages
 from .._checks import check_positive
+from ..logprobs import linear_logprobs
 from ..losses import pmd_loss
+from ._hf import check_supported
 
 LOSS_NAMES = ("pmd_mean", "pmd_part")
 ESTIMATOR_NAMES = {"pmd_partition": "partition", "pmd_partition_loo": "partition_loo"}
@@ -136,6 +138,37 @@ def register(pmd_tau: float | None = None) -> None:
     for name, fn in _ESTIMATORS.items():
         if core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is not fn:
             core_algos.register_adv_est(name)(fn)
+
+
+def forward_for_ppo(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                    output_hidden_states=None, return_dict=None, cache_position=None, logits_to_keep=0,
+                    temperature=1.0, shift_labels=None, **loss_kwargs):
+    """verl's fused-kernel forward contract (`use_fused_kernels=True`: log_probs and entropy [B, S] of the next
+    token, no logits) computed by fastpmd.linear_logprobs. Install with use_fastpmd_head(model)."""
+    from verl.models.transformers.dense_common import CausalLMOutputForPPO
+
+    check_supported(self, {})
+    out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                          cache_position=cache_position)
+    if shift_labels is not None:
+        rolled = shift_labels
+    else:
+        rolled = torch.roll(labels if labels is not None else input_ids, shifts=-1, dims=-1)  # [B, S]
+    valid = rolled >= 0  # -100 labels score 0
+    head = self.get_output_embeddings()
+    logp, ent = linear_logprobs(out.last_hidden_state, head.weight, rolled.clamp(min=0), mask=valid,
+                                bias=head.bias, temperature=temperature, return_entropy=True)
+    return CausalLMOutputForPPO(log_probs=logp, entropy=ent, past_key_values=out.past_key_values,
+                                hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def use_fastpmd_head(model) -> None:
+    """Make a Hugging Face causal LM answer verl's fused-kernel forward with fastpmd's LM head (this instance only;
+    call it where verl would apply its own fused forward, with use_fused_kernels=True)."""
+    model.forward = forward_for_ppo.__get__(model)
 
 
 register()
