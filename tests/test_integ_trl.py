@@ -92,3 +92,24 @@ def test_fused_grpo_rejects_softcapping_and_vision(tmp_path):
     ids = torch.randint(3, 10, (2, 6))
     with pytest.raises(ValueError, match="pixel_values"):
         tr._get_per_token_logps_and_entropies(tr.model, ids, torch.ones_like(ids), 3, pixel_values=torch.zeros(2, 3))
+
+
+def test_return_convention_follows_installed_trl(tmp_path, monkeypatch):
+    import inspect
+
+    import fastpmd.integrations.trl as ft
+
+    params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    assert ft._RETURNS_AUX == ("compute_aux_loss" in params)
+    tr = FusedGRPOTrainer(model=trl_tiny.qwen2(), reward_funcs=trl_tiny.count_threes,
+                          args=trl_tiny.grpo_args(tmp_path), train_dataset=trl_tiny.dataset(),
+                          processing_class=trl_tiny.tokenizer())
+    ids = torch.randint(3, 10, (2, 6))
+    ours = tr._get_per_token_logps_and_entropies(tr.model, ids, torch.ones_like(ids), 3, compute_entropy=True)
+    theirs = GRPOTrainer._get_per_token_logps_and_entropies(tr, tr.model, ids, torch.ones_like(ids), 3,
+                                                            compute_entropy=True)
+    assert len(ours) == len(theirs)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(ft, "_RETURNS_AUX", False)  # an older TRL: (logps, entropies)
+    assert len(tr._get_per_token_logps_and_entropies(tr.model, ids, torch.ones_like(ids), 3)) == 2
