@@ -8,10 +8,12 @@ micro-batches, or data parallelism, equals one big batch.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import check_count, check_grpo_options, check_length_norm, check_policy_inputs, check_positive
-from ._checks import check_sequence_tau, check_weights
+from ._checks import check_same_shape, check_sequence_tau, check_tensor, check_weights
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -115,6 +117,32 @@ def _aggregate(per_token, mask, loss_type: str, max_completion_length, num_items
     return tok.sum() / count_or(num_items, mask.sum(), "num_items")  # dapo: global active tokens
 
 
+def _log_ratio_cap(adv: torch.Tensor, epsilon_high: float, delta: float | None) -> torch.Tensor:
+    """Per-sequence cap [B, 1] on the log-ratio past which the clipped surrogate no longer depends on it: A >= 0
+    takes the constant clip branch beyond 1+eps_high, A < 0 the constant delta beyond delta (no cap without it).
+    One unit of margin keeps the cap strictly inside the constant region (values and gradients unchanged)."""
+    pos_cap = math.log1p(epsilon_high) + 1.0
+    neg_cap = math.inf if delta is None else math.log(delta) + 1.0
+    return torch.where(adv >= 0, pos_cap, neg_cap).to(adv.dtype)
+
+
+def _check_policy_weights(weights, entropy_mask, shape, delta):
+    """weights [B, T] or [B, 1] floating; entropy_mask [B, T] bool or 0/1 integer; delta > 0 or None."""
+    if delta is not None:
+        check_positive("delta", delta)
+    if weights is not None:
+        check_tensor("weights", weights, dims=2, floating=True)
+        if weights.shape[0] != shape[0] or weights.shape[1] not in (1, shape[1]):
+            raise ValueError(f"weights must have shape {tuple(shape)} or ({shape[0]}, 1), got {tuple(weights.shape)}")
+    if entropy_mask is not None:
+        check_tensor("entropy_mask", entropy_mask, dims=2)
+        check_same_shape("entropy_mask", entropy_mask, "logprobs", shape)
+        if entropy_mask.is_floating_point():
+            raise ValueError(f"entropy_mask must be bool or integer 0/1, got {entropy_mask.dtype}")
+        entropy_mask = entropy_mask if entropy_mask.dtype == torch.bool else entropy_mask != 0
+    return (None if weights is None else weights.detach()), entropy_mask
+
+
 def grpo_loss(
     logprobs: torch.Tensor,  # [B, T]
     old_logprobs: torch.Tensor | None,  # [B, T]; None = on-policy (logprobs.detach())
@@ -129,15 +157,22 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items: int | float | torch.Tensor | None = None,
     importance_sampling_level: str = "token",
-    weights: torch.Tensor | None = None,  # [B, T] per-token weights (rollout correction), constants
+    delta: float | None = None,
+    bias_correction_kl: bool = False,
+    weights: torch.Tensor | None = None,  # [B, T] or [B, 1]
+    entropy_mask: torch.Tensor | None = None,  # [B, T] bool
 ):
     """Clipped-ratio policy loss, as TRL's GRPOTrainer and Liger's LigerFusedLinearGRPOLoss compute it.
 
     ratio = exp(logprobs - old) per token ("token") or exp(mean_t(logprobs - old)) per sequence ("sequence",
-    GSPO); per-token loss -min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A) (+ beta * k3 KL to ref);
-    aggregated by loss_type: grpo (per-sequence token mean, then mean), bnpo (sum / tokens in batch),
-    dr_grpo (sum / (B * max_completion_length)), dapo (sum / num_items, the global token count).
-    ``weights`` multiply the per-token policy term (before the KL term), e.g. truncated IS weights.
+    GSPO); policy term -min(min(ratio, delta)*A, clip(ratio, 1-eps_low, 1+eps_high)*A) (delta: TRL's two-sided
+    clipping, None = off), times entropy_mask (TRL's top_entropy_quantile tokens) and per-token weights (TRL's
+    vLLM importance-sampling ratio); plus beta * k3 KL to ref (times ratio with bias_correction_kl, TRL's
+    use_bias_correction_kl, default True there). Aggregated over `mask` by loss_type: grpo (per-sequence token
+    mean, then mean), bnpo (sum / tokens in batch), dr_grpo (sum / (B * max_completion_length)), dapo (sum /
+    num_items, the global token count); the masks never change the normaliser.
+    The surrogate never forms inf: the log-ratio is capped where the clip makes it irrelevant (A >= 0: one above
+    log(1+eps_high); A < 0 with delta: one above log(delta)), so values and gradients equal the exact ones.
     """
     mask = check_policy_inputs(logprobs, old_logprobs, advantages, mask, old_required=False,
                                ref_logprobs=ref_logprobs if beta != 0.0 else None)
@@ -147,31 +182,41 @@ def grpo_loss(
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     epsilon_low, epsilon_high = check_grpo_options(epsilon_low, epsilon_high, beta, ref_logprobs,
                                                    max_completion_length, num_items)
+    weights, entropy_mask = _check_policy_weights(weights, entropy_mask, logprobs.shape, delta)
     old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
     log_ratio = torch.where(mask, logprobs - old, 0.0)  # [B, T]
     if importance_sampling_level == "sequence":
         log_ratio = (log_ratio.sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)  # [B, 1]
-    coef1 = torch.exp(log_ratio)
+    adv = advantages.to(logprobs.dtype).unsqueeze(1)  # [B, 1]
+    coef1 = torch.exp(log_ratio.clamp(max=_log_ratio_cap(adv, epsilon_high, delta)))  # finite where it matters
     coef2 = coef1.clamp(1 - epsilon_low, 1 + epsilon_high)
-    adv = advantages.to(logprobs.dtype).unsqueeze(1)
-    per_token = -torch.minimum(coef1 * adv, coef2 * adv).expand_as(logprobs)
+    if delta is not None:
+        coef1 = coef1.clamp(max=delta)
+    policy = -torch.minimum(coef1 * adv, coef2 * adv)  # [B, T] or [B, 1]
+    if entropy_mask is not None:
+        policy = torch.where(entropy_mask, policy, 0.0)
     if weights is not None:
-        per_token = per_token * check_weights(weights, logprobs.shape).to(per_token.dtype)
+        policy = policy * weights.to(policy.dtype)
+    per_token = policy.expand_as(logprobs)
+    ratio = torch.exp(log_ratio)  # uncapped: metrics and the KL's bias correction
     if beta != 0.0:
         d = torch.where(mask, ref_logprobs.to(logprobs.dtype) - logprobs, 0.0)
         kl = torch.exp(d) - d - 1
+        if bias_correction_kl:
+            kl = kl * ratio
         per_token = per_token + beta * kl
     loss = _aggregate(per_token, mask, loss_type, max_completion_length, num_items)
 
     m = mask.float()
     ntok = m.sum().clamp(min=1)
-    low = ((coef1 < 1 - epsilon_low) & (adv < 0)).float().expand_as(m)
-    high = ((coef1 > 1 + epsilon_high) & (adv > 0)).float().expand_as(m)
+    ratio = ratio.detach()
+    low = ((ratio < 1 - epsilon_low) & (adv < 0)).float().expand_as(m)
+    high = ((ratio > 1 + epsilon_high) & (adv > 0)).float().expand_as(m)
     metrics = {
         "loss": loss.detach(),
         "clip_ratio_low": (low * m).sum() / ntok,
         "clip_ratio_high": (high * m).sum() / ntok,
-        "ratio_mean": (coef1.detach().expand_as(m) * m).sum() / ntok,
+        "ratio_mean": torch.where(mask, ratio.expand_as(m), 0.0).sum() / ntok,
         "num_tokens": m.sum(),
     }
     if beta != 0.0:
