@@ -118,17 +118,19 @@ ENV_GRAD_GEMM = "FASTPMD_GRAD_GEMM"
 GRAD_GEMMS = ("auto", "cublas", "triton")
 
 
-def grad_gemm(device, dtype) -> str:
+def grad_gemm(device, dtype, filtering: bool = False) -> str:
     """Backend of the backward's two gradient GEMMs (kernels/backward.py): "cublas" (torch.mm / torch.addmm,
     fp32 accumulation) or "triton" (kernels/matmul.py). FASTPMD_GRAD_GEMM = auto | cublas | triton, read at each
     backward. auto: cublas on CUDA for bf16 inputs; triton under the interpreter, for fp32 inputs (exact fp32
-    dots) and for fp16 (its fp32 dlogits x fp16 operands have no cuBLAS kernel without fp32 copies)."""
+    dots), for fp16 (its fp32 dlogits x fp16 operands have no cuBLAS kernel without fp32 copies) and with
+    gradient filtering (the Triton matmul skips the dropped blocks)."""
     choice = os.environ.get(ENV_GRAD_GEMM, "auto") or "auto"
     if choice not in GRAD_GEMMS:
         raise ValueError(f"{ENV_GRAD_GEMM} must be one of {GRAD_GEMMS}, got {choice!r}")
     if choice != "auto":
         return choice
-    return "cublas" if (getattr(device, "type", device) == "cuda" and dtype == torch.bfloat16) else "triton"
+    on_cuda = getattr(device, "type", device) == "cuda"
+    return "cublas" if (on_cuda and dtype == torch.bfloat16 and not filtering) else "triton"
 
 
 def autotune_enabled() -> bool:

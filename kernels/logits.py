@@ -40,15 +40,16 @@ def _logits_tile_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,          # [n, H], [V, H], [V], [n] int64
     m_ptr, s_ptr, t_ptr, x_ptr,                             # forward partials, each [n_splits, n] fp32
     lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dz_ptr,          # backward: [n] fp32 x4, dlogits chunk [n, chunk]
+    flags_ptr,                                              # backward + FILTER: [n_tiles, chunk tiles] int8
     # shapes
     n_tokens, hidden_size, vocab_begin, vocab_end, tiles_per_split, n_splits,
     # strides
-    stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn, stride_dzv,
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn, stride_dzv, stride_fn,
     # scalars
-    inv_temperature,
+    inv_temperature, filter_eps,
     # meta: feature flags then block sizes
     BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -112,6 +113,15 @@ def _logits_tile_kernel(
             if HAS_GRAD_ENT:  # p * (log p + entropy); 0 where p = 0 (z = -inf would give 0 * -inf)
                 dz -= g_e[:, None] * tl.where(p > 0, p * (z - lse[:, None] + ent[:, None]), 0.0)
             dz = tl.where(hit, dz + g_l[:, None], dz) * inv_temperature
+            if FILTER:  # kernels/grad_filter.py: drop the tile if every |dz| <= eps * (|g_logp| + |g_ent|) / T
+                u = tl.abs(g_l)
+                if HAS_GRAD_ENT:
+                    u += tl.abs(g_e)
+                # padded columns hold dz = 0 and padded rows repeat row n-1: neither changes the decision
+                row_big = tl.max(tl.abs(dz), 1) > (filter_eps * inv_temperature) * u       # [BN]
+                keep = tl.max(row_big.to(tl.int32), 0)                                     # 0 or 1
+                dz = tl.where(keep > 0, dz, 0.0)
+                tl.store(flags_ptr + tok_tile * stride_fn + (v0 - vocab_begin) // BLOCK_V, keep.to(tl.int8))
             out = (dz_ptr + row0.to(tl.int64) * stride_dzn + (v0 - vocab_begin) * stride_dzv
                    + r_loc[:, None] * stride_dzn + c_loc[None, :] * stride_dzv)
             tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -219,11 +229,11 @@ def logits_stats(hidden, weight, bias, targets, temperature: float, with_entropy
         _logits_tile_kernel[(n_tiles * n_splits,)](
             hidden, weight, bias if bias is not None else hidden, targets,
             parts[0], parts[1], t_part, parts[2],
-            logp, logp, logp, logp, logp,                       # backward-only pointers (unused)
+            logp, logp, logp, logp, logp, logp,                 # backward-only pointers (unused)
             n, H, 0, V, tps, n_splits,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 0, 0,
-            1.0 / temperature,
-            BACKWARD=False, HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, HAS_GRAD_ENT=False,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 0, 0, 0,
+            1.0 / temperature, 0.0,
+            BACKWARD=False, HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, HAS_GRAD_ENT=False, FILTER=False,
             **flags, **c.meta(hidden.dtype == torch.float32))
         return parts, t_part, n_splits
 
@@ -237,8 +247,11 @@ def logits_stats(hidden, weight, bias, targets, temperature: float, with_entropy
 
 
 def dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature: float,
-                  v_begin: int, v_end: int, out: torch.Tensor, arch: str, cfg=None):
-    """Backward: write dloss/dlogits for vocab columns [v_begin, v_end) into out[:, :v_end - v_begin]."""
+                  v_begin: int, v_end: int, out: torch.Tensor, arch: str, cfg=None, flags=None,
+                  filter_eps: float = 0.0):
+    """Backward: write dloss/dlogits for vocab columns [v_begin, v_end) into out[:, :v_end - v_begin].
+    With flags ([token tiles, vocab tiles of the chunk] int8), gradient filtering: tiles whose every |dz| is
+    <= filter_eps * (|g_logp| + |g_ent|) / T are written as 0 and flagged 0 (kernels/grad_filter.py)."""
     n, H = hidden.shape
     cfg = cfg or configs.pick("logits_bwd", configs.logits_family(arch, hidden.dtype == torch.float32))
     bn, bv = cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_V"]
@@ -247,9 +260,10 @@ def dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temper
     _logits_tile_kernel[(n_tiles * n_vt,)](
         hidden, weight, bias if bias is not None else hidden, targets,
         lse, lse, lse, lse,                                     # forward-only pointers (unused)
-        lse, ent if has_ge else lse, g_logp, g_ent if has_ge else g_logp, out,
+        lse, ent if has_ge else lse, g_logp, g_ent if has_ge else g_logp, out, flags if flags is not None else out,
         n, H, v_begin, v_end, 1, n_vt,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        1.0 / temperature,
-        BACKWARD=True, HAS_BIAS=bias is not None, WITH_ENTROPY=False, HAS_GRAD_ENT=has_ge,
+        flags.stride(0) if flags is not None else 0,
+        1.0 / temperature, float(filter_eps),
+        BACKWARD=True, HAS_BIAS=bias is not None, WITH_ENTROPY=False, HAS_GRAD_ENT=has_ge, FILTER=flags is not None,
         **dot_flags(hidden.dtype, weight.dtype), **cfg.meta(hidden.dtype == torch.float32))
