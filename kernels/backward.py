@@ -5,7 +5,7 @@ Plain PyTorch equivalent (z = (h @ W.T + b) / T, p = softmax(z), upstream gradie
     grad_hidden = dz @ W;  grad_weight = dz.T @ h;  grad_bias = dz.sum(0)
 
 Block decomposition, per vocab chunk [v0, v1) of chunk_v columns:
-    dz[n, chunk_v]  = dlogits tile kernel (kernels/logits.py, recomputes the logits)   2*n*H*chunk_v flops
+    dz[n, chunk_v]  = dlogits kernel (kernels/dlogits.py, recomputes the logits)        2*n*H*chunk_v flops
     grad_h[n, H]   += dz @ weight[chunk]           (fp32 accumulator)                   2*n*H*chunk_v flops
     grad_w[chunk]   = dz.T @ hidden                (fp32 accumulation over all n tokens) 2*n*H*chunk_v flops
     grad_b[chunk]   = dz.sum(0)
@@ -28,7 +28,7 @@ import torch
 
 from . import _runtime, configs, grad_filter
 from ._runtime import check_runnable, max_offset, triton
-from .logits import dlogits_chunk
+from .dlogits import dlogits_chunk
 from .matmul import matmul_into
 
 

@@ -54,7 +54,7 @@ def _c(warps, stages, **blocks):
 
 # kernel name -> arch family -> list of configs; the first is the pinned one, the rest are autotune candidates.
 CONFIGS: dict[str, dict[str, list[Config]]] = {
-    # forward statistics and backward dlogits share one tile kernel (kernels/logits.py)
+    # forward statistics (kernels/logits.py) and backward dlogits (kernels/dlogits.py)
     "logits_fwd": {
         "90": [_c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
                _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8),

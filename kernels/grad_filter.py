@@ -1,7 +1,7 @@
 """Gradient filtering (opt-in, after Cut Cross-Entropy's): the backward drops (token x vocab) blocks whose logit
 gradients are negligible and its gradient GEMMs skip them.
 
-Rule, per block I x J of BLOCK_N tokens x BLOCK_V vocab columns of the dlogits kernel (kernels/logits.py,
+Rule, per block I x J of BLOCK_N tokens x BLOCK_V vocab columns of the dlogits kernel (kernels/dlogits.py,
 FILTER branch; `reference_filter` below is the same rule in plain PyTorch, the test oracle):
     u[i]      = (|g_logp[i]| + |g_ent[i]|) / T                   # the upstream gradient scale of token i
     keep[I,J] = any over i in I, j in J of |dz[i, j]| > eps * u[i]

@@ -21,12 +21,13 @@ from __future__ import annotations
 import torch
 
 from . import _runtime
-from ._runtime import kernel, max_offset, tl, triton
+from ._runtime import max_offset, tl, triton
+from ._tiles import dot_acc, swizzle
 from . import configs
 from .logits import dot_flags
 
 
-@kernel()  # M, N, K stay specialised (divisible by 16 or not): it keeps loads vectorised; <= 8 variants
+@triton.jit  # M, N, K stay specialised (divisible by 16 or not): it keeps loads vectorised; <= 8 variants
 def _matmul_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr,                  # a [M, K], b [K, N], c [M, N]
@@ -40,14 +41,7 @@ def _matmul_kernel(
     FILTER: tl.constexpr, FLAG_M: tl.constexpr, FLAG_K: tl.constexpr, FLAG_RM: tl.constexpr, FLAG_RK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
@@ -75,13 +69,7 @@ def _matmul_kernel(
             k_ok = rk < K - k0
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if DOT_IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = dot_acc(a, b, acc, DOT_FP32, DOT_IEEE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = (c_ptr + m0.to(tl.int64) * stride_cm + n0.to(tl.int64) * stride_cn

@@ -12,7 +12,8 @@ in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported in c
                                 "test_interpreter_subprocess runs this module in a fresh process")
 
 from fastpmd.kernels import backward, configs, grad_filter, linear_logprobs_triton  # noqa: E402
-from fastpmd.kernels.logits import dlogits_chunk, logits_stats  # noqa: E402
+from fastpmd.kernels.dlogits import dlogits_chunk  # noqa: E402
+from fastpmd.kernels.logits import logits_stats  # noqa: E402
 from fastpmd.kernels.matmul import matmul_into  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
