@@ -11,7 +11,7 @@ IN_PROCESS = prepare()      # before fastpmd.kernels imports triton (see tests/t
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported in compiled mode before this module; "
                                 "test_interpreter_subprocess runs this module in a fresh process")
 
-from fastpmd.kernels import backward, configs, grad_filter, linear_logprobs_triton  # noqa: E402
+from fastpmd.kernels import _runtime, backward, configs, grad_filter, linear_logprobs_triton  # noqa: E402
 from fastpmd.kernels.dlogits import dlogits_chunk  # noqa: E402
 from fastpmd.kernels.logits import logits_stats  # noqa: E402
 from fastpmd.kernels.matmul import matmul_into  # noqa: E402
@@ -200,7 +200,8 @@ def test_filtered_backward_equals_reference(gemm, monkeypatch):
     h1, w1, b1 = (t.clone().requires_grad_() for t in (hid, w, b))
     lp, ent = linear_logprobs_triton(h1, w1, tgt, b1, T, True)
     ((lp * gl).sum() + (ent * ge).sum()).backward()
-    bn, bv = (configs.CONFIGS["logits_bwd"]["interp"][0].blocks[k] for k in ("BLOCK_N", "BLOCK_V"))
+    fam = configs.logits_family(_runtime.arch_of(hid.device), True)     # the dlogits tiles that ran (fp32)
+    bn, bv = (configs.CONFIGS["logits_bwd"][fam][0].blocks[k] for k in ("BLOCK_N", "BLOCK_V"))
     dz64 = _dense_dz64(hid, w, b, tgt, gl.double(), ge.double(), T)
     dzf, _ = grad_filter.reference_filter(dz64, gl.double(), ge.double(), T, EPS, bn, bv)
     for got, ref, full, name in ((h1.grad, dzf @ w.double(), dz64 @ w.double(), "grad_hidden"),
