@@ -65,7 +65,8 @@ def error_rows(n=256, H=256, V=32768, seed=0) -> list[dict]:
     w = torch.randn(V, H, generator=gen, dtype=torch.float64)
     g = seq_coefficients(n, 64, gen, torch.float64)
     flat = torch.randn(n, V, generator=gen) * 0.5
-    cases = [("flat: Gaussian logits, std 0.5", flat, torch.multinomial(torch.softmax(flat, -1), 1, generator=gen)[:, 0])]
+    flat_targets = torch.multinomial(torch.softmax(flat, -1), 1, generator=gen)[:, 0]
+    cases = [("flat: Gaussian logits, std 0.5", flat, flat_targets)]
     for alpha, noise in ((1.0, 3.0), (1.5, 2.0)):
         cases.append((f"peaked: Zipf alpha {alpha}, noise {noise}", *zipf_logits(n, V, alpha, noise, seed=seed)))
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731

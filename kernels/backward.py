@@ -93,7 +93,10 @@ def torch_mm_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate:
                 return c.addmm_(a, b)
             return torch.mm(a, b, out=c)
         if accumulate:
-            return torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+            try:   # in place (cuBLAS beta = 1); torch versions whose addmm.dtype needs self in the operand dtype
+                return torch.addmm(c, a, b, out_dtype=torch.float32, out=c)   # raise, and take a temporary
+            except RuntimeError:
+                return c.add_(torch.mm(a, b, out_dtype=torch.float32))
         return torch.mm(a, b, out_dtype=torch.float32, out=c)
     prod = a.float() @ b.float()
     return c.add_(prod) if accumulate else c.copy_(prod)

@@ -11,11 +11,12 @@ shared memory and tensor-core use. Only block sizes, warps and stages live here;
 Shared memory of a pipelined tile loop = num_stages * (A tile + B tile) * 2 bytes (16-bit operands):
   logits 128x128x64, 3 stages: 3 * (128*64 + 64*128) * 2 = 96 KiB   (sm_90 limit 227 KiB, sm_80 163 KiB)
   matmul 128x128x64, 4 stages: 4 * (128*64 + 64*128) * 2 = 128 KiB
-Registers (kernels report, bf16, triton 3.9): sm_90 logits_fwd 128x128 with entropy+bias 179, logits_bwd 182,
-matmul 103-182, no spills; the 128x64 logits candidates are the fallback if a triton upgrade makes a 128x128
-tile spill (it did at 255 registers before the entropy sum was taken relative to the running max). The vocab-chunk bounds
-and matmul shapes are specialised (divisible by 16) on purpose: unspecialised they made the dlogits stores and
-the matmul loads scalar (255 registers, spills, no cp.async pipelining).
+Registers (kernels report, bf16, triton 3.9, pinned configs): sm_90 logits_fwd 128x128 with entropy+bias 176,
+dlogits 216, matmul 113-182; sm_100 223 / 166 / 94-215; no spills. The 128x64 logits candidates are the
+fallback if a triton upgrade makes a 128x128 tile spill (it did at 255 registers before the entropy sum was
+taken relative to the running max). The vocab-chunk bounds and matmul shapes are specialised (divisible by 16)
+on purpose: unspecialised they made the dlogits stores and the matmul loads scalar (255 registers, spills, no
+cp.async pipelining).
 """
 from __future__ import annotations
 
