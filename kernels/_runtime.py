@@ -1,11 +1,10 @@
-"""Runtime glue for the Triton kernels: interpreter detection, per-mode kernel objects, device queries.
+"""Runtime glue for the Triton kernels: interpreter detection, device queries, offset limits, availability.
 
-Triton decides at decoration time whether `@triton.jit` builds a compiled `JITFunction` or an
-`InterpretedFunction` (it reads TRITON_INTERPRET through `triton.knobs.runtime.interpret`). fastpmd.kernels may be
-imported before a test sets TRITON_INTERPRET=1, so the kernels here are wrapped by `kernel(...)`, which keeps the
-plain Python function and builds the compiled or the interpreted variant on first launch in the mode that is
-active *at launch time*. Kernels therefore never call other jit functions (a compiled helper cannot run under the
-interpreter); each kernel is self-contained.
+The kernels are plain `@triton.jit` functions: Triton decides at decoration time (when fastpmd.kernels is
+imported) whether they are compiled `JITFunction`s or CPU-interpreted `InterpretedFunction`s, reading
+TRITON_INTERPRET through `triton.knobs.runtime.interpret`. So the interpreter needs TRITON_INTERPRET=1 *before*
+fastpmd.kernels is imported (tests/triton_interp.py runs the kernel test modules in such a process), and
+`interpreting()` reports the mode the kernels were built in, not the variable's current value.
 """
 from __future__ import annotations
 
@@ -18,52 +17,23 @@ import torch
 try:  # triton is optional at import time: is_available() says False without it
     import triton
     import triton.language as tl  # noqa: F401  (re-exported for kernel modules)
-    from triton.runtime.jit import JITFunction
     HAS_TRITON = True
+    INTERPRETED = bool(triton.knobs.runtime.interpret)   # the mode every fastpmd kernel is decorated in
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
-    JITFunction = None
     HAS_TRITON = False
+    INTERPRETED = False
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at launch time)."""
-    if not HAS_TRITON:
-        return False
-    return bool(triton.knobs.runtime.interpret)
+    """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return INTERPRETED
 
 
-class Kernel:
-    """A Triton kernel defined once, launched compiled on CUDA or interpreted on CPU: `k[grid](*args, **meta)`."""
-
-    def __init__(self, fn, do_not_specialize=()):
-        self.fn = fn
-        self.__name__ = fn.__name__
-        self.do_not_specialize = tuple(do_not_specialize)
-        self._compiled = None
-        self._interpreted = None
-
-    def jit_function(self):
-        """The compiled-mode `JITFunction` (also used by the kernels report to compile for a GPU target)."""
-        if self._compiled is None:
-            self._compiled = JITFunction(self.fn, do_not_specialize=self.do_not_specialize)
-        return self._compiled
-
-    def _variant(self):
-        if interpreting():
-            if self._interpreted is None:
-                from triton.runtime.interpreter import InterpretedFunction
-                self._interpreted = InterpretedFunction(self.fn)
-            return self._interpreted
-        return self.jit_function()
-
-    def __getitem__(self, grid):
-        return self._variant()[grid]
-
-
-def kernel(do_not_specialize=()):
-    """Decorator: `@kernel(do_not_specialize=["n_tokens"])` in place of `@triton.jit`."""
-    return functools.partial(Kernel, do_not_specialize=do_not_specialize)
+def _cpu_interpreter_on() -> bool:
+    """CPU launches: kernels built for the interpreter and TRITON_INTERPRET=1 still set (a caller that unsets
+    it asks for the CPU path to be unavailable)."""
+    return INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,18 +94,19 @@ def check_runnable(device: torch.device, what: str) -> None:
         raise RuntimeError(f"{what}: backend='triton' needs the `triton` package (pip install 'fastpmd[triton]').")
     if device.type == "cuda":
         return
-    if device.type == "cpu" and interpreting():
+    if device.type == "cpu" and _cpu_interpreter_on():
         return
     raise RuntimeError(
         f"{what}: backend='triton' needs CUDA tensors (got device {device}); on CPU it runs only under the Triton "
-        "interpreter (set TRITON_INTERPRET=1 before launching). Use backend='torch' on CPU.")
+        "interpreter (set TRITON_INTERPRET=1 before importing fastpmd). Use backend='torch' on CPU.")
 
 
 def is_available(device) -> bool:
-    """True when Triton kernels can run on `device`: CUDA present and triton importable, or TRITON_INTERPRET=1."""
+    """True when Triton kernels can run on `device`: CUDA present and triton importable, or (CPU) the kernels
+    were built for the interpreter (TRITON_INTERPRET=1 when fastpmd.kernels was imported)."""
     device = torch.device(device)
     if not HAS_TRITON:
         return False
     if device.type == "cuda":
         return torch.cuda.is_available()
-    return device.type == "cpu" and (interpreting() or os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return device.type == "cpu" and _cpu_interpreter_on()

@@ -5,7 +5,7 @@ Plain PyTorch equivalent (z = (h @ W.T + b) / T, p = softmax(z), upstream gradie
     grad_hidden = dz @ W;  grad_weight = dz.T @ h;  grad_bias = dz.sum(0)
 
 Block decomposition, per vocab chunk [v0, v1) of chunk_v columns:
-    dz[n, chunk_v]  = dlogits tile kernel (kernels/logits.py, recomputes the logits)   2*n*H*chunk_v flops
+    dz[n, chunk_v]  = dlogits kernel (kernels/dlogits.py, recomputes the logits)        2*n*H*chunk_v flops
     grad_h[n, H]   += dz @ weight[chunk]           (fp32 accumulator)                   2*n*H*chunk_v flops
     grad_w[chunk]   = dz.T @ hidden                (fp32 accumulation over all n tokens) 2*n*H*chunk_v flops
     grad_b[chunk]   = dz.sum(0)
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _runtime, configs
+from . import _runtime, configs, grad_filter
 from ._runtime import check_runnable, max_offset, triton
-from .logits import dlogits_chunk
+from .dlogits import dlogits_chunk
 from .matmul import matmul_into
 
 
@@ -93,7 +93,10 @@ def torch_mm_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate:
                 return c.addmm_(a, b)
             return torch.mm(a, b, out=c)
         if accumulate:
-            return torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+            try:   # in place (cuBLAS beta = 1); torch versions whose addmm.dtype needs self in the operand dtype
+                return torch.addmm(c, a, b, out_dtype=torch.float32, out=c)   # raise, and take a temporary
+            except RuntimeError:
+                return c.add_(torch.mm(a, b, out_dtype=torch.float32))
         return torch.mm(a, b, out_dtype=torch.float32, out=c)
     prod = a.float() @ b.float()
     return c.add_(prod) if accumulate else c.copy_(prod)
@@ -101,14 +104,10 @@ def torch_mm_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate:
 
 def linear_grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature: float,
                  needs: tuple[bool, bool, bool], arch: str):
-    """(grad_hidden, grad_weight, grad_bias) for upstream grads g_logp [n] (and g_ent [n] or None)."""
+    """(grad_hidden, grad_weight, grad_bias) for upstream grads g_logp [n] (and g_ent [n] or None).
+    Gradient filtering (kernels/grad_filter.py) when FASTPMD_GRAD_FILTER is set."""
     need_h, need_w, need_b = needs
-    gemm = configs.grad_gemm(hidden.device, hidden.dtype)
-    if gemm == "cublas":
-        mm = torch_mm_into
-    else:
-        def mm(a, b, c, accumulate):
-            return matmul_into(a, b, c, accumulate=accumulate, arch=arch)
+    eps = grad_filter.filter_eps()
     n, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -116,25 +115,36 @@ def linear_grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, tempera
     gh = alloc(n, H, device=dev, dtype=torch.float32) if need_h else None           # [n, H] fp32 accumulator
     gw = alloc(V, H, device=dev, dtype=weight.dtype) if need_w else None           # [V, H], rows written once
     gb = alloc(V, device=dev, dtype=torch.float32) if need_b else None             # [V]
-    if n > 0 and any(needs):
-        dz_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
-        fam = configs.logits_family(arch, hidden.dtype == torch.float32)
-        cfg = configs.pick("logits_bwd", fam)
-        cv = chunk_columns(n, V, torch.finfo(dz_dtype).bits // 8, cfg.blocks["BLOCK_V"])
-        dz = torch.empty(n, cv, device=dev, dtype=dz_dtype)     # [n, chunk_v] dlogits buffer
-        if configs.autotune_enabled() and arch != "interp":      # time candidates on the first chunk (scratch)
-            cfg = configs.pick("logits_bwd", fam, (H, V, n.bit_length(), str(hidden.dtype)), bench=lambda c: (
-                dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, 0,
-                              min(V, cv), dz, arch, c)))
-        for i, v0 in enumerate(range(0, V, cv)):
-            v1 = min(V, v0 + cv)
-            dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, v0, v1, dz,
-                          arch, cfg)
-            d = dz[:, : v1 - v0]                                 # [n, chunk]
-            if need_h:
-                mm(d, weight[v0:v1], gh, accumulate=i > 0)
-            if need_w:
-                mm(d.t(), hidden, gw[v0:v1], accumulate=False)
-            if need_b:
-                gb[v0:v1] = d.sum(0, dtype=torch.float32)
+    if n == 0 or not any(needs):
+        return (gh.to(hidden.dtype) if need_h else None, gw, gb.to(bias.dtype) if need_b else None)
+    dz_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
+    fam = configs.logits_family(arch, hidden.dtype == torch.float32)
+    cfg = configs.pick("logits_bwd", fam)
+    cv = chunk_columns(n, V, torch.finfo(dz_dtype).bits // 8, cfg.blocks["BLOCK_V"])
+    dz = torch.empty(n, cv, device=dev, dtype=dz_dtype)         # [n, chunk_v] dlogits buffer
+    if configs.autotune_enabled() and arch != "interp":          # time candidates on the first chunk (scratch)
+        cfg = configs.pick("logits_bwd", fam, (H, V, n.bit_length(), str(hidden.dtype), cv), bench=lambda c: (
+            dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, 0,
+                          min(V, cv), dz, arch, c)))
+    bn, bv = cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_V"]
+    # [token tiles, vocab tiles of a chunk] int8: 0 = the block's dz was dropped (filtering only)
+    flags = torch.empty(triton.cdiv(n, bn), triton.cdiv(cv, bv), device=dev, dtype=torch.int8) if eps else None
+    if configs.grad_gemm(dev, hidden.dtype, filtering=eps is not None) == "cublas":
+        def mm(a, b, c, accumulate, f=None, fblock=None):        # cuBLAS multiplies the dropped zeros too
+            return torch_mm_into(a, b, c, accumulate)
+    else:
+        def mm(a, b, c, accumulate, f=None, fblock=(1, 1)):
+            return matmul_into(a, b, c, accumulate=accumulate, arch=arch, flags=f, flag_block=fblock)
+    for i, v0 in enumerate(range(0, V, cv)):
+        v1 = min(V, v0 + cv)
+        f = flags[:, : triton.cdiv(v1 - v0, bv)] if eps else None
+        dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, v0, v1, dz, arch, cfg,
+                      flags=f, filter_eps=eps or 0.0)
+        d = dz[:, : v1 - v0]                                     # [n, chunk]
+        if need_h:                                               # M = tokens, K = vocab
+            mm(d, weight[v0:v1], gh, accumulate=i > 0, f=f, fblock=(bn, bv))
+        if need_w:                                               # M = vocab, K = tokens
+            mm(d.t(), hidden, gw[v0:v1], accumulate=False, f=None if f is None else f.t(), fblock=(bv, bn))
+        if need_b:
+            gb[v0:v1] = d.sum(0, dtype=torch.float32)
     return (gh.to(hidden.dtype) if need_h else None, gw, gb.to(bias.dtype) if need_b else None)

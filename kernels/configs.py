@@ -11,11 +11,12 @@ shared memory and tensor-core use. Only block sizes, warps and stages live here;
 Shared memory of a pipelined tile loop = num_stages * (A tile + B tile) * 2 bytes (16-bit operands):
   logits 128x128x64, 3 stages: 3 * (128*64 + 64*128) * 2 = 96 KiB   (sm_90 limit 227 KiB, sm_80 163 KiB)
   matmul 128x128x64, 4 stages: 4 * (128*64 + 64*128) * 2 = 128 KiB
-Registers (kernels report, bf16, triton 3.9): sm_90 logits_fwd 128x128 with entropy+bias 179, logits_bwd 182,
-matmul 103-182, no spills; the 128x64 logits candidates are the fallback if a triton upgrade makes a 128x128
-tile spill (it did at 255 registers before the entropy sum was taken relative to the running max). The vocab-chunk bounds
-and matmul shapes are specialised (divisible by 16) on purpose: unspecialised they made the dlogits stores and
-the matmul loads scalar (255 registers, spills, no cp.async pipelining).
+Registers (kernels report, bf16, triton 3.9, pinned configs): sm_90 logits_fwd 128x128 with entropy+bias 176,
+dlogits 216, matmul 113-182; sm_100 223 / 166 / 94-215; no spills. The 128x64 logits candidates are the
+fallback if a triton upgrade makes a 128x128 tile spill (it did at 255 registers before the entropy sum was
+taken relative to the running max). The vocab-chunk bounds and matmul shapes are specialised (divisible by 16)
+on purpose: unspecialised they made the dlogits stores and the matmul loads scalar (255 registers, spills, no
+cp.async pipelining).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _c(warps, stages, **blocks):
 
 # kernel name -> arch family -> list of configs; the first is the pinned one, the rest are autotune candidates.
 CONFIGS: dict[str, dict[str, list[Config]]] = {
-    # forward statistics and backward dlogits share one tile kernel (kernels/logits.py)
+    # forward statistics (kernels/logits.py) and backward dlogits (kernels/dlogits.py)
     "logits_fwd": {
         "90": [_c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
                _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8),
@@ -118,17 +119,19 @@ ENV_GRAD_GEMM = "FASTPMD_GRAD_GEMM"
 GRAD_GEMMS = ("auto", "cublas", "triton")
 
 
-def grad_gemm(device, dtype) -> str:
+def grad_gemm(device, dtype, filtering: bool = False) -> str:
     """Backend of the backward's two gradient GEMMs (kernels/backward.py): "cublas" (torch.mm / torch.addmm,
     fp32 accumulation) or "triton" (kernels/matmul.py). FASTPMD_GRAD_GEMM = auto | cublas | triton, read at each
     backward. auto: cublas on CUDA for bf16 inputs; triton under the interpreter, for fp32 inputs (exact fp32
-    dots) and for fp16 (its fp32 dlogits x fp16 operands have no cuBLAS kernel without fp32 copies)."""
+    dots), for fp16 (its fp32 dlogits x fp16 operands have no cuBLAS kernel without fp32 copies) and with
+    gradient filtering (the Triton matmul skips the dropped blocks)."""
     choice = os.environ.get(ENV_GRAD_GEMM, "auto") or "auto"
     if choice not in GRAD_GEMMS:
         raise ValueError(f"{ENV_GRAD_GEMM} must be one of {GRAD_GEMMS}, got {choice!r}")
     if choice != "auto":
         return choice
-    return "cublas" if (getattr(device, "type", device) == "cuda" and dtype == torch.bfloat16) else "triton"
+    on_cuda = getattr(device, "type", device) == "cuda"
+    return "cublas" if (on_cuda and dtype == torch.bfloat16 and not filtering) else "triton"
 
 
 def autotune_enabled() -> bool:

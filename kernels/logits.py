@@ -1,26 +1,24 @@
-"""Logits tiles on chip: forward softmax statistics and backward dlogits, one kernel behind a BACKWARD flag.
+"""Forward logits tiles on chip: split-vocab online softmax statistics, then the merge of the splits.
+(The backward dlogits kernel is kernels/dlogits.py; both build their logits tiles with kernels/_tiles.py.)
 
 Plain PyTorch equivalent (z = logits / temperature, never materialised here in the forward):
     z = (hidden.float() @ weight.float().T + bias) / temperature                   # [n, V]
     forward:  lse = z.logsumexp(-1); logp = z.gather(-1, targets) - lse; ent = lse - (softmax(z) * z).sum(-1)
-    backward: dz = (g_logp * (onehot - p) - g_ent * p * (z - lse + ent)) / temperature  for columns of one chunk
 
 Block decomposition (program = one BLOCK_N token tile x one contiguous range of BLOCK_V vocab tiles):
-    for v0 in vocab range of this program:                      # forward: V / n_splits; backward: one tile
+    for v0 in vocab range of this program (V / n_splits columns):
         acc[BLOCK_N, BLOCK_V] = 0 (fp32, registers)
         for k0 in 0..H step BLOCK_H:                            # pipelined (num_stages) through shared memory
             acc += tl.dot(hidden[rows, k0:k0+BH], weight[cols, k0:k0+BH].T)   # bf16/fp16 operands, fp32 acc
         z = (acc + bias[cols]) * inv_temperature                # stays on chip
-        forward:  online max m, sum-exp s, sum exp*(z-m) t (entropy), target logit x -> per-split partials [S, n]
-        backward: dz tile -> dlogits chunk buffer [n, chunk_v] (operand dtype; fp32 for fp16/fp32 inputs)
-    merge kernel (forward only): lse = logsumexp over splits; logp = x - lse; entropy = log(s) - t / s
+        online max m, sum-exp s, sum exp*(z-m) t (entropy), target logit x -> per-split partials [S, n]
+    merge kernel: lse = logsumexp over splits; logp = x - lse; entropy = log(s) - t / s
 Programs are ordered in groups of GROUP_N token tiles x all vocab splits so that the programs resident at the
 same time share hidden and weight tiles through L2 (about GROUP_N + n_resident/GROUP_N distinct tiles).
 
 Flops and bytes (n tokens, H hidden, V vocab, 2-byte operands): forward 2*n*H*V flops; HBM bytes ~ 2*V*H*ceil(n
 / (BLOCK_N*GROUP_N)) + 2*n*H + 16*n*S (partials) + 12*n (logp, lse, entropy) -- nothing of size n x V.
-Backward dlogits: the same 2*n*H*V flops per pass plus 2*n*V bytes written to the chunk buffers (bounded to
-configs.DLOGITS_BUDGET_BYTES at a time). Intensity of one 128x128 tile step from L2: 2*128*128*64 flops per
+Intensity of one 128x128 tile step from L2: 2*128*128*64 flops per
 2*(128+128)*64 bytes = 64 flop/byte; the GROUP_N ordering keeps HBM traffic far below the H100 ridge point
 (989 TFLOP/s / 3.35 TB/s = 295 flop/byte) at large n.
 """
@@ -28,118 +26,73 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import interpreting, kernel, num_sms, tl, triton
+from ._runtime import interpreting, num_sms, tl, triton
+from ._tiles import logits_tile, swizzle, token_tile
 from . import configs
 
 
-# n_tokens and the split plan vary per batch and are not specialised; hidden_size and the vocab chunk bounds are
-# (divisible by 16 or not), which keeps the weight loads and dlogits stores vectorised.
-@kernel(do_not_specialize=["n_tokens", "tiles_per_split", "n_splits"])
-def _logits_tile_kernel(
+# n_tokens and the split plan vary per batch and are not specialised; hidden_size and vocab_size are
+# (divisible by 16 or not), which keeps the weight loads vectorised.
+@triton.jit(do_not_specialize=["n_tokens", "tiles_per_split", "n_splits"])
+def _logits_fwd_kernel(
     # pointers
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,          # [n, H], [V, H], [V], [n] int64
-    m_ptr, s_ptr, t_ptr, x_ptr,                             # forward partials, each [n_splits, n] fp32
-    lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dz_ptr,          # backward: [n] fp32 x4, dlogits chunk [n, chunk]
+    m_ptr, s_ptr, t_ptr, x_ptr,                             # per-split partials, each [n_splits, n] fp32
     # shapes
-    n_tokens, hidden_size, vocab_begin, vocab_end, tiles_per_split, n_splits,
+    n_tokens, hidden_size, vocab_size, tiles_per_split, n_splits,
     # strides
-    stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn, stride_dzv,
+    stride_hn, stride_hh, stride_wv, stride_wh,
     # scalars
     inv_temperature,
     # meta: feature flags then block sizes
-    BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(n_tokens, BLOCK_N)
-    per_group = GROUP_N * n_splits
-    first = (pid // per_group) * GROUP_N
-    group_rows = tl.minimum(n_tiles - first, GROUP_N)
-    tok_tile = first + (pid % per_group) % group_rows
-    split = (pid % per_group) // group_rows
-
-    r_loc = tl.arange(0, BLOCK_N)                               # [BN]
-    row0 = tok_tile * BLOCK_N
-    rows = row0 + r_loc
-    row_ok = rows < n_tokens
-    # Scalar tile bases in int64, in-tile offsets in int32 (validate_linear keeps every span < 2**31 elements);
-    # padded rows load the last valid row (never stored); padded vocab columns are masked (-inf logits).
-    r_ld = tl.minimum(rows, n_tokens - 1) - row0
+    tok_tile, split = swizzle(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_N), n_splits, GROUP_N)
+    row0, r_loc, row_ok, r_ld = token_tile(tok_tile, n_tokens, BLOCK_N)
+    # Scalar tile bases in int64, in-tile offsets in int32 (validate_linear keeps every span < 2**31 elements)
     h_base = hidden_ptr + row0.to(tl.int64) * stride_hn
     tgt = tl.load(targets_ptr + row0 + r_ld).to(tl.int32)    # [BN]
-    v_lo = vocab_begin + split * tiles_per_split * BLOCK_V
-    v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_V, vocab_end)
+    v_lo = split * tiles_per_split * BLOCK_V
+    v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_V, vocab_size)
     k_loc = tl.arange(0, BLOCK_H)                               # [BH]
+    c_loc = tl.arange(0, BLOCK_V)                               # [BV]
+    h_off = r_ld[:, None] * stride_hn + k_loc[None, :] * stride_hh          # [BN, BH] int32, loop-invariant
+    w_off = c_loc[None, :] * stride_wv + k_loc[:, None] * stride_wh         # [BH, BV] int32, loop-invariant
+    w_base = weight_ptr + v_lo.to(tl.int64) * stride_wv
 
-    if BACKWARD:
-        lse = tl.load(lse_ptr + row0 + r_ld)
-        g_l = tl.load(glogp_ptr + row0 + r_ld)
-        if HAS_GRAD_ENT:
-            ent = tl.load(ent_ptr + row0 + r_ld)
-            g_e = tl.load(gent_ptr + row0 + r_ld)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     x = tl.zeros([BLOCK_N], tl.float32)
-
-    h_off = r_ld[:, None] * stride_hn + k_loc[None, :] * stride_hh          # [BN, BH] int32, loop-invariant
-    c_loc = tl.arange(0, BLOCK_V)                               # [BV]
-    w_off = c_loc[None, :] * stride_wv + k_loc[:, None] * stride_wh         # [BH, BV] int32, loop-invariant
-    w_base = weight_ptr + v_lo.to(tl.int64) * stride_wv
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + c_loc
         col_ok = cols < v_hi
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, hidden_size, BLOCK_H):
-            k_ok = k_loc < hidden_size - k0
-            h = tl.load(h_base + k0 * stride_hh + h_off, mask=k_ok[None, :], other=0.0)                   # [BN, BH]
-            w = tl.load(w_base + k0 * stride_wh + w_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BH, BV]
-            if DOT_FP32:  # interpreter: its bf16 dot is wrong; also mixed/fp32 paths
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            if DOT_IEEE:
-                acc = tl.dot(h, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, w, acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]   # contiguous [V]
-        z = tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))   # [BN, BV]
-        hit = cols[None, :] == tgt[:, None]
-        if BACKWARD:
-            p = tl.exp(z - lse[:, None])                        # softmax, 0 on padded and -inf columns
-            dz = -p * g_l[:, None]
-            if HAS_GRAD_ENT:  # p * (log p + entropy); 0 where p = 0 (z = -inf would give 0 * -inf)
-                dz -= g_e[:, None] * tl.where(p > 0, p * (z - lse[:, None] + ent[:, None]), 0.0)
-            dz = tl.where(hit, dz + g_l[:, None], dz) * inv_temperature
-            out = (dz_ptr + row0.to(tl.int64) * stride_dzn + (v0 - vocab_begin) * stride_dzv
-                   + r_loc[:, None] * stride_dzn + c_loc[None, :] * stride_dzv)
-            tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-        else:
-            m_new = tl.maximum(m, tl.max(z, 1))
-            # flash-attention's guard: a row whose logits so far are all -inf (masked vocabulary) keeps m = -inf
-            # and uses 0 as the reference, never -inf - -inf
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            e = tl.exp(z - m_safe[:, None])
-            if WITH_ENTROPY:  # t = sum e*(z - m), relative to the running max: entropy = log(s) - t/s, no cancellation
-                t = (alpha * (t + tl.where(s > 0, s * (m - m_new), 0.0))
-                     + tl.sum(tl.where(e > 0, e * (z - m_safe[:, None]), 0.0), 1))
-            s = s * alpha + tl.sum(e, 1)
-            x += tl.sum(tl.where(hit, z, 0.0), 1)
-            m = m_new
+        z = logits_tile(h_base, h_off, w_base, w_off, bias_ptr, cols, col_ok, hidden_size, stride_hh, stride_wh,
+                        inv_temperature, HAS_BIAS, DOT_FP32, DOT_IEEE, BLOCK_N, BLOCK_V, BLOCK_H)   # [BN, BV]
+        m_new = tl.maximum(m, tl.max(z, 1))
+        # flash-attention's guard: a row whose logits so far are all -inf (masked vocabulary) keeps m = -inf
+        # and uses 0 as the reference, never -inf - -inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe[:, None])
+        if WITH_ENTROPY:  # t = sum e*(z - m), relative to the running max: entropy = log(s) - t/s, no cancellation
+            t = (alpha * (t + tl.where(s > 0, s * (m - m_new), 0.0))
+                 + tl.sum(tl.where(e > 0, e * (z - m_safe[:, None]), 0.0), 1))
+        s = s * alpha + tl.sum(e, 1)
+        x += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+        m = m_new
         w_base += BLOCK_V * stride_wv
 
-    if not BACKWARD:
-        part = split.to(tl.int64) * n_tokens + row0 + r_loc
-        tl.store(m_ptr + part, m, mask=row_ok)
-        tl.store(s_ptr + part, s, mask=row_ok)
-        tl.store(x_ptr + part, x, mask=row_ok)
-        if WITH_ENTROPY:
-            tl.store(t_ptr + part, t, mask=row_ok)
+    part = split.to(tl.int64) * n_tokens + row0 + r_loc
+    tl.store(m_ptr + part, m, mask=row_ok)
+    tl.store(s_ptr + part, s, mask=row_ok)
+    tl.store(x_ptr + part, x, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(t_ptr + part, t, mask=row_ok)
 
 
-@kernel(do_not_specialize=["n_tokens", "n_splits"])
+@triton.jit(do_not_specialize=["n_tokens", "n_splits"])
 def _merge_kernel(
     # pointers
     m_ptr, s_ptr, t_ptr, x_ptr,            # partials [n_splits, n] fp32
@@ -216,15 +169,13 @@ def logits_stats(hidden, weight, bias, targets, temperature: float, with_entropy
         tps, n_splits = _split_plan(n_tiles, triton.cdiv(V, c.blocks["BLOCK_V"]), dev)
         parts = torch.empty(4 if with_entropy else 3, n_splits, n, device=dev, dtype=torch.float32)
         t_part = parts[3] if with_entropy else parts[0]
-        _logits_tile_kernel[(n_tiles * n_splits,)](
+        _logits_fwd_kernel[(n_tiles * n_splits,)](
             hidden, weight, bias if bias is not None else hidden, targets,
             parts[0], parts[1], t_part, parts[2],
-            logp, logp, logp, logp, logp,                       # backward-only pointers (unused)
-            n, H, 0, V, tps, n_splits,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 0, 0,
+            n, H, V, tps, n_splits,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             1.0 / temperature,
-            BACKWARD=False, HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, HAS_GRAD_ENT=False,
-            **flags, **c.meta(hidden.dtype == torch.float32))
+            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, **flags, **c.meta(hidden.dtype == torch.float32))
         return parts, t_part, n_splits
 
     cfg = configs.pick("logits_fwd", fam, (H, V, n.bit_length(), str(hidden.dtype)), bench=launch)
@@ -234,22 +185,3 @@ def logits_stats(hidden, weight, bias, targets, temperature: float, with_entropy
         parts[0], parts[1], t_part, parts[2], logp, lse, ent if ent is not None else lse,
         n, n_splits, WITH_ENTROPY=with_entropy, **mcfg.meta())
     return logp, lse, ent
-
-
-def dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature: float,
-                  v_begin: int, v_end: int, out: torch.Tensor, arch: str, cfg=None):
-    """Backward: write dloss/dlogits for vocab columns [v_begin, v_end) into out[:, :v_end - v_begin]."""
-    n, H = hidden.shape
-    cfg = cfg or configs.pick("logits_bwd", configs.logits_family(arch, hidden.dtype == torch.float32))
-    bn, bv = cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_V"]
-    n_tiles, n_vt = triton.cdiv(n, bn), triton.cdiv(v_end - v_begin, bv)
-    has_ge = g_ent is not None
-    _logits_tile_kernel[(n_tiles * n_vt,)](
-        hidden, weight, bias if bias is not None else hidden, targets,
-        lse, lse, lse, lse,                                     # forward-only pointers (unused)
-        lse, ent if has_ge else lse, g_logp, g_ent if has_ge else g_logp, out,
-        n, H, v_begin, v_end, 1, n_vt,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        1.0 / temperature,
-        BACKWARD=True, HAS_BIAS=bias is not None, WITH_ENTROPY=False, HAS_GRAD_ENT=has_ge,
-        **dot_flags(hidden.dtype, weight.dtype), **cfg.meta(hidden.dtype == torch.float32))

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import arch_of, kernel, on_device, tl
+from ._runtime import arch_of, on_device, tl, triton
 from . import configs
 from .backward import linear_grads, validate_linear
 from .logits import logits_stats
 
 
-@kernel(do_not_specialize=["n_segments"])
+@triton.jit(do_not_specialize=["n_segments"])
 def _pmd_epilogue_kernel(
     # pointers
     logp_ptr, old_ptr, adv_ptr, cu_ptr, div_ptr, nseq_ptr,   # [n], [n], [B], [B+1] int32, [B], 0-d

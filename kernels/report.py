@@ -29,7 +29,8 @@ from triton.compiler import ASTSource
 
 from . import configs
 from ._runtime import family_of_capability
-from .logits import _logits_tile_kernel, _merge_kernel
+from .dlogits import _dlogits_kernel
+from .logits import _logits_fwd_kernel, _merge_kernel
 from .matmul import _matmul_kernel
 from .pmd_epilogue import _pmd_epilogue_kernel
 
@@ -48,37 +49,43 @@ def _variants(dt: str):
     f = "*fp32"
     logits_common = dict(
         hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", bias_ptr=f"*{dt}", targets_ptr="*i64",
-        m_ptr=f, s_ptr=f, t_ptr=f, x_ptr=f, lse_ptr=f, ent_ptr=f, glogp_ptr=f, gent_ptr=f,
-        n_tokens="i32", hidden_size="i32D", vocab_begin="i32D", vocab_end="i32D", tiles_per_split="i32",
-        n_splits="i32", stride_hn="i32D", stride_hh=1, stride_wv="i32D", stride_wh=1,
+        n_tokens="i32", hidden_size="i32D", stride_hn="i32D", stride_hh=1, stride_wv="i32D", stride_wh=1,
         inv_temperature="fp32", HAS_BIAS=True, DOT_FP32=dt == "fp32", DOT_IEEE=dt == "fp32")
     dz_t = "*bf16" if dt == "bf16" else "*fp32"
-    fwd = dict(logits_common, dz_ptr=f, stride_dzn="i32D", stride_dzv="i32D", BACKWARD=False, WITH_ENTROPY=True,
-               HAS_GRAD_ENT=False)
-    bwd = dict(logits_common, dz_ptr=dz_t, stride_dzn="i32D", stride_dzv=1, BACKWARD=True, WITH_ENTROPY=False,
-               HAS_GRAD_ENT=True)
-    mm_flags = dict(DOT_FP32=dt != "bf16", DOT_IEEE=dt == "fp32")   # fp16: fp32 dlogits x fp16 -> TF32
+    fwd = dict(logits_common, m_ptr=f, s_ptr=f, t_ptr=f, x_ptr=f, vocab_size="i32D", tiles_per_split="i32",
+               n_splits="i32", WITH_ENTROPY=True)
+    bwd = dict(logits_common, lse_ptr=f, ent_ptr=f, glogp_ptr=f, gent_ptr=f, dz_ptr=dz_t, flags_ptr="*i8",
+               vocab_begin="i32D", vocab_end="i32D", n_vtiles="i32", stride_dzn="i32D", stride_fn="i32",
+               filter_eps="fp32", HAS_GRAD_ENT=True, FILTER=False)
+    bwd_filter = dict(bwd, FILTER=True)
+    # fp16: fp32 dlogits x fp16 -> TF32. Filter flags: one per 128 x 128 block, as the sm_90/100 pinned tiles
+    mm_flags = dict(DOT_FP32=dt != "bf16", DOT_IEEE=dt == "fp32", flags_ptr="*i8", flag_rows="i32",
+                    flag_cols="i32", FILTER=False, FLAG_M=128, FLAG_K=128, FLAG_RM=1, FLAG_RK=1)
     grad_h = dict(a_ptr=dz_t, b_ptr=f"*{dt}", c_ptr=f, M="i32D", N="i32D", K="i32D", stride_am="i32D", stride_ak=1,
-                  stride_bk="i32D", stride_bn=1, stride_cm="i32D", stride_cn=1, ACCUMULATE=True, **mm_flags)
+                  stride_bk="i32D", stride_bn=1, stride_cm="i32D", stride_cn=1, ACCUMULATE=True, stride_fm="i32",
+                  stride_fk=1, **mm_flags)
     grad_w = dict(a_ptr=dz_t, b_ptr=f"*{dt}", c_ptr=f"*{dt}", M="i32D", N="i32D", K="i32D", stride_am=1,
                   stride_ak="i32D", stride_bk="i32D", stride_bn=1, stride_cm="i32D", stride_cn=1, ACCUMULATE=False,
-                  **mm_flags)
+                  stride_fm=1, stride_fk="i32", **mm_flags)
     merge = dict(m_ptr=f, s_ptr=f, t_ptr=f, x_ptr=f, logp_ptr=f, lse_ptr=f, ent_ptr=f, n_tokens="i32",
                  n_splits="i32", WITH_ENTROPY=True)
     epi = dict(logp_ptr=f, old_ptr=f, adv_ptr=f, cu_ptr="*i32", div_ptr=f, nseq_ptr=f, delta_ptr=f, term_ptr=f,
                gtok_ptr=f, n_segments="i32", tau="fp32")
     tc = dt != "fp32"       # fp32 inputs use exact fp32 (FMA) dots by design: no tensor-core requirement
     f32 = dt == "fp32"
-    return [("logits_fwd", _logits_tile_kernel, "logits_fwd", fwd, tc, f32),
-            ("logits_bwd", _logits_tile_kernel, "logits_bwd", bwd, tc, f32),
+    return [("logits_fwd", _logits_fwd_kernel, "logits_fwd", fwd, tc, f32),
+            ("logits_bwd", _dlogits_kernel, "logits_bwd", bwd, tc, f32),
+            ("logits_bwd_filter", _dlogits_kernel, "logits_bwd", bwd_filter, tc, f32),
             ("merge", _merge_kernel, "merge", merge, False, False),
             ("matmul_grad_hidden", _matmul_kernel, "matmul", grad_h, tc, dt != "bf16"),
             ("matmul_grad_weight", _matmul_kernel, "matmul", grad_w, tc, dt != "bf16"),
+            ("matmul_grad_hidden_filter", _matmul_kernel, "matmul", dict(grad_h, FILTER=True), tc, dt != "bf16"),
+            ("matmul_grad_weight_filter", _matmul_kernel, "matmul", dict(grad_w, FILTER=True), tc, dt != "bf16"),
             ("pmd_epilogue", _pmd_epilogue_kernel, "pmd_epilogue", epi, False, False)]
 
 
 def _source(kern, args: dict, cfg: configs.Config) -> ASTSource:
-    fn = kern.jit_function()
+    fn = kern                      # a JITFunction: the report runs without TRITON_INTERPRET
     values = {**args, **cfg.blocks}
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-KERNELS = {"logits_fwd", "logits_bwd", "merge", "matmul_grad_hidden", "matmul_grad_weight", "pmd_epilogue"}
-TILED = {"logits_fwd", "logits_bwd", "matmul_grad_hidden", "matmul_grad_weight"}
+TILED = {"logits_fwd", "logits_bwd", "logits_bwd_filter", "matmul_grad_hidden", "matmul_grad_weight",
+         "matmul_grad_hidden_filter", "matmul_grad_weight_filter"}     # *_filter: gradient filtering variants
+KERNELS = TILED | {"merge", "pmd_epilogue"}
 ARCHS = ("80", "90", "100", "120")
 
 

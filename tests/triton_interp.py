@@ -1,13 +1,14 @@
 """Helpers for running fastpmd.kernels under the Triton CPU interpreter inside pytest.
 
-Triton builds its own standard-library functions (tl.sum, tl.max, tl.cdiv, ...) as compiled or interpreted
-functions when `triton` is first imported, reading TRITON_INTERPRET at that moment (triton 3.9: knobs.runtime.
-interpret, consulted by @triton.jit at decoration time). fastpmd.kernels itself picks the mode per launch, so:
-- if triton is not imported yet, `prepare()` imports it with TRITON_INTERPRET=1 and restores the variable
-  (tests then set TRITON_INTERPRET=1 per test with monkeypatch, so other test modules see the environment they
-  expect);
-- if an earlier module already imported triton in compiled mode, in-process interpretation is impossible and
-  the kernel test module is re-run in a fresh Python process (`run_module_in_subprocess`).
+The kernels are plain `@triton.jit` functions, built compiled or interpreted when fastpmd.kernels is imported
+(TRITON_INTERPRET read through triton.knobs.runtime.interpret); triton's own standard library (tl.sum, tl.max,
+...) is built when `triton` is first imported. So a kernel test module calls `prepare()` before importing
+fastpmd.kernels:
+- if neither is imported yet (or triton is, in interpreter mode), it imports fastpmd.kernels with
+  TRITON_INTERPRET=1 and restores the variable (tests then set TRITON_INTERPRET=1 per test with monkeypatch,
+  which kernels/_runtime.is_available also reads, so other test modules see the environment they expect);
+- if triton or fastpmd.kernels was already imported in compiled mode, in-process interpretation is impossible
+  and the test module is re-run in a fresh Python process with TRITON_INTERPRET=1 (`run_module_in_subprocess`).
 On a CUDA machine nothing is changed: the kernels run compiled.
 """
 from __future__ import annotations
@@ -21,31 +22,36 @@ import torch
 ON_GPU = torch.cuda.is_available()
 
 
-def _stdlib_interpreted() -> bool:
+def _interpreted() -> bool:
     import triton.language as tl
     from triton.runtime.jit import JITFunction
-    return not isinstance(tl.standard.sum, JITFunction)
+    if isinstance(tl.standard.sum, JITFunction):
+        return False                       # triton's standard library was built compiled
+    if "fastpmd.kernels" not in sys.modules:
+        return True
+    from fastpmd.kernels import _runtime
+    return _runtime.INTERPRETED
 
 
 def prepare() -> bool:
-    """True when the kernels can run in this process (GPU, or interpreter-ready triton)."""
+    """True when the kernels can run in this process (GPU, or kernels built for the interpreter)."""
     if ON_GPU:
         return True
-    if "triton" in sys.modules:
-        return _stdlib_interpreted()
+    if "triton" in sys.modules and not _interpreted():
+        return False
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import triton.language  # noqa: F401  (builds the standard library as interpreted functions)
+        import fastpmd.kernels  # noqa: F401  (decorates every kernel as an InterpretedFunction)
     finally:
         if old is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = old
-    return _stdlib_interpreted()
+    return _interpreted()
 
 
-def run_module_in_subprocess(path: str, timeout: int = 600) -> None:
+def run_module_in_subprocess(path: str, timeout: int = 900) -> None:
     """Run the test module `path` in a fresh interpreter with TRITON_INTERPRET=1; fail with its output."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path], env=env,
