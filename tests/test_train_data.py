@@ -9,13 +9,12 @@ from fastpmd.train.data import (
     DAPO_TEMPLATE,
     ArithmeticTask,
     CharTokenizer,
-    GenerationBatch,
     Problem,
-    arith_reward,
     format_prompt,
     load_problems,
     pack_batch,
 )
+from fastpmd.train.rewards import math_reward
 
 
 def _dapo_record(q, a, idx):
@@ -103,6 +102,10 @@ def test_arithmetic_task_split_and_answers():
         ArithmeticTask(max_operand=0)
 
 
+def arith_reward(response, gold, correct=1.0, incorrect=0.0):
+    return math_reward(response, gold, style="arith", correct=correct, incorrect=incorrect)
+
+
 def test_arith_reward():
     assert arith_reward("19", "19") == 1.0
     assert arith_reward("19\n7+1=8", "19") == 1.0
@@ -157,15 +160,6 @@ def test_pack_batch_validation():
         pack_batch([[1]], [], 0)
     with pytest.raises(ValueError, match="prompt_ids"):
         pack_batch([[]], [[1]], 0)
-
-
-def test_generation_batch_layout():
-    gb = GenerationBatch(prompt_ids=[[1, 2], [3]], response_ids=[[4], [5], [6], [7]], group_size=2)
-    assert gb.expanded_prompt_ids() == [[1, 2], [1, 2], [3], [3]]
-    packed = gb.pack(pad_id=0)
-    assert packed["input_ids"].shape == (4, 3)
-    with pytest.raises(ValueError, match="response_ids"):
-        GenerationBatch(prompt_ids=[[1]], response_ids=[[2]], group_size=2)
 
 
 def test_optional_readers_name_the_extra(tmp_path, monkeypatch):

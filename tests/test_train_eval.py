@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastpmd.train.data import ArithmeticTask, CharTokenizer, Problem, arith_reward
+from fastpmd.train.data import ArithmeticTask, CharTokenizer, Problem
 from fastpmd.train.evaluation import avg_at_k, evaluate, maj_at_k, majority_answer, pass_at_k
 from fastpmd.train.rewards import math_reward
 from fastpmd.train.rollout import SamplingConfig
+
+
+def arith_reward(response: str, gold: str) -> float:
+    return math_reward(response, gold, style="arith", correct=1.0, incorrect=0.0)
 
 
 def _brute_pass_at_k(n, c, k):

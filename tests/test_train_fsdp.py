@@ -27,7 +27,7 @@ WORKER = textwrap.dedent('''
     tr = Trainer(cfg, d)
     P, n, W = 8, 4, d.world_size
     g = torch.Generator().manual_seed(0)
-    prompts = [tr.task.encode(p) for p in tr.task.arith.sample(P, random.Random(0))]
+    prompts = [tr.task.encode(p) for p in tr.task.arithmetic.sample(P, random.Random(0))]
     responses = [torch.randint(3, 19, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist() + [2]
                  for _ in range(P * n)]
     rewards = (torch.rand(P * n, generator=g) > 0.5).float()

@@ -30,7 +30,7 @@ WORKER = textwrap.dedent('''
     tr = Trainer(cfg, d)
     P, n, W = 8, 4, d.world_size
     g = torch.Generator().manual_seed(0)
-    prompts = [tr.task.encode(p) for p in tr.task.arith.sample(P, random.Random(0))]
+    prompts = [tr.task.encode(p) for p in tr.task.arithmetic.sample(P, random.Random(0))]
     # the second half of the prompts (rank 1 of 2) has much longer responses
     lens = [int(torch.randint(1, 4, (1,), generator=g)) + (8 if i >= P * n // 2 else 0) for i in range(P * n)]
     responses = [torch.randint(3, 19, (k,), generator=g).tolist() + [2] for k in lens]

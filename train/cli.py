@@ -81,7 +81,14 @@ def set_field(cfg: TrainConfig, path: str, value) -> None:
     sub = getattr(cfg, section, None)
     if sub is None or not dataclasses.is_dataclass(sub) or name not in {f.name for f in dataclasses.fields(sub)}:
         raise ValueError(f"--set: unknown config field {path!r}")
-    setattr(sub, name, parse_value(path, value, field_types(sub)[name]))
+    value = parse_value(path, value, field_types(sub)[name])
+    if sub.__dataclass_params__.frozen:  # a library config (e.g. rewards.RewardConfig): replace, re-validated
+        try:
+            setattr(cfg, section, dataclasses.replace(sub, **{name: value}))
+        except ValueError as e:
+            raise ValueError(f"config {path}: {e}") from None
+    else:
+        setattr(sub, name, value)
 
 
 def _looks_local(path: str) -> bool:

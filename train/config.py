@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from fastpmd._checks import TAU_MIN
 
+from .rewards import RewardConfig
+
 LOSSES = ("pmd-mean", "pmd-part", "grpo", "gspo", "pg")
 ESTIMATORS = ("", "mean", "loo", "partition", "partition_loo", "partition_loo_clamped", "grpo")  # "": the loss's default
 TAU_SCHEDULES = ("none", "mean-reward")
@@ -67,14 +69,6 @@ class RolloutConfig:
     eval_batch_size: int = 16  # held-out problems per eval chunk: chunks are seeded by index and dealt to ranks
     gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU while awake (it sleeps during the update)
     tensor_parallel_size: int = 1  # vLLM: ranks per engine (groups of consecutive ranks share one; divides W)
-
-
-@dataclass
-class RewardSpec:
-    """Step 2: rewards (math-verify, DAPO convention)."""
-
-    correct: float = 1.0
-    incorrect: float = -1.0  # DAPO uses +1/-1; the CPU demo uses 0/1
 
 
 @dataclass
@@ -151,7 +145,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardSpec = field(default_factory=RewardSpec)
+    reward: RewardConfig = field(default_factory=RewardConfig)  # step 2 (DAPO +1/-1; the CPU demo 0/1)
     loss: LossSpec = field(default_factory=LossSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)

@@ -7,13 +7,12 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from fastpmd.train.rewards import math_reward
 
 __all__ = [
     "Problem",
@@ -22,9 +21,7 @@ __all__ = [
     "load_problems",
     "format_prompt",
     "ArithmeticTask",
-    "arith_reward",
     "CharTokenizer",
-    "GenerationBatch",
     "pack_batch",
 ]
 
@@ -195,11 +192,6 @@ def load_problems(
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def arith_reward(response: str, gold: str, correct: float = 1.0, incorrect: float = 0.0) -> float:
-    """Exact match of the response's first line (stripped; the text up to the end token) with ``gold``."""
-    return math_reward(response, gold, style="arith", correct=correct, incorrect=incorrect)
-
-
 class ArithmeticTask:
     """Offline synthetic task: prompts "a<op>b=" with 0 <= a, b <= max_operand, answers str(a <op> b).
 
@@ -317,35 +309,6 @@ class CharTokenizer:
 
 
 # ------------------------------------------------------------------------------------------------ batching
-@dataclass
-class GenerationBatch:
-    """One generation batch. ``prompt_ids`` has one entry per PROMPT (P of them); ``response_ids`` has
-    ``P * group_size`` entries, the responses of prompt p at ``[p * group_size, (p + 1) * group_size)``.
-    ``rewards``: ``[P * group_size]`` float32 once scored."""
-
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    group_size: int
-    rewards: torch.Tensor | None = None
-    problems: list[Problem] = field(default_factory=list)  # optional, one per prompt
-
-    def __post_init__(self):
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if len(self.response_ids) != len(self.prompt_ids) * self.group_size:
-            raise ValueError(
-                f"response_ids must hold len(prompt_ids) * group_size = {len(self.prompt_ids) * self.group_size}"
-                f" entries, got {len(self.response_ids)}"
-            )
-
-    def expanded_prompt_ids(self) -> list[list[int]]:
-        """The prompt of each response (``P * group_size`` entries)."""
-        return [p for p in self.prompt_ids for _ in range(self.group_size)]
-
-    def pack(self, pad_id: int) -> dict[str, torch.Tensor]:
-        return pack_batch(self.expanded_prompt_ids(), self.response_ids, pad_id)
-
-
 def pack_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded training tensors for sequences ``prompt_i + response_i`` (B of them, L = longest).

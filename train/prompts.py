@@ -4,13 +4,14 @@ and the reward of a decoded response. Two tasks: "math" (problem files, DAPO tem
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
 
 from .config import TrainConfig
 from .data import DAPO_TEMPLATE, PLAIN_TEMPLATE, ArithmeticTask, CharTokenizer, Problem, format_prompt, load_problems
-from .rewards import math_reward
+from .rewards import math_reward, score_batch
 
 
 class HFTokenizer:
@@ -59,13 +60,13 @@ class Task:
         d = cfg.data
         self.seed = cfg.model.seed
         if d.task == "arithmetic":
-            self.arith = ArithmeticTask(self.seed, **d.arith_kwargs)
+            self.arithmetic = ArithmeticTask(self.seed, **d.arith_kwargs)
             self.template = PLAIN_TEMPLATE
             self.rng = random.Random(f"prompts-{self.seed}-{rank}")
-            n_eval = min(d.eval_size, len(self.arith.heldout()))
-            self.eval_problems = self.arith.heldout(n_eval) if n_eval else []
+            n_eval = min(d.eval_size, len(self.arithmetic.heldout()))
+            self.eval_problems = self.arithmetic.heldout(n_eval) if n_eval else []
         else:
-            self.arith = None
+            self.arithmetic = None
             self.template = DAPO_TEMPLATE
             # this rank's shard (every world_size-th problem of the deduplicated file): only it is tokenized,
             # filtered and kept; the ranks' shards are disjoint and together the whole data set
@@ -83,15 +84,24 @@ class Task:
     def encode(self, problem: Problem) -> list[int]:
         return self.tok.encode_prompt(format_prompt(problem, self.template))
 
+    @property
+    def answer_style(self) -> str:
+        """How answers are read: "arith" (first line, exact match) for the arithmetic task, else reward.style."""
+        return "arith" if self.arithmetic is not None else self.cfg.reward.style
+
     def reward(self, response: str, gold: str) -> float:
         r = self.cfg.reward
-        style = "arith" if self.arith is not None else "dapo"
-        return math_reward(response, gold, style=style, correct=r.correct, incorrect=r.incorrect)
+        return math_reward(response, gold, style=self.answer_style, correct=r.correct, incorrect=r.incorrect,
+                           timeout_s=r.timeout_s)
+
+    def score(self, responses: list[str], golds: list[str]) -> torch.Tensor:
+        """Rewards [B] float32 of decoded responses against their gold answers (rewards.score_batch)."""
+        return score_batch(responses, golds, dataclasses.replace(self.cfg.reward, style=self.answer_style))
 
     def next_prompts(self, n_local: int) -> list[Problem]:
         """This rank's share of the next generation batch (n_local prompts), drawn from its own shard."""
-        if self.arith is not None:
-            return self.arith.sample(n_local, self.rng)
+        if self.arithmetic is not None:
+            return self.arithmetic.sample(n_local, self.rng)
         out, N = [], len(self.problems)
         for g in range(self.position, self.position + n_local):
             epoch, i = divmod(g, N)
@@ -103,10 +113,10 @@ class Task:
         return out
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate()} if self.arith is not None else {"position": self.position}
+        return {"rng": self.rng.getstate()} if self.arithmetic is not None else {"position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.arith is not None:
+        if self.arithmetic is not None:
             self.rng.setstate(state["rng"])
         else:
             self.position = state["position"]

@@ -165,8 +165,7 @@ class Trainer:
             responses = [r for group in self.engine.generate(prompt_ids, self.sampling(self.step)) for r in group]
         t_gen = time.perf_counter() - t0
         texts = [self.tok.decode(r) for r in responses]
-        rewards = torch.tensor([self.task.reward(t, problems[i // n].answer) for i, t in enumerate(texts)],
-                               dtype=torch.float32)  # 2. [B]
+        rewards = self.task.score(texts, [problems[i // n].answer for i in range(len(texts))])  # 2. [B]
         batch = pack_batch([p for p in prompt_ids for _ in range(n)], responses, self.tok.pad_id)
         t1 = time.perf_counter()
         old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32, at the sampling temperature
@@ -398,7 +397,7 @@ class Trainer:
         with self.rollout_phase():
             return evaluate(self.engine, self.task.eval_problems, k=r.eval_n, sampling=sampling,
                             reward_fn=self.task.reward, encode=self.tok.encode_prompt, decode=self.tok.decode,
-                            template=self.task.template, answer_style="arith" if self.task.arith else "dapo",
+                            template=self.task.template, answer_style=self.task.answer_style,
                             threshold=threshold, batch_size=r.eval_batch_size, rank=self.d.rank,
                             world_size=self.d.world_size, gather=gather)
 

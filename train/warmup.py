@@ -31,14 +31,14 @@ def noisy_answer(gold: str, noise: float, span: int, rng: random.Random) -> str:
 def supervised_warmup(trainer) -> dict:
     """Run trainer.cfg.warmup.steps NLL steps on trainer.policy; returns a summary row (final loss, seconds)."""
     cfg, task, tok, policy = trainer.cfg.warmup, trainer.task, trainer.tok, trainer.policy
-    if task.arith is None:
+    if task.arithmetic is None:
         raise ValueError("warmup.steps: the supervised warm-up is implemented for task 'arithmetic' only")
     world = trainer.d.world_size
     rng = random.Random(f"warmup-{trainer.cfg.model.seed}-{trainer.d.rank}")
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     t0, loss = time.perf_counter(), torch.zeros(())
     for _ in range(cfg.steps):
-        problems = task.arith.sample(max(1, cfg.batch_size // world), rng)
+        problems = task.arithmetic.sample(max(1, cfg.batch_size // world), rng)
         answers = [noisy_answer(p.answer, cfg.noise, cfg.noise_span, rng) for p in problems]
         b = pack_batch([task.encode(p) for p in problems], [tok.encode(a) + [tok.eos_id] for a in answers],
                        tok.pad_id)
