@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from fastpmd.objectives import LOSS_NAMES
+
 DTYPES = ("float32", "bfloat16", "float16")
 MASKS = ("full", "ragged")
-LOSSES = ("pmd-mean", "pmd-part", "grpo", "gspo")
+LOSSES = tuple(name for name in LOSS_NAMES if name != "pg")  # the library's names; pg (on-policy) is not timed
 
 # Real LM heads: (hidden, vocab).
 MODEL_HEADS = {

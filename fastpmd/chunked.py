@@ -71,7 +71,7 @@ def chunk_entropy_stats(z: torch.Tensor, targets: torch.Tensor):
     return lse, logp, entropy
 
 
-def chunk_exp_stats_(z: torch.Tensor, targets: torch.Tensor):
+def chunk_softmax_stats_inplace(z: torch.Tensor, targets: torch.Tensor):
     """In place, 4 passes over z [c, V]: z <- exp(z - rowmax) (unnormalised probabilities).
     Returns (lse [c], logp of the targets [c], row sums of exp [c])."""
     z_target = z.gather(1, targets[:, None])[:, 0]
@@ -138,7 +138,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             if return_entropy:
                 lse[s:e], logp[s:e], entropy[s:e] = chunk_entropy_stats(z, targets[s:e])
             else:
-                lse[s:e], logp[s:e], _ = chunk_exp_stats_(z, targets[s:e])
+                lse[s:e], logp[s:e], _ = chunk_softmax_stats_inplace(z, targets[s:e])
             del z
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.inv_temp, ctx.return_entropy, ctx.chunk = inv_temp, return_entropy, chunk

@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_fused_inputs, check_targets_in_range, check_weights
-from .chunked import acc_dtype, chunk_backward_matmuls, chunk_exp_stats_, chunk_logits, default_chunk_rows
+from .chunked import acc_dtype, chunk_backward_matmuls, chunk_softmax_stats_inplace, chunk_logits, default_chunk_rows
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
 from .logprobs import compact_rows, linear_logprobs, resolve_backend
-from .losses import count_or, pmd_divisor, pmd_loss, pmd_metrics
+from .losses import global_normaliser, length_divisor, pmd_loss, pmd_metrics
 
 
 def sequence_chunks(lengths: list[int], chunk: int) -> list[tuple[int, int, int, int]] | None:
@@ -68,7 +68,7 @@ class SequenceChunkedPMD(torch.autograd.Function):
             if e == s:
                 continue
             z = chunk_logits(hidden[s:e], w_op, bias, inv_temp, buf)  # [c, V]
-            _, logp[s:e], sumexp = chunk_exp_stats_(z, targets[s:e])  # z <- exp(z - rowmax)
+            _, logp[s:e], sumexp = chunk_softmax_stats_inplace(z, targets[s:e])  # z <- exp(z - rowmax)
             local = seg_ids[s:e] - sa
             delta[sa:sb].index_add_(0, local, logp[s:e] - old[s:e])
             if need_h or need_w or need_b:
@@ -135,11 +135,11 @@ def fused_linear_pmd_loss(
     check_targets_in_range(t, weight.shape[0])
     old = old_logprobs.reshape(-1).index_select(0, idx)  # [n]
     acc = acc_dtype(hidden.dtype)
-    divisor = torch.as_tensor(pmd_divisor(length_norm, lengths), dtype=acc, device=hidden.device).expand(
+    divisor = torch.as_tensor(length_divisor(length_norm, lengths), dtype=acc, device=hidden.device).expand(
         lengths.shape).contiguous()
     if weights is not None:  # w * term / d == term / (d / w): the kernels' per-sequence divisor carries it
         divisor = divisor / weights.to(acc)
-    num_seq = torch.as_tensor(count_or(num_sequences, (lengths > 0).sum(), "num_sequences"), dtype=acc,
+    num_seq = torch.as_tensor(global_normaliser(num_sequences, (lengths > 0).sum(), "num_sequences"), dtype=acc,
                               device=hidden.device)
     adv, old = advantages.to(acc), old.to(acc)
     k_adv, k_div, k_tau = adv, divisor, tau  # what the scalar-tau kernels see

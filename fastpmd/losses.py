@@ -18,7 +18,7 @@ from ._checks import check_same_shape, check_sequence_tau, check_tensor, check_w
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-def pmd_divisor(length_norm, lengths: torch.Tensor) -> torch.Tensor | float:
+def length_divisor(length_norm, lengths: torch.Tensor) -> torch.Tensor | float:
     """Per-sequence divisor: token count (True), 1 (False) or a given constant (a number, e.g. max length)."""
     length_norm = check_length_norm(length_norm)
     if length_norm is True:
@@ -28,7 +28,7 @@ def pmd_divisor(length_norm, lengths: torch.Tensor) -> torch.Tensor | float:
     return length_norm
 
 
-def count_or(value, fallback: torch.Tensor, name: str) -> torch.Tensor | float:
+def global_normaliser(value, fallback: torch.Tensor, name: str) -> torch.Tensor | float:
     """A global normaliser; see fastpmd._checks.check_count (tensors are checked only under the switch)."""
     return check_count(name, value, fallback)
 
@@ -82,10 +82,10 @@ def pmd_loss(
     if isinstance(tau, torch.Tensor):
         tau = tau.to(delta.dtype)
     resid = advantages.to(delta.dtype) - tau * delta
-    per_seq = torch.where(valid, resid.square() / (2 * tau) / pmd_divisor(length_norm, lengths), 0.0)
+    per_seq = torch.where(valid, resid.square() / (2 * tau) / length_divisor(length_norm, lengths), 0.0)
     if weights is not None:
         per_seq = per_seq * check_weights(weights, advantages.shape).to(per_seq.dtype)
-    loss = per_seq.sum() / count_or(num_sequences, valid.sum(), "num_sequences")
+    loss = per_seq.sum() / global_normaliser(num_sequences, valid.sum(), "num_sequences")
     return loss, pmd_metrics(loss, delta, resid, advantages, lengths)
 
 
@@ -114,7 +114,7 @@ def _aggregate(per_token, mask, loss_type: str, max_completion_length, num_items
     if loss_type == "dr_grpo":
         length = max_completion_length if max_completion_length is not None else mask.shape[1]
         return tok.sum() / (rows * check_positive("max_completion_length", length))
-    return tok.sum() / count_or(num_items, mask.sum(), "num_items")  # dapo: global active tokens
+    return tok.sum() / global_normaliser(num_items, mask.sum(), "num_items")  # dapo: global active tokens
 
 
 def _log_ratio_cap(adv: torch.Tensor, epsilon_high: float, delta: float | None) -> torch.Tensor:
@@ -247,8 +247,8 @@ def pg_loss(
     lengths = mask.sum(-1)
     valid = lengths > 0
     seq_logp = torch.where(mask, logprobs, 0.0).sum(-1)
-    per_seq = torch.where(valid, -advantages.to(seq_logp.dtype) * seq_logp / pmd_divisor(length_norm, lengths), 0.0)
-    loss = per_seq.sum() / count_or(num_sequences, valid.sum(), "num_sequences")
+    per_seq = torch.where(valid, -advantages.to(seq_logp.dtype) * seq_logp / length_divisor(length_norm, lengths), 0.0)
+    loss = per_seq.sum() / global_normaliser(num_sequences, valid.sum(), "num_sequences")
     metrics = {"loss": loss.detach(), "num_tokens": lengths.sum().detach().float()}
     if old_logprobs is not None:
         metrics.update(masked_stats(sequence_logratio(logprobs, old_logprobs, mask), valid, "logratio"))

@@ -12,7 +12,7 @@ import torch
 
 from ._checks import check_backend, check_positive
 from .fused import fused_linear_pmd_loss
-from .losses import pmd_divisor
+from .losses import length_divisor
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class PMDLossOptions:
     def __post_init__(self):
         check_positive("tau", self.tau)
         check_positive("temperature", self.temperature)
-        pmd_divisor(self.length_norm, torch.ones(1))  # validates a numeric length_norm
+        length_divisor(self.length_norm, torch.ones(1))  # validates a numeric length_norm
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
         check_backend(self.backend)

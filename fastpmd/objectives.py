@@ -96,7 +96,7 @@ def advantages_for(cfg: LossConfig, rewards: torch.Tensor, group_size: int | Non
                       tau=a_tau)
 
 
-def compute_loss(cfg: LossConfig, logprobs, old_logprobs, advantages_, mask, *, num_sequences=None,
+def compute_loss(cfg: LossConfig, logprobs, old_logprobs, adv, mask, *, num_sequences=None,
                  num_items=None, ref_logprobs=None, weights=None, tau: float | torch.Tensor | None = None):
     """Dispatch to the configured loss on per-token log-probs [B, T]; returns (loss, metrics).
     weights: per-sequence [B] for the PMD losses, per-token [B, T] for grpo/gspo (rollout correction).
@@ -105,12 +105,12 @@ def compute_loss(cfg: LossConfig, logprobs, old_logprobs, advantages_, mask, *, 
         raise TypeError(f"compute_loss: cfg must be a fastpmd.LossConfig, got {type(cfg).__name__} {cfg!r} "
                         f"(e.g. fastpmd.LossConfig(name={cfg!r}))")
     if cfg.is_pmd:
-        return pmd_loss(logprobs, old_logprobs, advantages_, mask, tau=cfg.tau if tau is None else tau,
+        return pmd_loss(logprobs, old_logprobs, adv, mask, tau=cfg.tau if tau is None else tau,
                         length_norm=cfg.length_norm, num_sequences=num_sequences, weights=weights)
     if weights is not None and cfg.name == "pg":
         raise ValueError("weights: the pg loss takes no weights (rollout correction is for pmd/grpo/gspo)")
     if cfg.name == "pg":
-        return pg_loss(logprobs, old_logprobs, advantages_, mask, length_norm=cfg.length_norm,
+        return pg_loss(logprobs, old_logprobs, adv, mask, length_norm=cfg.length_norm,
                        num_sequences=num_sequences)
     fn = grpo_loss if cfg.name == "grpo" else gspo_loss
     eps = {}
@@ -118,6 +118,6 @@ def compute_loss(cfg: LossConfig, logprobs, old_logprobs, advantages_, mask, *, 
         eps["epsilon_low"] = cfg.epsilon_low
     if cfg.epsilon_high is not None:
         eps["epsilon_high"] = cfg.epsilon_high
-    return fn(logprobs, old_logprobs, advantages_, mask, loss_type=cfg.loss_type, beta=cfg.beta,
+    return fn(logprobs, old_logprobs, adv, mask, loss_type=cfg.loss_type, beta=cfg.beta,
               ref_logprobs=ref_logprobs, max_completion_length=cfg.max_completion_length, num_items=num_items,
               weights=weights, **eps)

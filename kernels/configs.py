@@ -49,7 +49,7 @@ class Config:
         return {**self.blocks, "num_warps": self.num_warps, "num_stages": stages}
 
 
-def _c(warps, stages, **blocks):
+def _config(warps, stages, **blocks):
     return Config(blocks=blocks, num_warps=warps, num_stages=stages)
 
 
@@ -57,54 +57,54 @@ def _c(warps, stages, **blocks):
 CONFIGS: dict[str, dict[str, list[Config]]] = {
     # forward statistics (kernels/logits.py) and backward dlogits (kernels/dlogits.py)
     "logits_fwd": {
-        "90": [_c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
-               _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8),
-               _c(8, 4, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=16)],
-        "80": [_c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
-               _c(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16)],
-        "100": [_c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
-                _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
+        "90": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
+               _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8),
+               _config(8, 4, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=16)],
+        "80": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
+               _config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16)],
+        "100": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
+                _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
         # sm_120: the Ampere 128x64x32 tile spills 8 bytes here (kernels report); 64x64 is the pinned one
-        "120": [_c(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16),
-                _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8)],
-        "interp": [_c(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
+        "120": [_config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16),
+                _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8)],
+        "interp": [_config(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
     },
     "logits_bwd": {
-        "90": [_c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
-               _c(8, 4, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=16),
-               _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
-        "80": [_c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
-               _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, GROUP_N=8)],
-        "100": [_c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
-                _c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
-        "120": [_c(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
-                _c(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16)],
-        "interp": [_c(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
+        "90": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
+               _config(8, 4, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=16),
+               _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
+        "80": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
+               _config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, GROUP_N=8)],
+        "100": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
+                _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
+        "120": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
+                _config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16)],
+        "interp": [_config(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
     },
     "merge": {
-        "90": [_c(4, 1, BLOCK=256)],
-        "80": [_c(4, 1, BLOCK=256)],
-        "100": [_c(4, 1, BLOCK=256)],
-        "120": [_c(4, 1, BLOCK=256)],
-        "interp": [_c(1, 1, BLOCK=16)],
+        "90": [_config(4, 1, BLOCK=256)],
+        "80": [_config(4, 1, BLOCK=256)],
+        "100": [_config(4, 1, BLOCK=256)],
+        "120": [_config(4, 1, BLOCK=256)],
+        "interp": [_config(1, 1, BLOCK=16)],
     },
     "matmul": {
-        "90": [_c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-               _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16)],
-        "80": [_c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-               _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=16)],
-        "100": [_c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-                _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16)],
-        "120": [_c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-                _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=16)],
-        "interp": [_c(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)],
+        "90": [_config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+               _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16)],
+        "80": [_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+               _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=16)],
+        "100": [_config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16)],
+        "120": [_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+                _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=16)],
+        "interp": [_config(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)],
     },
     "pmd_epilogue": {
-        "90": [_c(4, 1, BLOCK=1024)],
-        "80": [_c(4, 1, BLOCK=1024)],
-        "100": [_c(4, 1, BLOCK=1024)],
-        "120": [_c(4, 1, BLOCK=1024)],
-        "interp": [_c(1, 1, BLOCK=16)],
+        "90": [_config(4, 1, BLOCK=1024)],
+        "80": [_config(4, 1, BLOCK=1024)],
+        "100": [_config(4, 1, BLOCK=1024)],
+        "120": [_config(4, 1, BLOCK=1024)],
+        "interp": [_config(1, 1, BLOCK=16)],
     },
 }
 

@@ -37,8 +37,8 @@ from .pmd_epilogue import _pmd_epilogue_kernel
 ARCHS = (80, 90, 100, 120)
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 TC_OP = {80: "HMMA", 90: "HGMMA", 100: "UTCHMMA", 120: "HMMA"}
-_DT = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-D = [["tt.divisibility", 16]]
+_OPERAND_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
 
 
 def _variants(dt: str):
@@ -95,7 +95,7 @@ def _source(kern, args: dict, cfg: configs.Config) -> ASTSource:
         if isinstance(v, str) and (v.startswith("*") or v in ("i32", "i32D", "fp32")):
             signature[name] = "i32" if v == "i32D" else v
             if v.startswith("*") or v == "i32D":
-                attrs[(i,)] = D
+                attrs[(i,)] = DIVISIBLE_BY_16
         else:
             signature[name] = "constexpr"
             constexprs[name] = v
@@ -124,7 +124,7 @@ def report(arch: int, out: Path, dtypes=("bf16",), all_configs: bool = False) ->
     fam = family_of_capability(arch)
     rows = []
     for dt in dtypes:
-        for name, kern, cname, args, has_tiles, fp32_ops in _variants(_DT[dt]):
+        for name, kern, cname, args, has_tiles, fp32_ops in _variants(_OPERAND_DTYPES[dt]):
             cfam = configs.logits_family(fam, dt == "fp32") if cname.startswith("logits") else fam
             cands = configs.CONFIGS[cname][cfam]
             for ci, cfg in enumerate(cands if all_configs else cands[:1]):
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute capability to compile for (repeatable; default 90)")
     p.add_argument("--out", required=True, type=Path,
                    help="output directory: DIR/sm_<arch>/ gets the cubins, PTX and report.json")
-    p.add_argument("--dtype", action="append", choices=sorted(_DT), help="operand dtype (default bf16)")
+    p.add_argument("--dtype", action="append", choices=sorted(_OPERAND_DTYPES), help="operand dtype (default bf16)")
     p.add_argument("--all-configs", action="store_true", help="also compile the autotuning candidates")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":

@@ -274,23 +274,30 @@ def test_interpreter_subprocess():
 
 
 def test_autotune_picks_fastest_and_caches(monkeypatch):
-    cands = configs.CONFIGS["matmul"]["90"]
+    """Four candidates: the first fails to launch, the other three have distinct times; the fastest of them wins
+    (not the first that works, not the last), per shape key, timed once per key and cached."""
+    cands = [object(), object(), object(), object()]
+    monkeypatch.setitem(configs.CONFIGS, "fake", {"90": cands, "interp": cands[:1]})
+    times = {("k1",): {1: 3.0, 2: 1.0, 3: 2.0}, ("k2",): {1: 0.5, 2: 1.0, 3: 2.0}}
     calls = []
 
-    def timer(fn):                     # fake timings: the second candidate is the fastest, the first fails
-        fn()
-        return {0: 3.0, 1: 1.0}.get(len(calls) - 1, 2.0)
+    def run(key):
+        def bench(cfg):
+            calls.append(cfg)
+            if cfg is cands[0]:
+                raise RuntimeError("out of resources")
+            bench.last = cands.index(cfg)
 
-    def bench(cfg):
-        calls.append(cfg)
-        if len(calls) == 1:
-            raise RuntimeError("out of resources")
+        def timer(fn):
+            fn()
+            return times[key][bench.last]
+        return configs.pick("fake", "90", key, bench=bench, timer=timer)
 
-    assert configs.pick("matmul", "90", ("k",), bench=bench, timer=timer) == cands[0]   # autotune off: pinned
-    assert calls == []
+    assert run(("k1",)) is cands[0] and calls == []          # autotune off: the pinned (first) config, no timing
     monkeypatch.setenv(configs.ENV_AUTOTUNE, "1")
     monkeypatch.setattr(configs, "_TUNED", {})
-    assert configs.pick("matmul", "90", ("k",), bench=bench, timer=timer) == cands[1]
-    n = len(calls)
-    assert configs.pick("matmul", "90", ("k",), bench=bench, timer=timer) == cands[1] and len(calls) == n
-    assert configs.pick("matmul", "interp", ("k",), bench=bench, timer=timer) == configs.CONFIGS["matmul"]["interp"][0]
+    assert run(("k1",)) is cands[2]                           # fastest of the three that launch
+    assert len(calls) == 4
+    assert run(("k1",)) is cands[2] and len(calls) == 4       # cached: no new timing
+    assert run(("k2",)) is cands[1] and len(calls) == 8       # another shape key is timed on its own
+    assert configs.pick("fake", "interp", ("k1",)) is cands[0]  # the interpreter never autotunes

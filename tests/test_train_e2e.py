@@ -43,10 +43,30 @@ def test_tiny_arith_end_to_end(tmp_path, world_of_one):
 
 
 @pytest.mark.parametrize("loss", ["grpo", "pmd-part", "gspo", "pg"])
-def test_each_loss_runs(tmp_path, world_of_one, loss):
+def test_each_loss_runs(tmp_path, world_of_one, loss, monkeypatch):
+    """The loss named on the command line is the one computed: every loss call of the step is recorded, and the
+    logged loss is the sum of what those calls returned (a wrong dispatch or a dropped micro-batch fails)."""
+    import fastpmd
+
+    seen, total = [], []
+
+    def spy(fn, name_of):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seen.append(name_of(args, kwargs))
+            total.append(float(out[0].detach()))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(fastpmd, "compute_loss", spy(fastpmd.compute_loss, lambda a, k: a[0].name))
+    monkeypatch.setattr(fastpmd, "fused_linear_pmd_loss", spy(fastpmd.fused_linear_pmd_loss, lambda a, k: "pmd"))
     rows = _fit(tmp_path, world_of_one, "--loss", loss, "--max-steps", "1", "--no-export", "--no-plots",
                 "--set", "data.eval_size=0")
     assert len(rows) == 1 and torch.isfinite(torch.tensor(rows[0]["loss"]))
+    assert seen and set(seen) == {"pmd" if loss.startswith("pmd") else loss}
+    k = 2  # --mini-batches 2: the logged loss is the mean over the k optimizer steps of their summed micro-batches
+    if loss not in ("grpo", "gspo"):  # grpo/gspo (loss_type grpo) are reweighted by the micro-batch share after the call
+        assert rows[0]["loss"] == pytest.approx(sum(total) / k, rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["tiny-qwen3", "tiny-qwen3-moe"])

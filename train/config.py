@@ -13,13 +13,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from fastpmd._checks import TAU_MIN
+from fastpmd._checks import BACKENDS, TAU_MIN
+from fastpmd.advantages import ESTIMATORS as ADVANTAGE_ESTIMATORS
+from fastpmd.losses import GRPO_LOSS_TYPES
+from fastpmd.objectives import LOSS_NAMES
+from fastpmd.tau_schedule import TAU_SCHEDULES
 
 from .rewards import RewardConfig
 
-LOSSES = ("pmd-mean", "pmd-part", "grpo", "gspo", "pg")
-ESTIMATORS = ("", "mean", "loo", "partition", "partition_loo", "partition_loo_clamped", "grpo")  # "": the loss's default
-TAU_SCHEDULES = ("none", "mean-reward")
+LOSSES = LOSS_NAMES  # loss, estimator and backend names are the library's
+ESTIMATORS = ("",) + ADVANTAGE_ESTIMATORS  # "": the loss's default
 
 
 @dataclass
@@ -241,8 +244,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
 
         pair = check_estimator(lo.name, lo.estimator or None)
         need(pair is None, "loss.estimator", str(pair))
-    need(lo.grpo_loss_type in ("grpo", "bnpo", "dapo", "dr_grpo"), "loss.grpo_loss_type", "unknown")
-    need(lo.backend in ("auto", "naive", "torch", "triton"), "loss.backend", f"unknown {lo.backend!r}")
+    need(lo.grpo_loss_type in GRPO_LOSS_TYPES, "loss.grpo_loss_type", f"must be one of {GRPO_LOSS_TYPES}")
+    need(lo.backend in BACKENDS, "loss.backend", f"unknown {lo.backend!r}")
     need(lo.chunk_size is None or lo.chunk_size > 0, "loss.chunk_size", "must be > 0")
     need(lo.rollout_correction in ("none", "tis"), "loss.rollout_correction",
          f"must be 'none' or 'tis', got {lo.rollout_correction!r}")

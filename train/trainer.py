@@ -328,7 +328,7 @@ class Trainer:
         local = torch.stack([
             rewards.mean(), (entropy * mask).sum() / mask.sum(), mask.sum(1).float().mean(),
             sum(s["loss"].float().cpu() for s in stats) / k, sum(s["logratio_mean"].float().cpu() for s in stats) / k,
-            sum(s["grad_norm"].float().cpu() for s in stats) / k, (rewards > rewards.min()).float().mean(),
+            sum(s["grad_norm"].float().cpu() for s in stats) / k,
         ]).to(dev)
         lo_min = torch.stack([s["logratio_min"].float() for s in stats]).min().reshape(1).to(dev)
         extremes = torch.cat([-lo_min, torch.tensor([max(s["micro_batch_tokens_max"] for s in stats)], device=dev)])
