@@ -10,7 +10,7 @@ from fastpmd.train.cli import build_config
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if a command gets as far as the process group (where the model is built)."""
-    import fastpmd.train.parallelize as par
+    import fastpmd.train.distributed as par
 
     def boom(*a, **k):
         raise AssertionError("the command went past its checks")

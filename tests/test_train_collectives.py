@@ -10,7 +10,7 @@ import torch
 from collective_check import watch_collectives
 from train_helpers import torchrun
 
-from fastpmd.train.parallelize import init_distributed, shutdown_distributed
+from fastpmd.train.distributed import init_distributed, shutdown_distributed
 
 WORKER = textwrap.dedent('''
     import json, os, sys
@@ -18,7 +18,7 @@ WORKER = textwrap.dedent('''
     sys.path.insert(0, sys.argv[2])
     from collective_check import watch_collectives
     from fastpmd.train.cli import build_config
-    from fastpmd.train.parallelize import init_distributed
+    from fastpmd.train.distributed import init_distributed
     from fastpmd.train.trainer import Trainer
 
     torch.set_num_threads(1)

@@ -97,7 +97,7 @@ def test_world_size_must_split_prompts():
 
 
 def test_existing_run_needs_resume(tmp_path):
-    from fastpmd.train.parallelize import Dist
+    from fastpmd.train.distributed import Dist
     from fastpmd.train.trainer import Trainer
     import torch
 
@@ -109,7 +109,7 @@ def test_existing_run_needs_resume(tmp_path):
 
 
 def test_loss_estimator_mismatch_before_work(tmp_path):
-    from fastpmd.train.parallelize import Dist
+    from fastpmd.train.distributed import Dist
     from fastpmd.train.trainer import Trainer
     import torch
 

@@ -5,15 +5,10 @@ import random
 import pytest
 import torch
 
-from fastpmd.train.data import (
-    DAPO_TEMPLATE,
-    ArithmeticTask,
-    CharTokenizer,
-    Problem,
-    format_prompt,
-    load_problems,
-    pack_batch,
-)
+from fastpmd.train.arithmetic import ArithmeticTask
+from fastpmd.train.data import DAPO_TEMPLATE, Problem, format_prompt, load_problems
+from fastpmd.train.packing import pack_batch
+from fastpmd.train.tokenizer import CharTokenizer
 from fastpmd.train.rewards import math_reward
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastpmd.train.data import ArithmeticTask, CharTokenizer, Problem
+from fastpmd.train.arithmetic import ArithmeticTask
+from fastpmd.train.data import Problem
+from fastpmd.train.tokenizer import CharTokenizer
 from fastpmd.train.evaluation import avg_at_k, evaluate, maj_at_k, majority_answer, pass_at_k
 from fastpmd.train.rewards import math_reward
 from fastpmd.train.rollout import SamplingConfig

@@ -10,7 +10,7 @@ WORKER = textwrap.dedent('''
     import json, sys
     import torch, torch.distributed as dist
     from fastpmd.train.cli import build_config
-    from fastpmd.train.parallelize import init_distributed
+    from fastpmd.train.distributed import init_distributed
     from fastpmd.train.trainer import Trainer
 
     torch.set_num_threads(1)

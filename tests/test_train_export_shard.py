@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from fastpmd.train.cli import build_config
 from fastpmd.train.data import load_problems
-from fastpmd.train.parallelize import init_distributed, shutdown_distributed
+from fastpmd.train.distributed import init_distributed, shutdown_distributed
 from fastpmd.train.prompts import Task
 from fastpmd.train.trainer import Trainer
 

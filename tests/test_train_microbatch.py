@@ -17,8 +17,8 @@ WORKER = textwrap.dedent('''
     import torch, torch.distributed as dist
     import fastpmd
     from fastpmd.train.cli import build_config
-    from fastpmd.train.data import pack_batch
-    from fastpmd.train.parallelize import init_distributed
+    from fastpmd.train.packing import pack_batch
+    from fastpmd.train.distributed import init_distributed
     from fastpmd.train.trainer import Trainer, loss_config
 
     torch.set_num_threads(1)

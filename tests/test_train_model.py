@@ -3,7 +3,8 @@ it gets when run alone, and the layout places whole sequences, in order, within 
 import pytest
 import torch
 
-from fastpmd.train.model import Policy, pack_layout, tiny_config
+from fastpmd.train.model import Policy, tiny_config
+from fastpmd.train.packing import pack_layout
 
 
 def _model():

@@ -8,9 +8,9 @@ import torch.distributed as dist
 
 from train_helpers import world_of_one  # noqa: F401 (fixture)
 
-from fastpmd.train import offload, parallelize
+from fastpmd.train import distributed, offload
 from fastpmd.train.cli import build_config
-from fastpmd.train.parallelize import init_distributed, shutdown_distributed
+from fastpmd.train.distributed import init_distributed, shutdown_distributed
 from fastpmd.train.trainer import Trainer
 
 TINY = ["--preset", "tiny-arith", "--prompts-per-step", "8", "--group-size", "4", "--mini-batches", "2",
@@ -50,7 +50,7 @@ def test_offload_during_rollout_runs_and_changes_nothing(tmp_path, world_of_one,
 def test_timeout_reaches_the_process_group(monkeypatch):
     seen = {}
     real = dist.init_process_group
-    monkeypatch.setattr(parallelize.dist, "init_process_group", lambda **kw: seen.update(kw) or real(**kw))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: seen.update(kw) or real(**kw))
     init_distributed("cpu", timeout_min=7)
     try:
         assert seen["timeout"] == timedelta(minutes=7)

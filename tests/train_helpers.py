@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from fastpmd.train.parallelize import init_distributed, shutdown_distributed
+from fastpmd.train.distributed import init_distributed, shutdown_distributed
 
 
 @pytest.fixture

@@ -145,7 +145,8 @@ def preflight(cfg: TrainConfig) -> None:
 
     from fastpmd.logprobs import resolve_backend
 
-    from .data import ArithmeticTask, load_problems
+    from .arithmetic import ArithmeticTask
+    from .data import load_problems
 
     run, d, m, r = cfg.run, cfg.data, cfg.model, cfg.rollout
     cuda = torch.cuda.is_available()
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .checkpoint import CheckpointError
     from .faults import NonFiniteError, Stopped
-    from .parallelize import init_distributed, shutdown_distributed
+    from .distributed import init_distributed, shutdown_distributed
     from .trainer import Trainer
 
     if cfg.run.threads:

@@ -32,7 +32,7 @@ class ModelConfig:
     name_or_path: str = ""  # HF model directory or hub id; "" with `arch` set builds a random model from config
     arch: str = ""  # "tiny-qwen2" | "tiny-qwen3" | "tiny-qwen3-moe": random model built from `arch_kwargs`
     arch_kwargs: dict = field(default_factory=dict)  # overrides of the tiny config (hidden_size, num_layers, ...)
-    tokenizer: str = ""  # "char" for fastpmd.train.data.CharTokenizer; "" = the model directory's HF tokenizer
+    tokenizer: str = ""  # "char" for fastpmd.train.tokenizer.CharTokenizer; "" = the model directory's HF tokenizer
     attn_implementation: str = "auto"  # "auto": flash_attention_2 on CUDA when installed, else sdpa
     pack_row_tokens: int = 256  # sdpa/eager: pack sequences into rows of max(this, longest) tokens (attention
     #   cost N * row); 0, or flash_attention_2 (varlen, no dense mask): the whole micro-batch in one row

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .packing import pack_layout
 
 TINY_DEFAULTS = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
@@ -88,27 +89,6 @@ def reset_rotary(hf: nn.Module, device: torch.device) -> None:
     if rot is not None:
         with torch.device(device):
             hf.model.rotary_emb = type(rot)(config=hf.config)
-
-
-def pack_layout(valid: torch.Tensor, row_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Where each real token of a right-padded batch goes in a packed [R, C] grid (one host sync).
-
-    valid: [B, L] bool, each row a prefix of True. Sequences are placed in order, whole, into rows of capacity
-    C = max(row_tokens, longest sequence); row_tokens None puts everything into one row (C = total tokens).
-    Returns dest [N] (flat indices into the [R * C] grid, in the row-major order of valid's True entries),
-    used [R] (real tokens per row; the rest of a row is free) and C.
-    """
-    lengths = valid.sum(1).tolist()
-    C = max(sum(lengths) if row_tokens is None else max(row_tokens, max(lengths, default=0)), 1)
-    starts, used = [], [0]
-    for n in lengths:
-        if used[-1] + n > C:
-            used.append(0)
-        starts.append((len(used) - 1) * C + used[-1])
-        used[-1] += n
-    first = torch.tensor(starts, dtype=torch.long, device=valid.device)  # [B]
-    dest = (first[:, None] + torch.arange(valid.shape[1], device=valid.device))[valid]  # [N]
-    return dest, torch.tensor(used, dtype=torch.long, device=valid.device), C
 
 
 class Policy(nn.Module):

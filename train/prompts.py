@@ -1,5 +1,5 @@
-"""The task as the trainer sees it: a resumable prompt stream, the tokenizer (encode a problem, decode a response)
-and the reward of a decoded response. Two tasks: "math" (problem files, DAPO template, math-verify rewards) and
+"""The task as the trainer sees it: a resumable prompt stream, the encoding of a problem (tokenizer.py) and the
+reward of a decoded response. Two tasks: "math" (problem files, DAPO template, math-verify rewards) and
 "arithmetic" (the offline synthetic task with its character tokenizer).
 """
 from __future__ import annotations
@@ -10,46 +10,9 @@ import random
 import torch
 
 from .config import TrainConfig
-from .data import DAPO_TEMPLATE, PLAIN_TEMPLATE, ArithmeticTask, CharTokenizer, Problem, format_prompt, load_problems
+from .arithmetic import ArithmeticTask
+from .data import DAPO_TEMPLATE, PLAIN_TEMPLATE, Problem, format_prompt, load_problems
 from .rewards import math_reward, score_batch
-
-
-class HFTokenizer:
-    """Adapter giving a Hugging Face tokenizer the CharTokenizer surface the trainer uses."""
-
-    def __init__(self, name_or_path: str):
-        import transformers
-
-        self.tok = transformers.AutoTokenizer.from_pretrained(name_or_path)
-        self.eos_id = self.tok.eos_token_id
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
-        self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_id
-        self.vocab_size = len(self.tok)
-
-    def encode_prompt(self, text: str) -> list[int]:
-        if self.tok.chat_template:  # instruct/base models with a template: one user turn
-            return list(self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                     add_generation_prompt=True, return_dict=False))
-        return self.tok.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def save_pretrained(self, path) -> None:
-        self.tok.save_pretrained(path)
-
-
-class CharPromptTokenizer(CharTokenizer):
-    """CharTokenizer whose prompts start with bos."""
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return self.encode(text, add_bos=True)
-
-
-def make_tokenizer(cfg: TrainConfig):
-    if cfg.model.tokenizer == "char":
-        return CharPromptTokenizer()
-    return HFTokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
 
 
 class Task:

@@ -53,7 +53,7 @@ class Response(list):
 def logprobs_on_grid(responses: list, loss_mask: torch.Tensor) -> torch.Tensor | None:
     """The responses' engine log-probs on a packed batch's [B, L] grid (0 off loss_mask), or None when any
     response has none. loss_mask [B, L]'s True entries, row by row, are the response tokens in order
-    (`data.pack_batch`)."""
+    (`packing.pack_batch`)."""
     lps = [getattr(r, "logprobs", None) for r in responses]
     if any(lp is None for lp in lps):
         return None

@@ -22,12 +22,14 @@ import fastpmd
 
 from . import checkpoint, faults, offload
 from .config import TrainConfig, validate
-from .data import pack_batch
+from .packing import pack_batch
 from .metrics import MetricsLogger, peak_memory, plot_curves
 from .microbatch import pack_micro_batches
 from .model import Policy, build_hf_model, hf_state_key, reset_rotary
-from .parallelize import DTYPES, Dist, apply_activation_checkpointing, apply_fsdp
-from .prompts import Task, make_tokenizer
+from .distributed import Dist
+from .parallelize import DTYPES, apply_activation_checkpointing, apply_fsdp
+from .prompts import Task
+from .tokenizer import make_tokenizer
 from .rollout import HFEngine, SamplingConfig, logprobs_on_grid
 
 

@@ -15,7 +15,7 @@ import torch
 
 import fastpmd
 
-from .data import pack_batch
+from .packing import pack_batch
 
 
 def noisy_answer(gold: str, noise: float, span: int, rng: random.Random) -> str:
