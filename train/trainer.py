@@ -280,11 +280,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the run
     def evaluate(self) -> dict | None:
-        """Held-out Avg@k / Pass@k / Maj@k on rank 0 (others wait)."""
+        """Held-out Avg@k / Pass@k / Maj@k on rank 0 (others wait; with vLLM TP > 1 rank 0's engine group runs it)."""
         from .evaluation import evaluate
 
         r, res = self.cfg.rollout, None
-        if self.d.is_main and self.task.eval_problems:
+        if self.d.rank < r.tensor_parallel_size and self.task.eval_problems:
             sampling = SamplingConfig(n=r.eval_n, temperature=r.eval_temperature, top_p=r.eval_top_p,
                                       max_new_tokens=r.max_new_tokens, seed=self.cfg.model.seed + 12_345)
             threshold = (self.cfg.reward.correct + self.cfg.reward.incorrect) / 2
