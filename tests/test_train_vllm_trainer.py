@@ -45,7 +45,7 @@ def engine_vs_trainer(t: Trainer) -> tuple[float, dict, torch.Tensor]:
     t.engine.sleep()
     batch = pack_batch([p for p in prompts for _ in range(4)], [r for g in out for r in g], t.tok.pad_id)
     logp = t.old_logprobs(batch)[0][batch["loss_mask"]]  # [tokens], in response order
-    theirs = torch.tensor([v for group in out.logprobs for lp in group for v in lp])
+    theirs = torch.tensor([v for group in out for r in group for v in r.logprobs])
     assert logp.shape == theirs.shape
     return float((logp - theirs).abs().max()), batch
 

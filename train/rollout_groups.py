@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from .rollout import Generations, SamplingConfig
+from .rollout import Response, SamplingConfig
 
 __all__ = ["EngineGroup", "GroupedEngine", "engine_groups", "check_tensor_parallel"]
 
@@ -91,16 +91,14 @@ class GroupedEngine:
     def __init__(self, engine, group: EngineGroup, process_group):
         self.engine, self.group, self.process_group = engine, group, process_group
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Generations:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Response]]:
         mine = [[int(t) for t in p] for p in prompt_ids]
         gathered: list = [None] * self.group.tp
         dist.all_gather_object(gathered, (mine, sampling), group=self.process_group)
         counts = [len(g[0]) for g in gathered]
         start = sum(counts[: self.group.member])
         out = self.engine.generate([p for g in gathered for p in g[0]], gathered[0][1])
-        own = slice(start, start + counts[self.group.member])
-        logprobs = getattr(out, "logprobs", None)
-        return Generations(list(out)[own], None if logprobs is None else logprobs[own])
+        return list(out)[start:start + counts[self.group.member]]  # Responses keep their log-probs
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.engine.update_weights(named_tensors)

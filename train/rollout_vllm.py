@@ -15,7 +15,7 @@ same prompts and seeds. Without a process group it is a plain single-process eng
 (the default) drops the weights as well as the KV cache, since the trainer re-sends every weight before the next
 generation; ``torch.cuda.empty_cache()`` runs before waking, so memory the trainer freed is returned first.
 
-Log-probs: ``generate`` returns a ``Generations`` whose ``logprobs`` are the sampled tokens' log-probs
+Log-probs: each ``Response`` that ``generate`` returns carries ``logprobs``: the sampled tokens' log-probs
 (``SamplingParams(logprobs=0)``) with ``logprobs_mode="processed_logprobs"``: after temperature (and top-p
 renormalisation), i.e. of the distribution actually sampled from, which is what the trainer's old log-probs at
 ``rollout.temperature`` compare to when top_p = 1. (vLLM's default, "raw_logprobs", is the temperature-1
@@ -42,7 +42,7 @@ import torch
 
 import torch.distributed as dist
 
-from fastpmd.train.rollout import Generations, SamplingConfig, check_prompts, trim_response
+from fastpmd.train.rollout import Response, SamplingConfig, check_prompts, trim_response
 from fastpmd.train.rollout_groups import check_tensor_parallel
 from fastpmd.train.weight_names import checkpoint_tensors
 
@@ -190,26 +190,28 @@ class VLLMEngine:
             detokenize=False,
         )
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Generations:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Response]]:
         """Per prompt, ``sampling.n`` responses (eos included when produced), with their tokens' log-probs."""
         check_prompts(prompt_ids)
         if self._asleep:
             raise RuntimeError("VLLMEngine.generate called while asleep: call wake() first")
         if not prompt_ids:
-            return Generations([], [])
+            return []
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids]
         params = [self._params(sampling, i) for i in range(len(prompts))]
         outs = self.llm.generate(prompts, params, use_tqdm=False)  # in request order
-        result, logprobs = [], []
+        result = []
         for out in outs:
             comps = sorted(out.outputs, key=lambda c: c.index)
             comps = comps * sampling.n if len(comps) == 1 else comps  # greedy
-            result.append([trim_response(list(c.token_ids), self.eos_id, sampling.max_new_tokens) for c in comps])
-            logprobs.append([[step[tok].logprob for step, tok in zip(c.logprobs, resp)]
-                             for c, resp in zip(comps, result[-1])])
-        return Generations(result, logprobs)
+            group = []
+            for c in comps:
+                resp = trim_response(list(c.token_ids), self.eos_id, sampling.max_new_tokens)
+                group.append(Response(resp, [step[tok].logprob for step, tok in zip(c.logprobs, resp)]))
+            result.append(group)
+        return result
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (name, full tensor) pairs, named as in the Hugging Face model's ``state_dict``, into vLLM.

@@ -380,8 +380,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the run
     def evaluate(self) -> dict | None:
-        """Held-out Avg@k / Pass@k / Maj@k: each rank samples its share of the eval chunks
-        (`rollout.eval_batch_size` problems each, seeded by chunk), results gathered; equal for any world size."""
+        """Held-out Avg@k / Pass@k / Maj@k: each engine group (one rank, or the `rollout.tensor_parallel_size` ranks
+        sharing a vLLM engine) samples its share of the eval chunks (`rollout.eval_batch_size` problems each,
+        seeded by chunk), results gathered; equal for any world size. The members of a TP group all submit their
+        group's chunk (the engine needs every member's call) and only the group's first member's rows are kept."""
         from .evaluation import evaluate
 
         r = self.cfg.rollout
@@ -391,17 +393,19 @@ class Trainer:
                                   max_new_tokens=r.max_new_tokens, seed=self.cfg.model.seed + 12_345)
         threshold = (self.cfg.reward.correct + self.cfg.reward.incorrect) / 2
 
+        tp = r.tensor_parallel_size if r.engine == "vllm" else 1
+
         def gather(rows: list) -> list[list]:
             parts = [None] * self.d.world_size
             dist.all_gather_object(parts, rows)
-            return parts
+            return parts[::tp]  # one list per engine group (its first member's)
 
         with self.rollout_phase():
             return evaluate(self.engine, self.task.eval_problems, k=r.eval_n, sampling=sampling,
                             reward_fn=self.task.reward, encode=self.tok.encode_prompt, decode=self.tok.decode,
                             template=self.task.template, answer_style=self.task.answer_style,
-                            threshold=threshold, batch_size=r.eval_batch_size, rank=self.d.rank,
-                            world_size=self.d.world_size, gather=gather)
+                            threshold=threshold, batch_size=r.eval_batch_size, rank=self.d.rank // tp,
+                            world_size=self.d.world_size // tp, gather=gather)
 
     def _save(self) -> Path:
         extra = {"step": self.step, "scheduler": self.scheduler.state_dict(), "task": self.task.state_dict()}
