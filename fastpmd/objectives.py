@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_loss_config_fields
+from ._checks import check_backend, check_chunk_size, check_loss_config_fields, check_positive
 from .advantages import advantages
 from .losses import GRPO_LOSS_TYPES, grpo_loss, gspo_loss, pg_loss, pmd_loss
 from .tau_schedule import TAU_SCHEDULES, sequence_tau
@@ -43,6 +43,12 @@ class LossConfig:
     loss_type, epsilon_low, epsilon_high, beta: GRPO/GSPO options (TRL conventions); None epsilons take the
         loss's defaults (GRPO 0.2/0.2, GSPO 3e-4/4e-4).
     max_completion_length: dr_grpo's constant divisor.
+    rollout_correction, rollout_is_cap: "tis" weights each term by the truncated importance ratio
+        min(pi_old / pi_rollout, cap) from the rollout engine's log-probs (`truncated_is_weights`): per token for
+        grpo/gspo, per sequence (the product over the response) for the PMD losses; not for pg.
+    backend, chunk_size: how the LM head runs when the loss starts from hidden states (`linear_logprobs`,
+        `fused_linear_pmd_loss`): "auto" | "naive" | "torch" | "triton", tokens per chunk (None = default).
+    Every error names its field first ("tau must be ..."), so a config layer can prefix its section.
     """
 
     name: str = "pmd-mean"
@@ -56,10 +62,14 @@ class LossConfig:
     epsilon_high: float | None = None
     beta: float = 0.0
     max_completion_length: int | None = None
+    rollout_correction: str = "none"
+    rollout_is_cap: float = 2.0
+    backend: str = "auto"
+    chunk_size: int | None = None
 
     def __post_init__(self):
         if self.name not in LOSS_NAMES:
-            raise ValueError(f"LossConfig.name must be one of {LOSS_NAMES}, got {self.name!r}")
+            raise ValueError(f"name must be one of {LOSS_NAMES}, got {self.name!r}")
         check_loss_config_fields(self)
         if self.tau_schedule not in TAU_SCHEDULES:
             raise ValueError(f"tau_schedule must be one of {TAU_SCHEDULES}, got {self.tau_schedule!r}")
@@ -67,6 +77,14 @@ class LossConfig:
             raise ValueError(msg)
         if self.loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.rollout_correction not in ("none", "tis"):
+            raise ValueError(f"rollout_correction must be 'none' or 'tis', got {self.rollout_correction!r}")
+        if self.rollout_correction != "none" and self.name == "pg":
+            raise ValueError("rollout_correction 'tis' applies to pmd-mean, pmd-part, grpo and gspo, not the "
+                             "on-policy pg loss")
+        check_positive("rollout_is_cap", self.rollout_is_cap)
+        check_backend(self.backend)
+        check_chunk_size(self.chunk_size)
 
     @property
     def advantage_estimator(self) -> str:

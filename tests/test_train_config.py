@@ -1,4 +1,5 @@
 """Trainer configuration: presets, command-line overrides, and clear errors before any work starts."""
+import dataclasses
 import json
 
 import pytest
@@ -42,12 +43,11 @@ def test_estimator_honoured_for_every_loss():
         validate(cfg)
         lc = loss_config(cfg)
         assert lc.advantage_estimator == est and lc.partition_tau == 0.05
-    cfg, _ = build_config(["--loss", "grpo"])  # tiny-arith: "" = the loss's own default
+    cfg, _ = build_config(["--loss", "grpo"])  # tiny-arith: estimator None = the loss's own default
     assert loss_config(cfg).advantage_estimator == "grpo"
     for loss, est in [("grpo", "partition"), ("pmd-mean", "partition_loo_clamped"), ("pmd-part", "loo")]:
-        cfg, _ = build_config(["--loss", loss, "--estimator", est])
-        with pytest.raises(ValueError, match="loss.estimator"):
-            validate(cfg)
+        with pytest.raises(ValueError, match="loss.estimator"):  # the LossConfig is rebuilt with both at once
+            build_config(["--loss", loss, "--estimator", est])
         assert main(["--loss", loss, "--estimator", est, "--print-config"]) == 2
 
 
@@ -113,7 +113,9 @@ def test_loss_estimator_mismatch_before_work(tmp_path):
     from fastpmd.train.trainer import Trainer
     import torch
 
-    cfg, _ = build_config(["--out", str(tmp_path), "--set", "loss.estimator='partition'"])
-    with pytest.raises(ValueError, match="loss.estimator"):
-        Trainer(cfg, Dist(0, 1, torch.device("cpu")))
+    with pytest.raises(ValueError, match="loss.estimator"):  # refused while the config is built
+        build_config(["--out", str(tmp_path), "--set", "loss.estimator='partition'"])
+    cfg, _ = build_config(["--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="estimator"):  # and by the Trainer, for a config built in code
+        cfg.loss = dataclasses.replace(cfg.loss, estimator="partition")
     assert not any(tmp_path.iterdir())  # nothing written

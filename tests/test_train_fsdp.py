@@ -9,7 +9,7 @@ import torch
 from train_helpers import torchrun
 
 WORKER = textwrap.dedent('''
-    import json, random, sys
+    import dataclasses, json, random, sys
     import torch, torch.distributed as dist
     import fastpmd
     from fastpmd.train.cli import build_config
@@ -35,7 +35,7 @@ WORKER = textwrap.dedent('''
     mine = slice(lo * n, hi * n)
     results = {}
     for name, loss_type in [("pmd-mean", "grpo"), ("grpo", "grpo"), ("grpo", "dapo"), ("pg", "grpo")]:
-        tr.cfg.loss.name, tr.cfg.loss.grpo_loss_type = name, loss_type
+        tr.cfg.loss = dataclasses.replace(tr.cfg.loss, name=name, loss_type=loss_type)
         tr.loss_cfg = loss_config(tr.cfg)
         batch = pack_batch([p for p in prompts[lo:hi] for _ in range(n)], responses[mine], 0)
         logp, _ = tr.old_logprobs(batch)

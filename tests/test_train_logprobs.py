@@ -36,7 +36,7 @@ def test_rollout_correction_tis_in_the_trainer_against_float64(tmp_path, world_o
     import fastpmd
 
     cfg, _ = build_config(TINY + ["--out", str(tmp_path), "--max-steps", "1", "--temperature", "0.8",
-                                  "--loss", loss, "--set", f"loss.grpo_loss_type={loss_type}",
+                                  "--loss", loss, "--set", f"loss.loss_type={loss_type}",
                                   "--set", "loss.rollout_correction=tis", "--set", "loss.rollout_is_cap=1.5"])
     tr = Trainer(cfg, world_of_one)
     (row,) = tr.fit()

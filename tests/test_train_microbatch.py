@@ -13,7 +13,7 @@ from train_helpers import torchrun
 from fastpmd.train.microbatch import first_fit_decreasing, pack_micro_batches
 
 WORKER = textwrap.dedent('''
-    import json, random, sys
+    import dataclasses, json, random, sys
     import torch, torch.distributed as dist
     import fastpmd
     from fastpmd.train.cli import build_config
@@ -65,7 +65,7 @@ WORKER = textwrap.dedent('''
     results["old_logprobs_equal"] = bool(torch.allclose(tok_logp, base_logp, rtol=0, atol=1e-6))
     for name, loss_type in [("pmd-mean", "grpo"), ("grpo", "grpo"), ("grpo", "dapo"), ("gspo", "grpo"),
                             ("pg", "grpo")]:
-        tr.cfg.loss.name, tr.cfg.loss.grpo_loss_type = name, loss_type
+        tr.cfg.loss = dataclasses.replace(tr.cfg.loss, name=name, loss_type=loss_type)
         tr.loss_cfg = loss_config(tr.cfg)
         shift = 0.05 * ((batch["targets"] % 3) - 1).float() * batch["loss_mask"]
         batch.update(old_logprobs=base_logp + shift,

@@ -76,19 +76,35 @@ def parse_value(path: str, value, allowed: tuple):
     return value
 
 
-def set_field(cfg: TrainConfig, path: str, value) -> None:
+def set_field(cfg: TrainConfig, path: str, value, pending: dict | None = None) -> None:
+    """Set section.field to a type-checked value. Frozen sections (the library's own configs: fastpmd.LossConfig,
+    rewards.RewardConfig) collect their values in `pending` (section -> {field: value}) for `apply_pending`,
+    which rebuilds each once, so that fields validated together (a loss and its estimator) are set together."""
     section, _, name = path.partition(".")
     sub = getattr(cfg, section, None)
     if sub is None or not dataclasses.is_dataclass(sub) or name not in {f.name for f in dataclasses.fields(sub)}:
         raise ValueError(f"--set: unknown config field {path!r}")
     value = parse_value(path, value, field_types(sub)[name])
-    if sub.__dataclass_params__.frozen:  # a library config (e.g. rewards.RewardConfig): replace, re-validated
-        try:
-            setattr(cfg, section, dataclasses.replace(sub, **{name: value}))
-        except ValueError as e:
-            raise ValueError(f"config {path}: {e}") from None
+    if sub.__dataclass_params__.frozen:
+        if pending is None:
+            apply_pending(cfg, {section: {name: value}})
+        else:
+            pending.setdefault(section, {})[name] = value
     else:
         setattr(sub, name, value)
+
+
+def apply_pending(cfg: TrainConfig, pending: dict) -> None:
+    """Rebuild each frozen section with its collected values; its own validation names the field
+    ("config loss.tau: tau must be ...")."""
+    for section, values in pending.items():
+        sub = getattr(cfg, section)
+        try:
+            setattr(cfg, section, dataclasses.replace(sub, **values))
+        except ValueError as e:
+            field = str(e).split()[0]
+            names = {f.name for f in dataclasses.fields(sub)}
+            raise ValueError(f"config {section}.{field}: {e}" if field in names else f"config {section}: {e}") from None
 
 
 def _looks_local(path: str) -> bool:
@@ -200,18 +216,20 @@ def preflight(cfg: TrainConfig) -> None:
 def build_config(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     args = parser().parse_args(argv)
     cfg = get_preset(args.preset)
+    pending: dict = {}
     for flag, (path, _) in FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
-            set_field(cfg, path, value)
+            set_field(cfg, path, value, pending)
     for flag, (path, value) in SWITCHES.items():
         if getattr(args, flag[2:].replace("-", "_")):
-            set_field(cfg, path, value)
+            set_field(cfg, path, value, pending)
     for item in args.set:
         path, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"--set: expected SECTION.FIELD=VALUE, got {item!r}")
-        set_field(cfg, path.strip(), value.strip())
+        set_field(cfg, path.strip(), value.strip(), pending)
+    apply_pending(cfg, pending)
     return cfg, args
 
 

@@ -13,16 +13,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from fastpmd._checks import BACKENDS, TAU_MIN
-from fastpmd.advantages import ESTIMATORS as ADVANTAGE_ESTIMATORS
-from fastpmd.losses import GRPO_LOSS_TYPES
-from fastpmd.objectives import LOSS_NAMES
-from fastpmd.tau_schedule import TAU_SCHEDULES
+from fastpmd.objectives import LossConfig
 
 from .rewards import RewardConfig
 
-LOSSES = LOSS_NAMES  # loss, estimator and backend names are the library's
-ESTIMATORS = ("",) + ADVANTAGE_ESTIMATORS  # "": the loss's default
 
 
 @dataclass
@@ -72,28 +66,6 @@ class RolloutConfig:
     eval_batch_size: int = 16  # held-out problems per eval chunk: chunks are seeded by index and dealt to ranks
     gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU while awake (it sleeps during the update)
     tensor_parallel_size: int = 1  # vLLM: ranks per engine (groups of consecutive ranks share one; divides W)
-
-
-@dataclass
-class LossSpec:
-    """Step 4: the policy loss, chosen by name."""
-
-    name: str = "pmd-mean"  # one of LOSSES
-    tau: float = 0.01  # PMD temperature of the loss (released scripts' pmd_tau: 0.01; 30B figure: 0.1)
-    estimator: str = ""  # advantage estimator; "" = the loss's default (pmd-mean "mean", pmd-part "partition",
-    #   grpo/gspo "grpo", pg "loo"); pmd-mean "loo" = released rloo; pmd-part "partition_loo" (exact) or
-    #   "partition_loo_clamped" (the released ploo, clamp and all); a bad pair is an error before any work
-    partition_tau: float | None = None  # temperature of the partition estimators (released: partition_tau); None = tau
-    tau_schedule: str = "none"  # "mean-reward": per-prompt tau from the group's mean reward (fastpmd.tau_schedule)
-    length_norm: bool = True  # divide each sequence's term by its token count ("seq-mean-token-mean")
-    grpo_loss_type: str = "grpo"  # grpo / gspo aggregation: grpo | bnpo | dapo | dr_grpo
-    epsilon_low: float | None = None  # clip range; None = the loss's default
-    epsilon_high: float | None = None
-    chunk_size: int | None = None  # LM-head chunk size of fastpmd (None = its default)
-    backend: str = "auto"  # fastpmd backend: auto | naive | torch | triton
-    rollout_correction: str = "none"  # "tis": truncated importance weights min(pi_old / pi_rollout, cap) from the
-    #   engine's log-probs, per token (grpo/gspo) or per sequence (pmd-mean/pmd-part: the product over the response)
-    rollout_is_cap: float = 2.0  # the TIS cap
 
 
 @dataclass
@@ -149,7 +121,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)  # step 2 (DAPO +1/-1; the CPU demo 0/1)
-    loss: LossSpec = field(default_factory=LossSpec)
+    loss: LossConfig = field(default_factory=LossConfig)  # step 4: fastpmd.LossConfig itself (frozen, validated)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -230,28 +202,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(r.eval_n >= 1, "rollout.eval_n", "must be >= 1")
     need(r.eval_batch_size >= 1, "rollout.eval_batch_size", "must be >= 1")
     need(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
-    need(lo.name in LOSSES, "loss.name", f"must be one of {LOSSES}, got {lo.name!r}")
-    need(lo.tau >= TAU_MIN, "loss.tau", f"must be >= {TAU_MIN:g} (fastpmd.TAU_MIN), got {lo.tau!r}")
-    for eps in ("epsilon_low", "epsilon_high"):
-        need(getattr(lo, eps) is None or getattr(lo, eps) >= 0, f"loss.{eps}", "must be None or >= 0")
-    need(lo.estimator in ESTIMATORS, "loss.estimator", f"must be one of {ESTIMATORS}, got {lo.estimator!r}")
-    need(lo.partition_tau is None or lo.partition_tau > 0, "loss.partition_tau", "must be > 0 or None")
-    need(lo.tau_schedule in TAU_SCHEDULES, "loss.tau_schedule", f"must be one of {TAU_SCHEDULES}")
+    # the loss section is a fastpmd.LossConfig, validated field by field when it is built; what remains is
+    # what it cannot see on its own
     need(lo.tau_schedule == "none" or cfg.reward.correct > cfg.reward.incorrect, "loss.tau_schedule",
          "'mean-reward' needs binary rewards with reward.correct > reward.incorrect")
-    if lo.name in LOSSES and lo.estimator in ESTIMATORS:
-        from fastpmd.objectives import check_estimator
-
-        pair = check_estimator(lo.name, lo.estimator or None)
-        need(pair is None, "loss.estimator", str(pair))
-    need(lo.grpo_loss_type in GRPO_LOSS_TYPES, "loss.grpo_loss_type", f"must be one of {GRPO_LOSS_TYPES}")
-    need(lo.backend in BACKENDS, "loss.backend", f"unknown {lo.backend!r}")
-    need(lo.chunk_size is None or lo.chunk_size > 0, "loss.chunk_size", "must be > 0")
-    need(lo.rollout_correction in ("none", "tis"), "loss.rollout_correction",
-         f"must be 'none' or 'tis', got {lo.rollout_correction!r}")
-    need(lo.rollout_correction == "none" or lo.name != "pg", "loss.rollout_correction",
-         "'tis' applies to pmd-mean, pmd-part, grpo and gspo, not the on-policy pg loss")
-    need(lo.rollout_is_cap > 0, "loss.rollout_is_cap", "must be > 0")
     need(o.lr > 0, "optim.lr", "must be > 0")
     need(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas), "optim.betas",
          f"must be two numbers in [0, 1), got {o.betas!r}")

@@ -12,7 +12,9 @@
 """
 from __future__ import annotations
 
-from .config import (DataConfig, LossSpec, ModelConfig, OptimConfig, RewardConfig, RolloutConfig, RunConfig,
+from fastpmd.objectives import LossConfig
+
+from .config import (DataConfig, ModelConfig, OptimConfig, RewardConfig, RolloutConfig, RunConfig,
                      TrainConfig, WarmupConfig)
 
 
@@ -25,7 +27,7 @@ def tiny_arith() -> TrainConfig:
         rollout=RolloutConfig(prompts_per_step=64, n=16, max_new_tokens=4, eval_n=16, eval_top_p=1.0,
                               eval_batch_size=64),  # the 41 held-out problems in one chunk, as measured
         reward=RewardConfig(correct=1.0, incorrect=0.0),
-        loss=LossSpec(name="pmd-mean", tau=0.1, estimator=""),  # "": each loss's default (pmd-mean: "mean")
+        loss=LossConfig(name="pmd-mean", tau=0.1),  # estimator None: the loss's default (pmd-mean: "mean")
         # lr 1e-3 and above made this tiny model's RL drift down after a first rise; 5e-4 climbed steadily
         optim=OptimConfig(lr=5e-4, weight_decay=0.0, warmup_steps=10, mini_batches=2, micro_batch_seqs=256),
         # noisy warm-up: half of the answers are near misses, so RL starts near 0.3 and sharpens towards the
@@ -56,7 +58,7 @@ def _dapo(model: str) -> TrainConfig:
                               max_new_tokens=8192, eval_n=32, eval_temperature=1.0, eval_top_p=0.7,
                               eval_batch_size=4),  # AIME's 30 problems: 8 chunks, one per GPU
         reward=RewardConfig(correct=1.0, incorrect=-1.0),
-        loss=LossSpec(name="pmd-mean", tau=0.01, estimator="loo", length_norm=True),  # rloo, seq-mean-token-mean
+        loss=LossConfig(name="pmd-mean", tau=0.01, estimator="loo", length_norm=True),  # rloo, seq-mean-token-mean
         # micro-batches of at most 16k tokens per GPU (a 2k-prompt + 8k-response sequence fits; the memory plan's T)
         optim=OptimConfig(lr=1e-6, weight_decay=0.01, mini_batches=16, micro_batch_seqs=8,
                           micro_batch_tokens=16384),

@@ -34,11 +34,11 @@ from .rollout import HFEngine, SamplingConfig, logprobs_on_grid
 
 
 def loss_config(cfg: TrainConfig) -> fastpmd.LossConfig:
-    lo = cfg.loss  # --estimator holds for every loss ("" = the loss's default)
-    return fastpmd.LossConfig(name=lo.name, tau=lo.tau, estimator=lo.estimator or None, length_norm=lo.length_norm,
-                              partition_tau=lo.partition_tau, tau_schedule=lo.tau_schedule,
-                              loss_type=lo.grpo_loss_type, epsilon_low=lo.epsilon_low, epsilon_high=lo.epsilon_high,
-                              max_completion_length=cfg.rollout.max_new_tokens)
+    """The run's fastpmd.LossConfig (cfg.loss itself) with dr_grpo's constant divisor defaulting to the rollout's
+    max_new_tokens."""
+    if cfg.loss.max_completion_length is not None:
+        return cfg.loss
+    return dataclasses.replace(cfg.loss, max_completion_length=cfg.rollout.max_new_tokens)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -173,7 +173,7 @@ class Trainer:
         old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32, at the sampling temperature
         if (rollout_logp := logprobs_on_grid(responses, batch["loss_mask"])) is not None:
             batch["rollout_logprobs"] = rollout_logp  # [B, L]
-        elif self.cfg.loss.rollout_correction != "none":
+        elif self.loss_cfg.rollout_correction != "none":
             raise ValueError("loss.rollout_correction: the rollout engine reported no log-probs (Response.logprobs)")
         rw = self.cfg.reward
         tau = fastpmd.loss_tau(self.loss_cfg, rewards, n, reward_range=(rw.incorrect, rw.correct))  # number or [B]
@@ -297,22 +297,22 @@ class Trainer:
 
     def _loss_head(self, mb: dict, n_seq: float, n_items: float, micro_seqs: int):
         """head_fn(hidden [b, L, H], weight [V, H]) -> (loss, metrics) for the configured loss."""
-        lo, spec, T = self.loss_cfg, self.cfg.loss, self.temperature
+        lo, T = self.loss_cfg, self.temperature
         tgt, mask, old, adv = mb["targets"], mb["loss_mask"], mb["old_logprobs"], mb["advantages"]
         weights = None  # rollout correction: [B] for the PMD losses, [B, L] for grpo/gspo
-        if spec.rollout_correction == "tis":
-            weights = fastpmd.truncated_is_weights(old, mb["rollout_logprobs"], mask, cap=spec.rollout_is_cap,
+        if lo.rollout_correction == "tis":
+            weights = fastpmd.truncated_is_weights(old, mb["rollout_logprobs"], mask, cap=lo.rollout_is_cap,
                                                    level="sequence" if lo.is_pmd else "token")
         tau = mb.get("tau", lo.tau)  # [b] with tau_schedule="mean-reward"
         if lo.is_pmd:  # fused: no [N, V] logits, chunked over the LM head
             return lambda h, w: fastpmd.fused_linear_pmd_loss(h, w, tgt, mask, old, adv, tau=tau,
                                                               length_norm=lo.length_norm, temperature=T,
-                                                              chunk_size=spec.chunk_size, num_sequences=n_seq,
-                                                              backend=spec.backend, weights=weights)
+                                                              chunk_size=lo.chunk_size, num_sequences=n_seq,
+                                                              backend=lo.backend, weights=weights)
 
         def head(h, w):
-            logp = fastpmd.linear_logprobs(h, w, tgt, mask=mask, temperature=T, chunk_size=spec.chunk_size,
-                                           backend=spec.backend)
+            logp = fastpmd.linear_logprobs(h, w, tgt, mask=mask, temperature=T, chunk_size=lo.chunk_size,
+                                           backend=lo.backend)
             cfg = dataclasses.replace(lo, loss_type="dapo") if lo.loss_type == "bnpo" else lo
             loss, metrics = fastpmd.compute_loss(cfg, logp, old, adv, mask, num_sequences=n_seq, num_items=n_items,
                                                  weights=weights)
@@ -337,8 +337,8 @@ class Trainer:
         last_keys, last_lo, last_mean = self._last_minibatch_metrics(stats[-1], dev)
         rollout_lp = batch.get("rollout_logprobs")
         diff = (rollout_lp - batch["old_logprobs"]).abs()[mask].sum() if rollout_lp is not None else 0.0
-        tis = self.cfg.loss.rollout_correction == "tis"
-        w = fastpmd.truncated_is_weights(batch["old_logprobs"], rollout_lp, mask, cap=self.cfg.loss.rollout_is_cap,
+        tis = self.loss_cfg.rollout_correction == "tis"
+        w = fastpmd.truncated_is_weights(batch["old_logprobs"], rollout_lp, mask, cap=self.loss_cfg.rollout_is_cap,
                                          level="sequence" if self.loss_cfg.is_pmd else "token") if tis else None
         w_sum, w_cnt = (float(w.sum()), float(mask.sum() if w.dim() == 2 else w.numel())) if tis else (0.0, 0.0)
         tokens = torch.tensor([float(batch["attention_mask"].sum()), float(mask.sum()), float(diff), w_sum, w_cnt],
