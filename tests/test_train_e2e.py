@@ -78,9 +78,9 @@ def test_qwen3_and_moe_one_step(tmp_path, world_of_one, arch):
     rows = trainer.fit()
     assert len(rows) == 1 and torch.isfinite(torch.tensor(rows[0]["loss"]))
     # gradients reach every block through the fused loss (random advantages: a random model scores all zeros)
-    batch = trainer._batch
+    batch = trainer.last_batch
     batch["advantages"] = torch.randn(batch["advantages"].shape, generator=torch.Generator().manual_seed(0))
-    trainer.accumulate_gradients(torch.arange(batch["advantages"].numel()))
+    trainer.accumulate_gradients(batch, torch.arange(batch["advantages"].numel()))
     grads = {n: p.grad for n, p in trainer.policy.named_parameters() if p.grad is not None}
     assert any("lm_head" in n for n in grads) and any("layers.1." in n for n in grads)
     assert sum(float(g.full_tensor().square().sum()) for g in grads.values()) > 0

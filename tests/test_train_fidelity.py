@@ -26,7 +26,7 @@ def test_released_options_through_the_trainer(tmp_path, world_of_one, extra):
     assert row["logratio_min"] <= row["logratio_min_last"]
     lc = trainer.loss_cfg
     assert lc.advantage_estimator == cfg.loss.estimator
-    batch = trainer._batch
+    batch = trainer.last_batch
     n = cfg.rollout.n
     if cfg.loss.tau_schedule == "mean-reward":
         assert batch["tau"].shape == batch["advantages"].shape and (batch["tau"] > 0).all()

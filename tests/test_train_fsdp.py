@@ -41,8 +41,7 @@ WORKER = textwrap.dedent('''
         logp, _ = tr.old_logprobs(batch)
         shift = 0.05 * ((batch["targets"] % 3) - 1).float() * batch["loss_mask"]  # Delta != 0, same per token
         batch.update(old_logprobs=logp + shift, advantages=fastpmd.advantages_for(tr.loss_cfg, rewards, n)[mine])
-        tr._batch = batch
-        stats = tr.accumulate_gradients(torch.arange((hi - lo) * n))
+        stats = tr.accumulate_gradients(batch, torch.arange((hi - lo) * n))
         loss = stats["loss"].reshape(1).clone()
         dist.all_reduce(loss)
         grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).tolist()
@@ -59,7 +58,7 @@ WORKER = textwrap.dedent('''
             return _orig(self, *a, **k)
         cls.__call__ = counted
     idx = torch.arange((hi - lo) * n)
-    tr.accumulate_gradients(idx)
+    tr.accumulate_gradients(batch, idx)
     results["collectives"] = {**calls, "micro_batches": len(idx.split(5)), "blocks": len(tr.hf.model.layers)}
     if d.rank == 0:
         json.dump(results, open(out + f"/world{W}.json", "w"))

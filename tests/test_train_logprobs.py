@@ -20,7 +20,7 @@ def test_rollout_and_trainer_logprobs_agree_at_the_sampling_temperature(tmp_path
     tr = Trainer(cfg, world_of_one)
     rows = tr.fit()
     assert all(r["rollout_logp_diff_mean"] < 1e-3 for r in rows), [r["rollout_logp_diff_mean"] for r in rows]
-    b = tr._batch
+    b = tr.last_batch
     mask = b["loss_mask"]
     assert mask.sum() > 10 and (b["old_logprobs"][mask] < -1e-3).any()  # real, non-trivial log-probs compared
     if T != 1.0:  # the same tokens scored at temperature 1 differ clearly: the check can fail
@@ -41,7 +41,7 @@ def test_rollout_correction_tis_in_the_trainer_against_float64(tmp_path, world_o
     tr = Trainer(cfg, world_of_one)
     (row,) = tr.fit()
     assert abs(row["rollout_is_weight_mean"] - 1.0) < 1e-3  # engine and trainer agree on CPU: weights ~ 1
-    b = tr._batch
+    b = tr.last_batch
     g = torch.Generator().manual_seed(0)
     mask = b["loss_mask"]
     logp, _ = tr.old_logprobs(b)  # the current policy's log-probs: what the loss sees
@@ -50,7 +50,7 @@ def test_rollout_correction_tis_in_the_trainer_against_float64(tmp_path, world_o
     b.update(old_logprobs=old, rollout_logprobs=rollout,
              advantages=torch.randn(b["advantages"].shape, generator=g))
     B = mask.shape[0]
-    stats = tr.accumulate_gradients(torch.arange(B))
+    stats = tr.accumulate_gradients(b, torch.arange(B))
     tr.optimizer.zero_grad(set_to_none=True)
     lp, o, r, m, adv = logp.double(), old.double(), rollout.double(), mask, b["advantages"].double()
     if loss == "pmd-mean":

@@ -47,7 +47,7 @@ WORKER = textwrap.dedent('''
             plan.insert(1 if d.rank == 0 else len(plan), idx[:0])
         orig = tr.micro_batches
         tr.micro_batches = lambda b, i: plan
-        stats = tr.accumulate_gradients(idx)
+        stats = tr.accumulate_gradients(batch, idx)
         tr.micro_batches = orig
         grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).tolist()
                  for k, p in tr.policy.named_parameters()}
@@ -70,7 +70,6 @@ WORKER = textwrap.dedent('''
         shift = 0.05 * ((batch["targets"] % 3) - 1).float() * batch["loss_mask"]
         batch.update(old_logprobs=base_logp + shift,
                      advantages=fastpmd.advantages_for(tr.loss_cfg, rewards, n)[mine])
-        tr._batch = batch
         results[f"{name}/{loss_type}"] = {"big": grads_of(0), "tokens": grads_of(30),
                                           "empty": grads_of(30, insert_empty=True)}
     local = torch.tensor([len(tr.micro_batches(batch, idx))])

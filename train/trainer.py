@@ -75,6 +75,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)))
         self.step = 0
+        self.last_batch: dict | None = None  # the last generation batch, for inspection (tests, debugging)
         self.p_local = cfg.rollout.prompts_per_step // d.world_size
         self.temperature = cfg.rollout.temperature  # old and new log-probs of the distribution that was sampled
 
@@ -181,8 +182,8 @@ class Trainer:
         batch.update(old_logprobs=old_logp, advantages=adv)
         if isinstance(tau, torch.Tensor):
             batch["tau"] = tau.float()
-        self._batch = batch  # the generation batch the mini-batches index into
-        stats = [self.update(mb) for mb in self.minibatches()]  # 4. k optimizer steps
+        self.last_batch = batch  # kept for inspection only (tests, debugging); the steps below take it as an argument
+        stats = [self.update(batch, mb) for mb in self.minibatches()]  # 4. k optimizer steps
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_update = time.perf_counter() - t1
@@ -245,9 +246,10 @@ class Trainer:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
         return [idx[b] for b in pack_micro_batches(lengths, budget, int(count.item()))]
 
-    def update(self, idx: torch.Tensor) -> dict:
-        """One optimizer step on the sequences idx (a mini-batch): accumulate, clip to grad_clip, AdamW, LR step."""
-        stats = self.accumulate_gradients(idx)
+    def update(self, batch: dict, idx: torch.Tensor) -> dict:
+        """One optimizer step on the sequences idx of the generation batch (a mini-batch): accumulate, clip to
+        grad_clip, AdamW, LR step."""
+        stats = self.accumulate_gradients(batch, idx)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         faults.check_before_update(self.step, stats["loss"], grad_norm)  # first steps only (a sync each)
@@ -257,9 +259,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {**stats, "grad_norm": grad_norm.detach()}
 
-    def accumulate_gradients(self, idx: torch.Tensor) -> dict:
-        """Backward over micro-batches of idx with global normalisers, so the sum equals one big batch's loss."""
-        batch, dev = self._batch, self.d.device
+    def accumulate_gradients(self, batch: dict, idx: torch.Tensor) -> dict:
+        """Backward over micro-batches of the sequences idx of `batch` (the generation batch) with global
+        normalisers, so the sum equals one big batch's loss."""
+        dev = self.d.device
         n_seq = float(idx.numel())  # same on every rank; FSDP averages over ranks -> the global mean
         tokens = batch["loss_mask"][idx].sum().float().reshape(1).to(dev)  # collectives: on the trainer's device
         if dist.get_world_size() > 1:
