@@ -156,8 +156,10 @@ def test_fused_pmd_loss_matches_reference(dtype):
 
 
 @in_process
-def test_fused_matches_torch_backend():
-    """fastpmd.fused_linear_pmd_loss(backend="triton") against the torch backend, masks and [B, T] layout."""
+@pytest.mark.parametrize("per_sequence_tau", [False, True])
+def test_fused_matches_torch_backend(per_sequence_tau):
+    """fastpmd.fused_linear_pmd_loss(backend="triton") against the torch backend, masks and [B, T] layout;
+    a [B] tau goes through the scalar-tau kernel rescaled (tau' = 1, A/tau_i, divisor/tau_i)."""
     import fastpmd
     B, T_, Hh, Vv = 3, 11, 40, 203
     g = torch.Generator().manual_seed(5)
@@ -172,7 +174,8 @@ def test_fused_matches_torch_backend():
     out = {}
     for backend in ("triton", "torch"):
         h1, w1 = _leaves(hid, w)
-        loss, metrics = fastpmd.fused_linear_pmd_loss(h1, w1, tgt, mask, old, adv, tau=0.1, temperature=0.8,
+        tau = torch.tensor([0.1, 0.03, 0.7], device=DEV) if per_sequence_tau else 0.1
+        loss, metrics = fastpmd.fused_linear_pmd_loss(h1, w1, tgt, mask, old, adv, tau=tau, temperature=0.8,
                                                       backend=backend)
         loss.backward()
         out[backend] = (loss.detach(), h1.grad, w1.grad)
