@@ -146,7 +146,7 @@ TP_WORKER = textwrap.dedent('''
     import json, sys, torch
     import torch.distributed as dist
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from fastpmd.train.parallelize import init_distributed
+    from fastpmd.train.distributed import init_distributed
     from fastpmd.train.rollout import HFEngine, SamplingConfig
     from fastpmd.train.rollout_groups import EngineGroup, GroupedEngine, engine_groups
     from fastpmd.train.rollout_vllm import VLLMEngine

