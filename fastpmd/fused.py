@@ -25,7 +25,7 @@ from ._checks import check_fused_inputs, check_targets_in_range, check_weights
 from .chunked import acc_dtype, chunk_backward_matmuls, chunk_softmax_stats_inplace, chunk_logits, default_chunk_rows
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
 from .logprobs import compact_rows, linear_logprobs, resolve_backend
-from .losses import global_normaliser, length_divisor, pmd_loss, pmd_metrics
+from .losses import global_normaliser, length_divisor, pmd_delta_grad, pmd_loss, pmd_metrics, pmd_objective
 
 
 def sequence_chunks(lengths: list[int], chunk: int) -> list[tuple[int, int, int, int]] | None:
@@ -72,14 +72,13 @@ class SequenceChunkedPMD(torch.autograd.Function):
             local = seg_ids[s:e] - sa
             delta[sa:sb].index_add_(0, local, logp[s:e] - old[s:e])
             if need_h or need_w or need_b:
-                coef = -(adv[sa:sb] - tau * delta[sa:sb]) / divisor[sa:sb] / num_seq  # dL/dlogp per sequence
+                coef = pmd_delta_grad(adv[sa:sb], delta[sa:sb], tau, divisor[sa:sb], num_seq)  # dL/dlogp per seq
                 gz = grad_from_exp_(z, sumexp, targets[s:e], coef[local], inv_temp)
                 chunk_backward_matmuls(gz, hidden[s:e], w_op, None if grad_h is None else grad_h[s:e], grad_w,
                                        grad_b)
                 del gz
             del z
-        resid = adv - tau * delta
-        loss = torch.where(valid, resid.square() / (2 * tau) / divisor, 0.0).sum() / num_seq
+        loss, _ = pmd_objective(adv, delta, tau, divisor, valid, num_seq)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(delta, logp)

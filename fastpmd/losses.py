@@ -55,6 +55,19 @@ def sequence_logratio(logprobs, old_logprobs, mask) -> torch.Tensor:
     return torch.where(mask, logprobs - old_logprobs.to(logprobs.dtype), 0.0).sum(-1)
 
 
+def pmd_objective(adv, delta, tau, divisor, valid, num_sequences):
+    """The PMD regression from per-sequence values [B], written once in torch (kernels/pmd_epilogue.py is its
+    Triton twin): resid = A - tau*Delta; loss = sum over valid sequences of resid^2 / (2*tau) / divisor, divided by
+    num_sequences. Returns (loss, resid)."""
+    resid = adv - tau * delta
+    return torch.where(valid, resid.square() / (2 * tau) / divisor, 0.0).sum() / num_sequences, resid
+
+
+def pmd_delta_grad(adv, delta, tau, divisor, num_sequences):
+    """d loss / d Delta_i = -(A_i - tau*Delta_i) / divisor_i / num_sequences (also d loss / d logp of each token)."""
+    return -(adv - tau * delta) / divisor / num_sequences
+
+
 def pmd_loss(
     logprobs: torch.Tensor,  # [B, T]
     old_logprobs: torch.Tensor,  # [B, T]
@@ -81,11 +94,11 @@ def pmd_loss(
     delta = sequence_logratio(logprobs, old_logprobs, mask)  # [B]
     if isinstance(tau, torch.Tensor):
         tau = tau.to(delta.dtype)
-    resid = advantages.to(delta.dtype) - tau * delta
-    per_seq = torch.where(valid, resid.square() / (2 * tau) / length_divisor(length_norm, lengths), 0.0)
-    if weights is not None:
-        per_seq = per_seq * check_weights(weights, advantages.shape).to(per_seq.dtype)
-    loss = per_seq.sum() / global_normaliser(num_sequences, valid.sum(), "num_sequences")
+    divisor = length_divisor(length_norm, lengths)
+    if weights is not None:  # w * term / d == term / (d / w), as in the fused paths
+        divisor = divisor / check_weights(weights, advantages.shape).to(delta.dtype)
+    loss, resid = pmd_objective(advantages.to(delta.dtype), delta, tau, divisor, valid,
+                                global_normaliser(num_sequences, valid.sum(), "num_sequences"))
     return loss, pmd_metrics(loss, delta, resid, advantages, lengths)
 
 
