@@ -321,6 +321,6 @@ def get_method(name: str) -> Method:
 
 def default_backend_method(device: torch.device) -> Method:
     """The adapter of fastpmd's default backend ("auto") on `device`."""
-    from fastpmd.logprobs import resolve_backend
+    from fastpmd.dispatch import resolve_backend
 
     return METHODS[f"fastpmd-{resolve_backend('auto', device)}"]

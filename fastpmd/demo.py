@@ -45,7 +45,7 @@ def check_agreement(tau: float) -> None:
         out[backend] = (loss.detach(), hh.grad, ww.grad, metrics)
     (l0, gh0, gw0, _), (l1, gh1, gw1, met) = out["naive"], out["auto"]
     print(f"[1] PMD-mean loss, 16 responses (4 prompts x 4), mean reward {r.mean():.2f}, tau={tau}, float64:")
-    print(f"    fused (backend auto -> {fastpmd.logprobs.resolve_backend('auto', h.device)}) {l1.item():.10f}"
+    print(f"    fused (backend auto -> {fastpmd.dispatch.resolve_backend('auto', h.device)}) {l1.item():.10f}"
           f"   naive {l0.item():.10f}")
     print(f"    max |diff|: loss {abs(l1 - l0).item():.1e}, grad_hidden {(gh1 - gh0).abs().max().item():.1e}, "
           f"grad_weight {(gw1 - gw0).abs().max().item():.1e}")

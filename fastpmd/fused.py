@@ -24,7 +24,8 @@ import torch
 from ._checks import check_fused_inputs, check_targets_in_range, check_weights
 from .chunked import acc_dtype, chunk_backward_matmuls, chunk_softmax_stats_inplace, chunk_logits, default_chunk_rows
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
-from .logprobs import compact_rows, linear_logprobs, resolve_backend
+from .dispatch import compact_rows, resolve_backend
+from .logprobs import linear_logprobs
 from .losses import global_normaliser, length_divisor, pmd_delta_grad, pmd_loss, pmd_metrics, pmd_objective
 
 

@@ -110,6 +110,6 @@ def test_fully_masked_and_empty():
 
 
 def test_auto_is_torch_on_cpu():
-    from fastpmd.logprobs import resolve_backend
+    from fastpmd.dispatch import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "torch"

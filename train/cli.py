@@ -159,7 +159,7 @@ def preflight(cfg: TrainConfig) -> None:
 
     import torch
 
-    from fastpmd.logprobs import resolve_backend
+    from fastpmd.dispatch import resolve_backend
 
     from .arithmetic import ArithmeticTask
     from .data import load_problems
