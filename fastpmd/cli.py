@@ -10,7 +10,7 @@ COMMANDS = {
     "train": ("fastpmd.train.cli", "RL trainer (PMD-mean and baselines), e.g. --preset tiny-arith"),
     "study": ("fastpmd.train.study", "stability grid on the CPU task (losses x staleness x group size x seeds)"),
     "kernels-report": ("fastpmd.kernels.report", "compile every Triton kernel for sm_80/90/100/120; registers, spills"),
-    "theory-figures": ("fastpmd.bench.theory_figures", "the paper's toy figures (Lambert-W update) as PNGs"),
+    "theory-figures": ("fastpmd.theory_figures", "the paper's toy figures (Lambert-W update) as PNGs"),
 }
 
 

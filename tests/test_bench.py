@@ -203,7 +203,7 @@ def test_cli_tokens_and_device_errors(capsys):
 
 
 def test_theory_figures_seeds_must_be_positive(tmp_path, capsys):
-    from fastpmd.bench import theory_figures
+    from fastpmd import theory_figures
 
     for seeds in ("0", "-3"):
         assert theory_figures.main(["--quick", "--seeds", seeds, "--out", str(tmp_path)]) == 2

@@ -266,7 +266,7 @@ def test_tabular_simulation_smoke():
 
 def test_theory_figures_quick(tmp_path):
     pytest.importorskip("matplotlib")
-    from fastpmd.bench.theory_figures import main
+    from fastpmd.theory_figures import main
 
     assert main(["--out", str(tmp_path), "--quick", "--json", str(tmp_path / "summary.json")]) == 0
     for name in ("log_partition", "log_ratios", "estimation_error", "tabular"):

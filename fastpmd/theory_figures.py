@@ -1,6 +1,6 @@
 """Toy figures of the PMD-mean paper, reproduced with fastpmd.theory (numpy/scipy + matplotlib, CPU, ~1 min).
 
-    python -m fastpmd.bench.theory_figures --out docs/img        # or: fastpmd theory-figures --out DIR
+    python -m fastpmd.theory_figures --out docs/img        # or: fastpmd theory-figures --out DIR
 
 Writes
   theory_log_partition.png   tau*log Z against the mean reward p (binary rewards), several tau
