@@ -20,7 +20,7 @@ def test_presets_validate(name):
 def test_presets_follow_the_released_scripts(name):
     # OpenKimi examples/math/run_pmd_dapo17k_{qwen25-7b,qwen3-30b-a3b}.sh
     cfg = get_preset(name)
-    assert (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.optim.mini_batches) == (512, 16, 16)  # mini-batch 32
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.optim.mini_batches) == (512, 16, 16)  # mini-batch 32
     assert cfg.rollout.prompts_per_step // cfg.optim.mini_batches == 32
     assert cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0 and cfg.rollout.max_new_tokens == 8192
     assert (cfg.rollout.eval_n, cfg.rollout.eval_temperature, cfg.rollout.eval_top_p) == (32, 1.0, 0.7)
@@ -72,7 +72,7 @@ def test_print_config(capsys):
     (["--partition-tau", "0"], "loss.partition_tau"),
     (["--tau-schedule", "cosine"], "loss.tau_schedule"),
     (["--tau-schedule", "mean-reward", "--set", "reward.correct=0.0"], "loss.tau_schedule"),
-    (["--group-size", "1"], "rollout.n"),
+    (["--group-size", "1"], "rollout.group_size"),
     (["--max-steps", "-1"], "run.max_steps"),
     (["--lr", "-1"], "optim.lr"),
     (["--prompts-per-step", "31"], "optim.mini_batches"),  # 31 prompts do not split into 2 mini-batches

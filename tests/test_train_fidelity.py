@@ -27,7 +27,7 @@ def test_released_options_through_the_trainer(tmp_path, world_of_one, extra):
     lc = trainer.loss_cfg
     assert lc.advantage_estimator == cfg.loss.estimator
     batch = trainer.last_batch
-    n = cfg.rollout.n
+    n = cfg.rollout.group_size
     if cfg.loss.tau_schedule == "mean-reward":
         assert batch["tau"].shape == batch["advantages"].shape and (batch["tau"] > 0).all()
         assert batch["tau"].view(-1, n).std(1).max() == 0  # one tau per prompt

@@ -15,7 +15,7 @@ def test_study_smoke(tmp_path):
     for c in cells:
         assert len(c["reward"]) == 2 and len(c["logratio_min_last"]) == 2 and 0 <= c["heldout_final"] <= 1
         run_cfg = json.loads((out / "cells" / c["name"] / "config.json").read_text())
-        assert run_cfg["optim"]["mini_batches"] == c["k"] and run_cfg["rollout"]["n"] == 2
+        assert run_cfg["optim"]["mini_batches"] == c["k"] and run_cfg["rollout"]["group_size"] == 2
         assert run_cfg["loss"]["tau"] == 0.01 and run_cfg["model"]["name_or_path"].endswith("seed_0/hf")
     clamp = json.loads((out / "cells" / "pmd-part-clamp_k2_n2_s0" / "config.json").read_text())["loss"]
     assert clamp["estimator"] == "partition_loo_clamped"

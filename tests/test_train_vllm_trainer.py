@@ -21,7 +21,7 @@ def trainer(tmp_path_factory):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cfg = get_preset("tiny-arith-vllm")
     cfg.warmup.steps = 150  # some answers right, some wrong: non-zero advantages, so RL steps move the policy
-    cfg.rollout.prompts_per_step, cfg.rollout.n = 16, 8
+    cfg.rollout.prompts_per_step, cfg.rollout.group_size = 16, 8
     cfg.optim.mini_batches, cfg.optim.lr, cfg.optim.warmup_steps = 1, 1e-2, 0  # large steps: visible change
     cfg.run.out, cfg.run.progress, cfg.run.plots = str(tmp_path_factory.mktemp("vllm_run")), False, False
     t = Trainer(cfg, init_distributed("cpu"))

@@ -27,7 +27,7 @@ FLAGS = {
     "--model": ("model.name_or_path", str), "--param-dtype": ("model.param_dtype", str), "--seed": ("model.seed", int),
     "--data": ("data.path", str), "--eval-data": ("data.eval_path", str),
     "--engine": ("rollout.engine", str), "--prompts-per-step": ("rollout.prompts_per_step", int),
-    "--group-size": ("rollout.n", int), "--temperature": ("rollout.temperature", float),
+    "--group-size": ("rollout.group_size", int), "--temperature": ("rollout.temperature", float),
     "--max-new-tokens": ("rollout.max_new_tokens", int), "--eval-n": ("rollout.eval_n", int),
     "--loss": ("loss.name", str), "--tau": ("loss.tau", float), "--estimator": ("loss.estimator", str),
     "--partition-tau": ("loss.partition_tau", float), "--tau-schedule": ("loss.tau_schedule", str),

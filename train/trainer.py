@@ -155,12 +155,12 @@ class Trainer:
 
     def sampling(self, step: int) -> SamplingConfig:
         r = self.cfg.rollout  # a distinct, reproducible seed per (run, step, rank)
-        return SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+        return SamplingConfig(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                               seed=(self.cfg.model.seed * 1_000_003 + step) * 1024 + self.d.rank)
 
     # -------------------------------------------------------------------------------------- one RL step
     def train_step(self) -> dict:
-        n, dev = self.cfg.rollout.n, self.d.device
+        n, dev = self.cfg.rollout.group_size, self.d.device
         t0 = time.perf_counter()
         problems = self.task.next_prompts(self.p_local)
         prompt_ids = [self.task.encode(p) for p in problems]
@@ -227,7 +227,7 @@ class Trainer:
 
     def minibatches(self):
         """k mini-batches of whole prompt groups, in an order shuffled reproducibly per step."""
-        n, k = self.cfg.rollout.n, self.cfg.optim.mini_batches
+        n, k = self.cfg.rollout.group_size, self.cfg.optim.mini_batches
         g = torch.Generator().manual_seed(self.cfg.model.seed * 7_919 + self.step)
         prompts = torch.randperm(self.p_local, generator=g)
         for chunk in prompts.chunk(k):
