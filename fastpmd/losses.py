@@ -215,8 +215,8 @@ def grpo_loss(
     if beta != 0.0:
         d = torch.where(mask, ref_logprobs.to(logprobs.dtype) - logprobs, 0.0)
         kl = torch.exp(d) - d - 1
-        if bias_correction_kl:
-            kl = kl * ratio
+        if bias_correction_kl:  # a ratio past the dtype's range is capped below it: kl = 0 there gives 0, not inf * 0
+            kl = kl * torch.exp(log_ratio.clamp(max=math.log(torch.finfo(log_ratio.dtype).max) - 1e-3))
         per_token = per_token + beta * kl
     loss = _aggregate(per_token, mask, loss_type, max_completion_length, num_items)
 

@@ -140,3 +140,15 @@ def test_grpo_large_log_ratios_equal_float64(level, delta):
     g64, = torch.autograd.grad(want, logp64)
     assert torch.isfinite(g32).all()
     torch.testing.assert_close(g32.double(), g64, rtol=1e-5, atol=1e-7)
+
+
+def test_bias_corrected_kl_stays_finite_where_the_ratio_overflows():
+    """A log-ratio of 99 (exp overflows float32) where the policy equals the reference (KL term 0): the loss and
+    its gradient are finite, and the loss equals the float64 value (the policy term only)."""
+    m = torch.ones(2, 3, dtype=torch.bool)
+    logp = torch.full((2, 3), -1.0, requires_grad=True)
+    old, ref, adv = torch.full((2, 3), -100.0), torch.full((2, 3), -1.0), torch.zeros(2)
+    loss, _ = fastpmd.grpo_loss(logp, old, adv, m, beta=0.04, ref_logprobs=ref, bias_correction_kl=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert loss.item() == 0.0
