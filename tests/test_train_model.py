@@ -47,7 +47,7 @@ def test_packed_forward_equals_each_sequence_alone(row_tokens):
     ids, pos, valid = _batch(lengths, L)
     policy = Policy(hf, row_tokens=row_tokens)
     with torch.no_grad():
-        hidden = policy(ids, pos, valid, lambda h, w: h)  # [B, L, H]
+        hidden, _ = policy(ids, pos, valid)  # [B, L, H]
         for b, n in enumerate(lengths):
             alone = hf.model(input_ids=ids[b : b + 1, :n], use_cache=False).last_hidden_state[0]  # [n, H]
             torch.testing.assert_close(hidden[b, :n], alone, rtol=1e-5, atol=1e-5)

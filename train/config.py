@@ -180,43 +180,45 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         if not ok:
             raise ValueError(f"config {name}: {msg}")
 
-    m, d, r, lo, o, w, run = cfg.model, cfg.data, cfg.rollout, cfg.loss, cfg.optim, cfg.warmup, cfg.run
-    need(bool(m.name_or_path) != bool(m.arch), "model.name_or_path/model.arch", "set exactly one of them")
-    need(m.arch in ("", "tiny-qwen2", "tiny-qwen3", "tiny-qwen3-moe"), "model.arch", f"unknown arch {m.arch!r}")
-    need(m.param_dtype in ("bfloat16", "float32", "float16"), "model.param_dtype", f"bad dtype {m.param_dtype!r}")
-    need(m.reduce_dtype in ("bfloat16", "float32"), "model.reduce_dtype", f"bad dtype {m.reduce_dtype!r}")
-    need(m.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
-         f"unknown {m.attn_implementation!r}")
-    need(m.pack_row_tokens >= 0, "model.pack_row_tokens", "must be >= 0")
-    need(not (m.cpu_offload and m.offload_during_rollout), "model.offload_during_rollout",
+    model, data, rollout, loss, optim, warmup, run = (cfg.model, cfg.data, cfg.rollout, cfg.loss, cfg.optim,
+                                                      cfg.warmup, cfg.run)
+    need(bool(model.name_or_path) != bool(model.arch), "model.name_or_path/model.arch", "set exactly one of them")
+    need(model.arch in ("", "tiny-qwen2", "tiny-qwen3", "tiny-qwen3-moe"), "model.arch", f"unknown arch {model.arch!r}")
+    need(model.param_dtype in ("bfloat16", "float32", "float16"), "model.param_dtype",
+         f"bad dtype {model.param_dtype!r}")
+    need(model.reduce_dtype in ("bfloat16", "float32"), "model.reduce_dtype", f"bad dtype {model.reduce_dtype!r}")
+    need(model.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
+         f"unknown {model.attn_implementation!r}")
+    need(model.pack_row_tokens >= 0, "model.pack_row_tokens", "must be >= 0")
+    need(not (model.cpu_offload and model.offload_during_rollout), "model.offload_during_rollout",
          "model.cpu_offload already keeps the shards and optimizer state in host memory")
-    need(d.task in ("math", "arithmetic"), "data.task", f"must be 'math' or 'arithmetic', got {d.task!r}")
-    need(d.task != "math" or bool(d.path), "data.path", "task 'math' needs a problem file or dataset name")
-    need(d.eval_size >= 0, "data.eval_size", "must be >= 0")
-    need(r.engine in ("hf", "vllm"), "rollout.engine", f"must be 'hf' or 'vllm', got {r.engine!r}")
-    need(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
-    need(r.group_size >= 2, "rollout.group_size", "group-relative losses need at least 2 responses per prompt")
-    need(r.temperature > 0, "rollout.temperature", "must be > 0")
-    need(0 < r.top_p <= 1 and 0 < r.eval_top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    need(r.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
-    need(r.eval_n >= 1, "rollout.eval_n", "must be >= 1")
-    need(r.eval_batch_size >= 1, "rollout.eval_batch_size", "must be >= 1")
-    need(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+    need(data.task in ("math", "arithmetic"), "data.task", f"must be 'math' or 'arithmetic', got {data.task!r}")
+    need(data.task != "math" or bool(data.path), "data.path", "task 'math' needs a problem file or dataset name")
+    need(data.eval_size >= 0, "data.eval_size", "must be >= 0")
+    need(rollout.engine in ("hf", "vllm"), "rollout.engine", f"must be 'hf' or 'vllm', got {rollout.engine!r}")
+    need(rollout.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
+    need(rollout.group_size >= 2, "rollout.group_size", "group-relative losses need at least 2 responses per prompt")
+    need(rollout.temperature > 0, "rollout.temperature", "must be > 0")
+    need(0 < rollout.top_p <= 1 and 0 < rollout.eval_top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(rollout.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
+    need(rollout.eval_n >= 1, "rollout.eval_n", "must be >= 1")
+    need(rollout.eval_batch_size >= 1, "rollout.eval_batch_size", "must be >= 1")
+    need(0 < rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     # the loss section is a fastpmd.LossConfig, validated field by field when it is built; what remains is
     # what it cannot see on its own
-    need(lo.tau_schedule == "none" or cfg.reward.correct > cfg.reward.incorrect, "loss.tau_schedule",
+    need(loss.tau_schedule == "none" or cfg.reward.correct > cfg.reward.incorrect, "loss.tau_schedule",
          "'mean-reward' needs binary rewards with reward.correct > reward.incorrect")
-    need(o.lr > 0, "optim.lr", "must be > 0")
-    need(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas), "optim.betas",
-         f"must be two numbers in [0, 1), got {o.betas!r}")
-    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    need(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
-    need(o.mini_batches >= 1, "optim.mini_batches", "must be >= 1")
-    need(o.micro_batch_seqs >= 1, "optim.micro_batch_seqs", "must be >= 1")
-    need(o.micro_batch_tokens >= 0, "optim.micro_batch_tokens", "must be >= 0 (0 = micro_batch_seqs)")
-    need(w.steps >= 0 and w.batch_size > 0 and w.lr > 0, "warmup", "steps >= 0, batch_size > 0, lr > 0")
-    need(0.0 <= w.noise < 1.0 and w.noise_span >= 1, "warmup.noise", "noise in [0, 1), noise_span >= 1")
+    need(optim.lr > 0, "optim.lr", "must be > 0")
+    need(len(optim.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in optim.betas), "optim.betas",
+         f"must be two numbers in [0, 1), got {optim.betas!r}")
+    need(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(optim.grad_clip > 0, "optim.grad_clip", "must be > 0")
+    need(optim.mini_batches >= 1, "optim.mini_batches", "must be >= 1")
+    need(optim.micro_batch_seqs >= 1, "optim.micro_batch_seqs", "must be >= 1")
+    need(optim.micro_batch_tokens >= 0, "optim.micro_batch_tokens", "must be >= 0 (0 = micro_batch_seqs)")
+    need(warmup.steps >= 0 and warmup.batch_size > 0 and warmup.lr > 0, "warmup", "steps >= 0, batch_size > 0, lr > 0")
+    need(0.0 <= warmup.noise < 1.0 and warmup.noise_span >= 1, "warmup.noise", "noise in [0, 1), noise_span >= 1")
     need(run.max_steps >= 0, "run.max_steps", "must be >= 0")
     need(run.save_every >= 0, "run.save_every", "must be >= 0")
     need(run.eval_every >= 0, "run.eval_every", "must be >= 0")
@@ -228,14 +230,14 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(not run.tensorboard or importlib.util.find_spec("tensorboard") is not None, "run.tensorboard",
          "needs the tensorboard package (pip install tensorboard)")
     need(bool(run.out), "run.out", "output directory must be set")
-    need(r.prompts_per_step % world_size == 0, "rollout.prompts_per_step",
-         f"{r.prompts_per_step} prompts do not split over {world_size} ranks")
-    local = r.prompts_per_step // world_size
-    need(local % o.mini_batches == 0, "optim.mini_batches",
-         f"{local} prompts per rank do not split into {o.mini_batches} mini-batches of whole prompt groups")
-    need(isinstance(r.tensor_parallel_size, int) and r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size",
-         "must be an int >= 1")
-    need(r.tensor_parallel_size == 1 or r.engine == "vllm", "rollout.tensor_parallel_size",
+    need(rollout.prompts_per_step % world_size == 0, "rollout.prompts_per_step",
+         f"{rollout.prompts_per_step} prompts do not split over {world_size} ranks")
+    local = rollout.prompts_per_step // world_size
+    need(local % optim.mini_batches == 0, "optim.mini_batches",
+         f"{local} prompts per rank do not split into {optim.mini_batches} mini-batches of whole prompt groups")
+    need(isinstance(rollout.tensor_parallel_size, int) and rollout.tensor_parallel_size >= 1,
+         "rollout.tensor_parallel_size", "must be an int >= 1")
+    need(rollout.tensor_parallel_size == 1 or rollout.engine == "vllm", "rollout.tensor_parallel_size",
          "tensor parallelism needs rollout.engine=vllm")
-    need(world_size % r.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
-         f"{r.tensor_parallel_size} does not divide the world size {world_size}")
+    need(world_size % rollout.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
+         f"{rollout.tensor_parallel_size} does not divide the world size {world_size}")

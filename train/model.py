@@ -3,14 +3,14 @@
 `Policy` wraps the HF model so that one FSDP root (`Policy`) sees the whole step: embeddings, decoder blocks
 (each its own FSDP unit), final norm and the LM head. `Policy.forward` runs the base model (`hf.model`) on a packed
 `[1, N]` row of tokens with per-sequence position ids (no padding; sdpa and flash-attn varlen both read sequence
-boundaries from the position ids), scatters the hidden states back to the `[B, L]` grid, and hands them with
-`hf.lm_head.weight` to a head function (a fastpmd loss or `linear_logprobs`). The trainer never asks for logits.
+boundaries from the position ids), scatters the hidden states back to the `[B, L]` grid and returns them with
+`hf.lm_head.weight`; the trainer feeds both to a fastpmd loss or `linear_logprobs` and never asks for logits. (The
+FSDP root keeps its parameters, the LM head included, unsharded from its forward through its backward, so the
+returned weight is the gathered one.)
 """
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -92,7 +92,8 @@ def reset_rotary(hf: nn.Module, device: torch.device) -> None:
 
 
 class Policy(nn.Module):
-    """FSDP root around an HF causal LM. forward(batch, head_fn) -> head_fn(hidden [B, L, H], lm_head weight).
+    """FSDP root around an HF causal LM. forward(input_ids, position_ids, valid) -> (hidden [B, L, H], lm_head
+    weight [V, H]).
 
     row_tokens None packs the whole batch into one [1, N] row (flash-attn varlen: attention costs sum L_i^2);
     an int packs it into rows of at most max(row_tokens, longest) tokens, which bounds sdpa's dense
@@ -104,8 +105,7 @@ class Policy(nn.Module):
         self.hf = hf
         self.row_tokens = row_tokens
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor,
-                head_fn: Callable[[torch.Tensor, torch.Tensor], object]):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor):
         """input_ids, position_ids, valid: [B, L] (valid = real prompt/response token, a prefix of each row)."""
         B, L = input_ids.shape
         dest, used, C = pack_layout(valid, self.row_tokens)  # [N], [R]
@@ -118,7 +118,7 @@ class Policy(nn.Module):
         out = self.hf.model(input_ids=packed_ids, position_ids=packed_pos, use_cache=False)
         h = out.last_hidden_state.reshape(R * C, -1)[dest]  # [N, H]
         hidden = h.new_zeros(B, L, h.shape[-1]).index_put((valid.nonzero(as_tuple=True)), h)  # [B, L, H]
-        return head_fn(hidden, self.hf.lm_head.weight)
+        return hidden, self.hf.lm_head.weight
 
 
 def hf_state_key(name: str) -> str:

@@ -67,8 +67,8 @@ class RolloutEngine(Protocol):
     """What the trainer needs from a generator.
 
     ``generate`` returns, per prompt, ``sampling.n`` responses (``Response``: token-id lists with ``logprobs``); a
-    response that produced eos ends with it (eos included), else it has ``max_new_tokens`` tokens. ``update_weights`` takes (name, full tensor)
-    pairs named as in the Hugging Face model's ``state_dict``. ``sleep``/``wake`` free and restore the engine's
+    response that produced eos ends with it (eos included), else it has ``max_new_tokens`` tokens.
+    ``update_weights`` takes (name, full tensor) pairs named as in the Hugging Face model's ``state_dict``. ``sleep``/``wake`` free and restore the engine's
     accelerator memory around the training phase (no-ops where there is nothing to free).
     """
 

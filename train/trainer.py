@@ -215,10 +215,9 @@ class Trainer:
         all_idx = torch.arange(B)
         for idx in self.micro_batches(batch, all_idx):
             mb = _to(_slice(batch, idx if idx.numel() else all_idx[:1]), self.d.device)  # empty: run, discard
-            head = lambda h, w: fastpmd.linear_logprobs(h, w, mb["targets"], mask=mb["loss_mask"],  # noqa: E731
-                                                        return_entropy=True, temperature=self.temperature,
-                                                        chunk_size=lo.chunk_size, backend=lo.backend)
-            lp, e = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(), head)
+            hidden, weight = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool())
+            lp, e = fastpmd.linear_logprobs(hidden, weight, mb["targets"], mask=mb["loss_mask"], return_entropy=True,
+                                            temperature=self.temperature, chunk_size=lo.chunk_size, backend=lo.backend)
             if not idx.numel():
                 continue
             logp[idx, : lp.shape[1]] = lp.cpu()
@@ -280,8 +279,8 @@ class Trainer:
             self.policy.set_reshard_after_backward(last, recurse=False)
             empty = micro.numel() == 0  # this rank has fewer micro-batches: one sequence at zero weight
             mb = _to(_slice(batch, idx[:1] if empty else micro), dev)
-            loss, metrics = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(),
-                                        self._loss_head(mb, n_seq, n_items, max(micro.numel(), 1)))
+            hidden, weight = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool())
+            loss, metrics = self.loss(mb, hidden, weight, n_seq, n_items, max(micro.numel(), 1))
             if empty:
                 (loss * 0.0).backward()  # FSDP's gathers and reduce-scatters as on the other ranks, zero gradient
                 continue
@@ -298,8 +297,9 @@ class Trainer:
                     stats[key] = stats.get(key, 0.0) + metrics[key] * w
         return stats
 
-    def _loss_head(self, mb: dict, n_seq: float, n_items: float, micro_seqs: int):
-        """head_fn(hidden [b, L, H], weight [V, H]) -> (loss, metrics) for the configured loss."""
+    def loss(self, mb: dict, hidden: torch.Tensor, weight: torch.Tensor, n_seq: float, n_items: float,
+             micro_seqs: int):
+        """(loss, metrics) of the configured loss on a micro-batch: hidden [b, L, H], LM head weight [V, H]."""
         lo, T = self.loss_cfg, self.temperature
         tgt, mask, old, adv = mb["targets"], mb["loss_mask"], mb["old_logprobs"], mb["advantages"]
         weights = None  # rollout correction: [B] for the PMD losses, [B, L] for grpo/gspo
@@ -308,22 +308,17 @@ class Trainer:
                                                    level="sequence" if lo.is_pmd else "token")
         tau = mb.get("tau", lo.tau)  # [b] with tau_schedule="mean-reward"
         if lo.is_pmd:  # fused: no [N, V] logits, chunked over the LM head
-            return lambda h, w: fastpmd.fused_linear_pmd_loss(h, w, tgt, mask, old, adv, tau=tau,
-                                                              length_norm=lo.length_norm, temperature=T,
-                                                              chunk_size=lo.chunk_size, num_sequences=n_seq,
-                                                              backend=lo.backend, weights=weights)
-
-        def head(h, w):
-            logp = fastpmd.linear_logprobs(h, w, tgt, mask=mask, temperature=T, chunk_size=lo.chunk_size,
-                                           backend=lo.backend)
-            cfg = dataclasses.replace(lo, loss_type="dapo") if lo.loss_type == "bnpo" else lo
-            loss, metrics = fastpmd.compute_loss(cfg, logp, old, adv, mask, num_sequences=n_seq, num_items=n_items,
-                                                 weights=weights)
-            if lo.name in ("grpo", "gspo") and lo.loss_type in ("grpo", "dr_grpo"):
-                loss = loss * (micro_seqs / n_seq)  # these average over the micro-batch: reweight to the mini-batch
-            return loss, metrics
-
-        return head
+            return fastpmd.fused_linear_pmd_loss(hidden, weight, tgt, mask, old, adv, tau=tau,
+                                                 length_norm=lo.length_norm, temperature=T, chunk_size=lo.chunk_size,
+                                                 num_sequences=n_seq, backend=lo.backend, weights=weights)
+        logp = fastpmd.linear_logprobs(hidden, weight, tgt, mask=mask, temperature=T, chunk_size=lo.chunk_size,
+                                       backend=lo.backend)
+        cfg = dataclasses.replace(lo, loss_type="dapo") if lo.loss_type == "bnpo" else lo
+        loss, metrics = fastpmd.compute_loss(cfg, logp, old, adv, mask, num_sequences=n_seq, num_items=n_items,
+                                             weights=weights)
+        if lo.name in ("grpo", "gspo") and lo.loss_type in ("grpo", "dr_grpo"):
+            loss = loss * (micro_seqs / n_seq)  # these average over the micro-batch: reweight to the mini-batch
+        return loss, metrics
 
     def _step_metrics(self, batch, rewards, entropy, stats, t_gen, t_update) -> dict:
         """Reduce across ranks (a few collectives) with one host sync."""

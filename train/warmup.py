@@ -48,7 +48,7 @@ def supervised_warmup(trainer) -> dict:
             logp = fastpmd.linear_logprobs(h, w, b["targets"], mask=b["loss_mask"])
             return -logp.sum() / b["loss_mask"].sum()
 
-        loss = policy(b["input_ids"], b["position_ids"], b["attention_mask"].bool(), nll)
+        loss = nll(*policy(b["input_ids"], b["position_ids"], b["attention_mask"].bool()))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
