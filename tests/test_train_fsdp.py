@@ -2,32 +2,12 @@
 model), through the trainer's own accumulation and normalisation (uneven micro-batches included); and the number
 of FSDP collectives per optimizer step."""
 import json
-import textwrap
 
 import pytest
 import torch
-from train_helpers import torchrun
+from train_helpers import torchrun, trainer_worker
 
-WORKER = textwrap.dedent('''
-    import dataclasses, json, random, sys
-    import torch, torch.distributed as dist
-    import fastpmd
-    from fastpmd.train.cli import build_config
-    from fastpmd.train.packing import pack_batch
-    from fastpmd.train.distributed import init_distributed
-    from fastpmd.train.trainer import Trainer, loss_config
-
-    torch.set_num_threads(1)
-    out = sys.argv[1]
-    cfg, _ = build_config(["--out", out + "/run", "--prompts-per-step", "8", "--group-size", "4",
-                           "--mini-batches", "1",
-                           "--micro-batch-seqs", "5", "--warmup-steps", "0", "--no-progress",
-                           "--set", "model.activation_checkpointing=True"])
-    d = init_distributed("cpu")
-    tr = Trainer(cfg, d)
-    P, n, W = 8, 4, d.world_size
-    g = torch.Generator().manual_seed(0)
-    prompts = [tr.task.encode(p) for p in tr.task.arithmetic.sample(P, random.Random(0))]
+WORKER = trainer_worker(["--micro-batch-seqs", "5"], '''
     responses = [torch.randint(3, 19, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist() + [2]
                  for _ in range(P * n)]
     rewards = (torch.rand(P * n, generator=g) > 0.5).float()

@@ -4,33 +4,14 @@ sequences differ in length (so their first-fit counts differ and the shorter ran
 micro-batches), with an empty (zero-weight) micro-batch inserted too."""
 import json
 import random
-import textwrap
 
 import pytest
 import torch
-from train_helpers import torchrun
+from train_helpers import torchrun, trainer_worker
 
 from fastpmd.train.microbatch import first_fit_decreasing, pack_micro_batches
 
-WORKER = textwrap.dedent('''
-    import dataclasses, json, random, sys
-    import torch, torch.distributed as dist
-    import fastpmd
-    from fastpmd.train.cli import build_config
-    from fastpmd.train.packing import pack_batch
-    from fastpmd.train.distributed import init_distributed
-    from fastpmd.train.trainer import Trainer, loss_config
-
-    torch.set_num_threads(1)
-    out = sys.argv[1]
-    cfg, _ = build_config(["--out", out + "/run", "--prompts-per-step", "8", "--group-size", "4",
-                           "--mini-batches", "1", "--warmup-steps", "0", "--no-progress",
-                           "--set", "model.activation_checkpointing=True"])
-    d = init_distributed("cpu")
-    tr = Trainer(cfg, d)
-    P, n, W = 8, 4, d.world_size
-    g = torch.Generator().manual_seed(0)
-    prompts = [tr.task.encode(p) for p in tr.task.arithmetic.sample(P, random.Random(0))]
+WORKER = trainer_worker([], '''
     # the second half of the prompts (rank 1 of 2) has much longer responses
     lens = [int(torch.randint(1, 4, (1,), generator=g)) + (8 if i >= P * n // 2 else 0) for i in range(P * n)]
     responses = [torch.randint(3, 19, (k,), generator=g).tolist() + [2] for k in lens]
