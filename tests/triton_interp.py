@@ -57,3 +57,5 @@ def run_module_in_subprocess(path: str, timeout: int = 900) -> None:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path], env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{path} under the interpreter failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    assert "imported in compiled mode" not in proc.stdout and " passed" in proc.stdout, (
+        f"{path}: the fresh interpreter process ran no kernel test:\n{proc.stdout[-3000:]}")
