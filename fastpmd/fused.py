@@ -153,7 +153,8 @@ def fused_linear_pmd_loss(
         cu = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32, device=hidden.device)
         cu[1:] = lengths.cumsum(0)
         loss, delta, _ = fused_linear_pmd_loss_triton(h, weight, t, bias, old.float(), k_adv.float(), cu,
-                                                      k_div.float(), k_tau, temperature, num_seq.float())
+                                                      k_div.float(), k_tau, temperature, num_seq.float(),
+                                                      check_segments=False)  # cu is valid by construction
     else:
         chunk = chunk_size or default_chunk_rows(weight.shape[0])
         chunks = sequence_chunks(lengths.tolist(), chunk)  # host sync: sequence boundaries

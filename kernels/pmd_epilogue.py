@@ -95,12 +95,15 @@ class FusedLinearPMDLossFunction(torch.autograd.Function):
 
 
 def fused_linear_pmd_loss_triton(hidden, weight, targets, bias, old_logp, advantages, cu_seqlens, divisor,
-                                 tau: float, temperature: float, num_sequences: torch.Tensor):
+                                 tau: float, temperature: float, num_sequences: torch.Tensor, *,
+                                 check_segments: bool = True):
     """PMD-mean loss straight from hidden states, logits never in memory.
 
     hidden [n, H] (compacted valid tokens), weight [V, H], targets [n], bias [V] | None, old_logp [n] fp32,
     advantages [B] fp32, cu_seqlens [B+1] int32, divisor [B] fp32, num_sequences 0-d fp32
-    -> (loss 0-d fp32 differentiable in hidden/weight/bias, delta [B] fp32 detached, logp [n] fp32 detached)."""
+    -> (loss 0-d fp32 differentiable in hidden/weight/bias, delta [B] fp32 detached, logp [n] fp32 detached).
+    check_segments: verify cu_seqlens (one host sync); fastpmd.fused_linear_pmd_loss, which builds it from the
+    mask itself (cumsum of the lengths, ending at n by construction), passes False."""
     what = "fused_linear_pmd_loss_triton"
     validate_linear(hidden, weight, targets, bias, temperature, what)
     n = hidden.shape[0]
@@ -115,12 +118,12 @@ def fused_linear_pmd_loss_triton(hidden, weight, targets, bias, old_logp, advant
             raise ValueError(f"{what}: {name} is on {t.device}, hidden on {hidden.device}")
     if cu_seqlens.is_floating_point():
         raise ValueError(f"{what}: cu_seqlens must be an integer tensor")
-    # one host sync of three integers: segments out of [0, n] would make the epilogue read out of bounds
-    first, last, n_bad = torch.stack([cu_seqlens[0], cu_seqlens[-1],
-                                      (cu_seqlens[1:] < cu_seqlens[:-1]).sum()]).tolist()
-    if first < 0 or last != n or n_bad:
-        raise ValueError(f"{what}: cu_seqlens must be non-decreasing from >= 0 to n = {n} (the compacted "
-                         f"tokens); got first {first}, last {last}, {n_bad} decreasing steps")
+    if check_segments:  # one host sync of three integers: segments out of [0, n] would read out of bounds
+        first, last, n_bad = torch.stack([cu_seqlens[0], cu_seqlens[-1],
+                                          (cu_seqlens[1:] < cu_seqlens[:-1]).sum()]).tolist()
+        if first < 0 or last != n or n_bad:
+            raise ValueError(f"{what}: cu_seqlens must be non-decreasing from >= 0 to n = {n} (the compacted "
+                             f"tokens); got first {first}, last {last}, {n_bad} decreasing steps")
     if not float(tau) > 0:
         raise ValueError(f"{what}: tau must be > 0, got {tau}")
     arch = arch_of(hidden.device)
