@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_positive, check_tau, check_tensor
+from ._checks import check_positive, check_sequence_tau, check_tensor
 
 ESTIMATORS = ("mean", "loo", "partition", "partition_loo", "partition_loo_clamped", "grpo")
 LOO_ESTIMATORS = ("loo", "partition_loo", "partition_loo_clamped")
@@ -98,17 +98,12 @@ def make_groups(n_items: int, device, group_size: int | None, group_ids: torch.T
 
 
 def _check_tau(tau, rewards: torch.Tensor, estimator: str):
-    if isinstance(tau, torch.Tensor):
-        check_tensor("tau", tau, dims=1, floating=True)
-        if tau.shape != rewards.shape:
-            raise ValueError(f"tau must be a number or a [B] tensor like rewards {tuple(rewards.shape)}, "
-                             f"got {tuple(tau.shape)}")
-        return tau
+    """None (only where the estimator needs none), a number, or a [B] tensor like rewards."""
     if tau is None:
         if estimator.startswith("partition"):
             raise ValueError(f"estimator={estimator!r} needs tau")
         return None
-    return check_tau(tau)
+    return check_sequence_tau(tau, rewards.numel())
 
 
 def advantages(
