@@ -1,7 +1,8 @@
 """Token-budget micro-batches (`optim.micro_batch_tokens`): the planner's bins, and through the trainer's own
 accumulation the gradient equals one big batch's, for every loss, on 1 process and on 2 gloo processes whose
 sequences differ in length (so their first-fit counts differ and the shorter rank spreads over more
-micro-batches), with an empty (zero-weight) micro-batch inserted too."""
+micro-batches), with an empty (zero-weight) micro-batch inserted too, and with the sequences moved between the
+ranks first (`rank_balance.balance`: then the ranks hold different numbers of sequences)."""
 import json
 import random
 
@@ -12,6 +13,7 @@ from train_helpers import torchrun, trainer_worker
 from fastpmd.train.microbatch import first_fit_decreasing, pack_micro_batches
 
 WORKER = trainer_worker([], '''
+    from fastpmd.train import rank_balance
     # the second half of the prompts (rank 1 of 2) has much longer responses
     lens = [int(torch.randint(1, 4, (1,), generator=g)) + (8 if i >= P * n // 2 else 0) for i in range(P * n)]
     responses = [torch.randint(3, 19, (k,), generator=g).tolist() + [2] for k in lens]
@@ -21,14 +23,17 @@ WORKER = trainer_worker([], '''
     idx = torch.arange((hi - lo) * n)
     batch = pack_batch([p for p in prompts[lo:hi] for _ in range(n)], responses[mine], 0)
 
-    def grads_of(tokens, insert_empty=False):
+    def grads_of(tokens, insert_empty=False, balanced=False):
         tr.cfg.optim.micro_batch_tokens, tr.cfg.optim.micro_batch_seqs = tokens, 1000
-        plan = tr.micro_batches(batch, idx)
+        b, i = batch, idx
+        if balanced and W > 1:  # rows moved between the ranks first (train/rank_balance.py): unequal counts
+            b, (i,) = rank_balance.balance(batch, [idx], tr.tok.pad_id, d.device)
+        plan = tr.micro_batches(b, i)
         if insert_empty:  # rank 0: an empty micro-batch in the middle; rank 1: at the end (the root's last)
-            plan.insert(1 if d.rank == 0 else len(plan), idx[:0])
+            plan.insert(1 if d.rank == 0 else len(plan), i[:0])
         orig = tr.micro_batches
         tr.micro_batches = lambda b, i: plan
-        stats = tr.accumulate_gradients(batch, idx)
+        stats = tr.accumulate_gradients(b, i)
         tr.micro_batches = orig
         grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).tolist()
                  for k, p in tr.policy.named_parameters()}
@@ -52,7 +57,8 @@ WORKER = trainer_worker([], '''
         batch.update(old_logprobs=base_logp + shift,
                      advantages=fastpmd.advantages_for(tr.loss_cfg, rewards, n)[mine])
         results[f"{name}/{loss_type}"] = {"big": grads_of(0), "tokens": grads_of(30),
-                                          "empty": grads_of(30, insert_empty=True)}
+                                          "empty": grads_of(30, insert_empty=True),
+                                          "balanced": grads_of(30, balanced=True)}
     local = torch.tensor([len(tr.micro_batches(batch, idx))])
     counts = [torch.zeros(1, dtype=torch.long) for _ in range(W)]
     dist.all_gather(counts, local)
@@ -116,7 +122,7 @@ def test_token_budget_gradient_equals_one_big_batch(tmp_path, world):
         big = r0[key]["big"]
         norm = sum(float(torch.tensor(g).square().sum()) for g in big["grads"].values())
         assert norm > 0, key
-        for mode in ("tokens", "empty"):
+        for mode in ("tokens", "empty", "balanced"):
             got = r0[key][mode]
             assert got["loss"] == pytest.approx(big["loss"], rel=1e-5, abs=1e-7), (key, mode)
             for name, g in big["grads"].items():

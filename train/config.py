@@ -81,6 +81,8 @@ class OptimConfig:
     micro_batch_seqs: int = 64  # sequences per forward/backward (gradient accumulation inside a mini-batch)
     micro_batch_tokens: int = 0  # > 0: micro-batches of at most this many tokens (prompt + response), the same
     #   count on every rank, lengths balanced (train/microbatch.py); micro_batch_seqs is then unused
+    balance_ranks: bool = True  # with micro_batch_tokens > 0 on > 1 rank: sequences move between ranks so each
+    #   trains about the same tokens per mini-batch (train/rank_balance.py); False keeps each rank's own
 
 
 @dataclass

@@ -6,8 +6,9 @@ Plan for one rank's sequences with token counts `lengths` (prompt + response, th
     longest first, each sequence into the least-loaded of M bins (LPT): equal work per micro-batch, so the
     ranks' micro-batches, each about (rank's tokens / M), finish close together; if that breaks the budget,
     the first-fit-decreasing bins plus empty ones (an empty micro-batch runs with zero weight).
-Sequences never leave their rank (their group's advantages are local); the loss normalisers are global, so
-the accumulated gradient equals the one-big-batch gradient whatever the plan.
+This plans one rank's sequences; which rank holds which sequence is train/rank_balance.py's business (it runs
+first). The loss normalisers are global, so the accumulated gradient equals the one-big-batch gradient whatever
+the plan.
 """
 from __future__ import annotations
 

@@ -30,11 +30,21 @@ def pack_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Seque
     B = len(prompt_ids)
     plen = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)  # [B]
     rlen = torch.tensor([len(r) for r in response_ids], dtype=torch.long)  # [B]
-    L = int((plen + rlen).max())
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)  # [B, L]
+    input_ids = torch.full((B, int((plen + rlen).max())), pad_id, dtype=torch.long)  # [B, L]
     for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         seq = list(p) + list(r)
         input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return {"input_ids": input_ids, **derived_fields(input_ids, plen, rlen, pad_id)}
+
+
+DERIVED = ("attention_mask", "position_ids", "targets", "loss_mask", "prompt_lengths", "response_lengths")
+
+
+def derived_fields(input_ids: torch.Tensor, plen: torch.Tensor, rlen: torch.Tensor,
+                   pad_id: int) -> dict[str, torch.Tensor]:
+    """Everything `pack_batch` returns besides input_ids [B, L] (right-padded with pad_id), from it and the
+    prompt/response lengths plen, rlen [B]."""
+    B, L = input_ids.shape
     pos = torch.arange(L).expand(B, L)  # [B, L]
     attention_mask = (pos < (plen + rlen)[:, None]).long()  # [B, L]
     position_ids = pos * attention_mask  # [B, L]
@@ -42,7 +52,6 @@ def pack_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Seque
     targets[:, :-1] = input_ids[:, 1:]
     loss_mask = (pos >= (plen - 1)[:, None]) & (pos < (plen + rlen - 1)[:, None])  # [B, L]
     return {
-        "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids.contiguous(),
         "targets": targets,
@@ -50,7 +59,6 @@ def pack_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Seque
         "prompt_lengths": plen,
         "response_lengths": rlen,
     }
-
 
 def pack_layout(valid: torch.Tensor, row_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Where each real token of a right-padded batch goes in a packed [R, C] grid (one host sync).

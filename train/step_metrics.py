@@ -20,12 +20,13 @@ def step_metrics(batch: dict, rewards: torch.Tensor, entropy: torch.Tensor, stat
     mask = batch["loss_mask"]
     k = len(stats)
     local = torch.stack([
-        rewards.mean(), (entropy * mask).sum() / mask.sum(), mask.sum(1).float().mean(),
-        sum(s["loss"].float().cpu() for s in stats) / k, sum(s["logratio_mean"].float().cpu() for s in stats) / k,
-        sum(s["grad_norm"].float().cpu() for s in stats) / k,
-    ]).to(dev)
+        rewards.mean(), sum(s["loss"].float().cpu() for s in stats) / k,
+        sum(s["logratio_mean"].float().cpu() for s in stats) / k, sum(s["grad_norm"].float().cpu() for s in stats) / k,
+    ]).to(dev)  # rewards: every rank scored the same number of its own responses
     lo_min = torch.stack([s["logratio_min"].float() for s in stats]).min().reshape(1).to(dev)
-    extremes = torch.cat([-lo_min, torch.tensor([max(s["micro_batch_tokens_max"] for s in stats)], device=dev)])
+    rank_tokens = float(batch["attention_mask"].sum())  # what this rank trained (after any balancing)
+    extremes = torch.cat([-lo_min, torch.tensor([max(s["micro_batch_tokens_max"] for s in stats), rank_tokens],
+                                                device=dev)])
     last_keys, last_lo, last_mean = last_minibatch_metrics(stats[-1], dev)
     rollout_lp = batch.get("rollout_logprobs")
     diff = (rollout_lp - batch["old_logprobs"]).abs()[mask].sum() if rollout_lp is not None else 0.0
@@ -33,20 +34,22 @@ def step_metrics(batch: dict, rewards: torch.Tensor, entropy: torch.Tensor, stat
     w = fastpmd.truncated_is_weights(batch["old_logprobs"], rollout_lp, mask, cap=loss_cfg.rollout_is_cap,
                                      level="sequence" if loss_cfg.is_pmd else "token") if tis else None
     w_sum, w_cnt = (float(w.sum()), float(mask.sum() if w.dim() == 2 else w.numel())) if tis else (0.0, 0.0)
-    tokens = torch.tensor([float(batch["attention_mask"].sum()), float(mask.sum()), float(diff), w_sum, w_cnt],
-                          device=dev)
+    tokens = torch.tensor([rank_tokens, float(mask.sum()), float(diff), w_sum, w_cnt, float((entropy * mask).sum()),
+                           float(mask.shape[0])], device=dev, dtype=torch.float64)  # global sums (rows may have moved)
     if W > 1:
         dist.all_reduce(local)
         dist.all_reduce(tokens)
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # [-min logratio, max micro-batch tokens]
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # [-min logratio, max micro-batch tokens, rank tokens]
         dist.all_reduce(last_lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(last_mean)
     v = (local / W).tolist()
     lv = torch.cat([last_lo * torch.tensor([1.0, 1.0, -1.0], device=dev), last_mean / W]).tolist()
-    total_tokens, resp_tokens, diff_sum, w_sum, w_cnt = tokens.tolist()
-    row = {"kind": "train", "step": step, "reward_mean": v[0], "entropy": v[1], "response_len_mean": v[2],
-           "loss": v[3], "logratio_mean": v[4], "logratio_min": -extremes[0].item(),
-           "micro_batch_tokens_max": extremes[1].item(), "grad_norm": v[5],
+    total_tokens, resp_tokens, diff_sum, w_sum, w_cnt, ent_sum, n_seqs = tokens.tolist()
+    ext = extremes.tolist()
+    row = {"kind": "train", "step": step, "reward_mean": v[0], "entropy": ent_sum / max(resp_tokens, 1),
+           "response_len_mean": resp_tokens / n_seqs, "loss": v[1], "logratio_mean": v[2], "logratio_min": -ext[0],
+           "micro_batch_tokens_max": ext[1], "rank_tokens_imbalance": ext[2] * W / total_tokens - 1.0,
+           "grad_norm": v[3],
            "lr": lr, "update_s": t_update, "gen_s": t_gen,
            "tokens_per_s": total_tokens / t_update, "ms_per_token": 1000 * t_update / total_tokens,
            "gen_ms_per_token": 1000 * t_gen / max(resp_tokens, 1),

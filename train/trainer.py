@@ -4,7 +4,8 @@
 2. score them (rewards);
 3. recompute the old log-probs pi_t with the trainer's own model (`fastpmd.linear_logprobs`, no grad);
 4. take k optimizer steps over mini-batches of whole prompt groups, the loss chosen by name; the model's final
-   hidden states and the LM head weight go straight into the fused loss (no logits);
+   hidden states and the LM head weight go straight into the fused loss (no logits); with token-budget
+   micro-batches the sequences first move between ranks so each rank trains about as many tokens (steps 3-4);
 5. push the new weights into the rollout engine.
 """
 from __future__ import annotations
@@ -20,12 +21,13 @@ import torch.distributed as dist
 
 import fastpmd
 
-from . import checkpoint, faults, offload
+from . import checkpoint, faults, offload, rank_balance
 from .config import TrainConfig, validate
 from .packing import pack_batch
 from .metrics import MetricsLogger, plot_curves
 from .step_metrics import step_metrics
 from .microbatch import pack_micro_batches
+from .micro_loss import micro_batch_loss
 from .model import Policy, build_hf_model, hf_state_key, reset_rotary
 from .distributed import Dist
 from .parallelize import DTYPES, apply_activation_checkpointing, apply_fsdp
@@ -79,6 +81,8 @@ class Trainer:
         self.last_batch: dict | None = None  # the last generation batch, for inspection (tests, debugging)
         self.p_local = cfg.rollout.prompts_per_step // d.world_size
         self.temperature = cfg.rollout.temperature  # old and new log-probs of the distribution that was sampled
+        o = cfg.optim  # sequences move between ranks only where micro-batches are planned by tokens
+        self.balance_ranks = o.micro_batch_tokens > 0 and o.balance_ranks and d.world_size > 1
 
     # ------------------------------------------------------------------------------------------- set-up
     def _build_policy(self):
@@ -172,19 +176,21 @@ class Trainer:
         rewards = self.task.score(texts, [problems[i // n].answer for i in range(len(texts))])  # 2. [B]
         batch = pack_batch([p for p in prompt_ids for _ in range(n)], responses, self.tok.pad_id)
         t1 = time.perf_counter()
-        old_logp, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32, at the sampling temperature
         if (rollout_logp := logprobs_on_grid(responses, batch["loss_mask"])) is not None:
             batch["rollout_logprobs"] = rollout_logp  # [B, L]
         elif self.loss_cfg.rollout_correction != "none":
             raise ValueError("loss.rollout_correction: the rollout engine reported no log-probs (Response.logprobs)")
         rw = self.cfg.reward
         tau = fastpmd.loss_tau(self.loss_cfg, rewards, n, reward_range=(rw.incorrect, rw.correct))  # number or [B]
-        adv = fastpmd.advantages_for(self.loss_cfg, rewards, n, tau=tau)  # [B]
-        batch.update(old_logprobs=old_logp, advantages=adv)
+        batch["advantages"] = fastpmd.advantages_for(self.loss_cfg, rewards, n, tau=tau)  # [B], where the groups are
         if isinstance(tau, torch.Tensor):
             batch["tau"] = tau.float()
+        minibatches = list(self.minibatches())
+        if self.balance_ranks:  # rows move so that every rank trains about as many tokens (train/rank_balance.py)
+            batch, minibatches = rank_balance.balance(batch, minibatches, self.tok.pad_id, dev)
+        batch["old_logprobs"], entropy = self.old_logprobs(batch)  # 3. [B, L] fp32, at the sampling temperature
         self.last_batch = batch  # kept for inspection only (tests, debugging); the steps below take it as an argument
-        stats = [self.update(batch, mb) for mb in self.minibatches()]  # 4. k optimizer steps
+        stats = [self.update(batch, mb) for mb in minibatches]  # 4. k optimizer steps
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_update = time.perf_counter() - t1
@@ -263,12 +269,13 @@ class Trainer:
     def accumulate_gradients(self, batch: dict, idx: torch.Tensor) -> dict:
         """Backward over micro-batches of the sequences idx of `batch` (the generation batch) with global
         normalisers, so the sum equals one big batch's loss."""
-        dev = self.d.device
-        n_seq = float(idx.numel())  # same on every rank; FSDP averages over ranks -> the global mean
-        tokens = batch["loss_mask"][idx].sum().float().reshape(1).to(dev)  # collectives: on the trainer's device
-        if dist.get_world_size() > 1:
-            dist.all_reduce(tokens)
-        n_items = tokens.item() / dist.get_world_size()  # global token count / world (dapo/bnpo normaliser)
+        dev, W = self.d.device, dist.get_world_size()
+        # global response tokens and sequences / world: FSDP averages the ranks' gradients, so dividing each rank's
+        # sum by these gives the global means (dapo/bnpo by tokens, the rest by sequences) however rows are spread
+        counts = torch.stack([batch["loss_mask"][idx].sum().double(), torch.tensor(float(idx.numel()))]).to(dev)
+        if W > 1:
+            dist.all_reduce(counts)  # collectives: on the trainer's device
+        n_items, n_seq = (counts / W).tolist()
         stats: dict[str, torch.Tensor] = {}
         micros = self.micro_batches(batch, idx)
         stats["micro_batch_tokens_max"] = float(max(sum(_lengths(batch, m)) for m in micros))
@@ -282,7 +289,8 @@ class Trainer:
             empty = micro.numel() == 0  # this rank has fewer micro-batches: one sequence at zero weight
             mb = _to(_slice(batch, idx[:1] if empty else micro), dev)
             hidden, weight = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool())
-            loss, metrics = self.loss(mb, hidden, weight, n_seq, n_items, max(micro.numel(), 1))
+            loss, metrics = micro_batch_loss(self.loss_cfg, self.temperature, mb, hidden, weight, n_seq, n_items,
+                                             max(micro.numel(), 1))
             if empty:
                 (loss * 0.0).backward()  # FSDP's gathers and reduce-scatters as on the other ranks, zero gradient
                 continue
@@ -298,29 +306,6 @@ class Trainer:
                 if key in metrics:
                     stats[key] = stats.get(key, 0.0) + metrics[key] * w
         return stats
-
-    def loss(self, mb: dict, hidden: torch.Tensor, weight: torch.Tensor, n_seq: float, n_items: float,
-             micro_seqs: int):
-        """(loss, metrics) of the configured loss on a micro-batch: hidden [b, L, H], LM head weight [V, H]."""
-        lo, T = self.loss_cfg, self.temperature
-        tgt, mask, old, adv = mb["targets"], mb["loss_mask"], mb["old_logprobs"], mb["advantages"]
-        weights = None  # rollout correction: [B] for the PMD losses, [B, L] for grpo/gspo
-        if lo.rollout_correction == "tis":
-            weights = fastpmd.truncated_is_weights(old, mb["rollout_logprobs"], mask, cap=lo.rollout_is_cap,
-                                                   level="sequence" if lo.is_pmd else "token")
-        tau = mb.get("tau", lo.tau)  # [b] with tau_schedule="mean-reward"
-        if lo.is_pmd:  # fused: no [N, V] logits, chunked over the LM head
-            return fastpmd.fused_linear_pmd_loss(hidden, weight, tgt, mask, old, adv, tau=tau,
-                                                 length_norm=lo.length_norm, temperature=T, chunk_size=lo.chunk_size,
-                                                 num_sequences=n_seq, backend=lo.backend, weights=weights)
-        logp = fastpmd.linear_logprobs(hidden, weight, tgt, mask=mask, temperature=T, chunk_size=lo.chunk_size,
-                                       backend=lo.backend)
-        cfg = dataclasses.replace(lo, loss_type="dapo") if lo.loss_type == "bnpo" else lo
-        loss, metrics = fastpmd.compute_loss(cfg, logp, old, adv, mask, num_sequences=n_seq, num_items=n_items,
-                                             weights=weights)
-        if lo.name in ("grpo", "gspo") and lo.loss_type in ("grpo", "dr_grpo"):
-            loss = loss * (micro_seqs / n_seq)  # these average over the micro-batch: reweight to the mini-batch
-        return loss, metrics
 
     # ------------------------------------------------------------------------------------------ the run
     def evaluate(self) -> dict | None:
