@@ -6,9 +6,10 @@ Plan, computed identically on every rank from all-gathered lengths (one all-gath
     for each mini-batch j, longest first (ties: global index):
         owner = the rank holding the fewest tokens of mini-batch j so far (ties: the sequence's own rank, then the
                 lowest rank)                  # LPT: a rank's load <= the mean load + the longest sequence
-Exchange (`exchange`): one `all_to_all_single` per field of the batch; per-token fields send only each row's real
-tokens (flattened), rebuilt right-padded on arrival; masks, positions and targets are re-derived from the ids and
-the lengths (`train/packing.py`). Rows arrive ordered by source rank, then source row: deterministic, so a resumed
+Exchange (`exchange`): one `all_to_all_single` per other field of the batch (ids, advantages, tau, engine
+log-probs); per-token fields send only each row's real tokens (flattened), rebuilt right-padded on arrival; the
+lengths and mini-batch ids come from the gather, and masks, positions and targets are re-derived from them and the
+ids (`train/packing.py`). Rows arrive ordered by source rank, then source row: deterministic, so a resumed
 run is bit-identical. Traffic: the moved sequences' tokens x (8 B per id + 4 B per float field), never activations.
 
 Why the gradient does not change: rewards, advantages and tau were computed where the whole group was and travel
@@ -65,13 +66,13 @@ def exchange(batch: dict[str, torch.Tensor], minibatch: torch.Tensor, pad_id: in
     tok_out = torch.bincount(dest, weights=lengths.view(W, B)[rank].double(), minlength=W).long().tolist()
     tok_in = (lengths.view(W, B) * to_me).sum(1).tolist()
 
-    def move(t: torch.Tensor, out_count: int, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
-        out = torch.empty((out_count, *t.shape[1:]), dtype=t.dtype, device=device)
-        dist.all_to_all_single(out, t.to(device).contiguous(), out_splits, in_splits)
+    def move(t: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        """t's leading rows in send[r]-sized pieces to each rank r; recv[r] rows from each rank r."""
+        out = torch.empty((sum(recv), *t.shape[1:]), dtype=t.dtype, device=device)
+        dist.all_to_all_single(out, t.to(device).contiguous(), recv, send)
         return out.cpu()
 
-    new_plen = move(plen[order], sum(rows_in), rows_out, rows_in)
-    new_rlen = move(rlen[order], sum(rows_in), rows_out, rows_in)
+    new_plen, new_rlen, new_mb = g[:, 0][to_me], g[:, 1][to_me], g[:, 2][to_me]  # known from the gather
     new_len = new_plen + new_rlen
     valid_in = batch["attention_mask"][order].bool()  # [B, L]
     L = int(new_len.max())
@@ -81,13 +82,12 @@ def exchange(batch: dict[str, torch.Tensor], minibatch: torch.Tensor, pad_id: in
         if key in DERIVED:
             continue
         if t.dim() == 1:
-            out[key] = move(t[order], sum(rows_in), rows_out, rows_in)
+            out[key] = move(t[order], rows_out, rows_in)
         else:  # per token: only the real tokens travel
-            flat = move(t[order][valid_in], sum(tok_in), tok_out, tok_in)
+            flat = move(t[order][valid_in], tok_out, tok_in)
             full = torch.full((len(new_len), L), pad_id if key == "input_ids" else 0, dtype=t.dtype)
             full[valid_out] = flat
             out[key] = full
-    new_mb = move(minibatch.long()[order], sum(rows_in), rows_out, rows_in)
     out.update(derived_fields(out["input_ids"], new_plen, new_rlen, pad_id))
     rank_tokens = torch.bincount(owners.reshape(-1), weights=lengths.double(), minlength=W).long().tolist()
     return out, new_mb, rank_tokens
