@@ -6,8 +6,13 @@ Contract (called by fastpmd after validation and mask compaction; see docs/API.m
   temperature, num_sequences)
 - is_available(device)
 """
-from ._runtime import is_available
-from .linear_logprobs import linear_logprobs_triton
-from .pmd_epilogue import fused_linear_pmd_loss_triton
+if __name__ != "fastpmd.kernels":  # `import kernels` from the repository root: see fastpmd/_bare_name.py
+    from fastpmd._bare_name import step_aside
 
-__all__ = ["is_available", "linear_logprobs_triton", "fused_linear_pmd_loss_triton"]
+    step_aside(__name__, __file__)
+else:
+    from ._runtime import is_available
+    from .linear_logprobs import linear_logprobs_triton
+    from .pmd_epilogue import fused_linear_pmd_loss_triton
+
+    __all__ = ["is_available", "linear_logprobs_triton", "fused_linear_pmd_loss_triton"]

@@ -131,7 +131,7 @@ def test_bench_dir_is_not_in_default_run():
     root = Path(__file__).resolve().parents[1]
     cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert cfg["testpaths"] == ["tests"]
-    assert (root / "bench" / "bench_ops.py").exists() and (root / "bench" / "conftest.py").exists()
+    assert (root / "bench" / "micro" / "bench_ops.py").exists() and (root / "bench" / "micro" / "conftest.py").exists()
 
 
 def test_harness_cap_bounds_a_slow_entry():

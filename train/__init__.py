@@ -1,4 +1,9 @@
 """The fastpmd trainer (imported as fastpmd.train): `fastpmd train ...` or `python -m fastpmd.train ...`."""
-from .cli import main
+if __name__ != "fastpmd.train":  # `import train` from the repository root: see fastpmd/_bare_name.py
+    from fastpmd._bare_name import step_aside
 
-__all__ = ["main"]
+    step_aside(__name__, __file__)
+else:
+    from .cli import main
+
+    __all__ = ["main"]

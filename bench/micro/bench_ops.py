@@ -1,4 +1,4 @@
-"""Op-level microbenchmarks with pytest-benchmark: `pytest bench/ --benchmark-only`.
+"""Op-level microbenchmarks with pytest-benchmark: `pytest bench/micro --benchmark-only`.
 
 One forward+backward of every method (the same adapters as `fastpmd bench`) on one small fp32 shape, for
 PMD-mean and GRPO, plus the matmul floor. Methods that cannot run here are skipped with their reason.
