@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Install (CPU torch from the local wheel, never the multi-GB CUDA build) and run the test suite.
+# Install into the project's virtual environment (.venv; see scripts/env.sh) and run the test suite from the
+# repository root. Extra arguments go to pytest: bash scripts/test.sh tests/core -k fused
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test]"
+source scripts/env.sh
+fastpmd_env test
+fastpmd_versions
 python -m pytest -q tests "$@"
