@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 fastpmd_env test
 fastpmd_versions
-python -m pytest -q tests "$@"
+python -m pytest -q "$@"  # no path given: pyproject's testpaths (tests/)
