@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if cfg.run.resume and (done := _finished_step(cfg)) is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fastpmd train: nothing to do: {cfg.run.out} already finished step {done} of run.max_steps="
+                  f"{cfg.run.max_steps} (raise --max-steps to train on)", file=sys.stderr)
+        return 0
     from .checkpoint import CheckpointError
     from .faults import NonFiniteError, Stopped
     from .distributed import init_distributed, shutdown_distributed
@@ -281,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
             close()
         shutdown_distributed()
     return 0
+
+
+def _finished_step(cfg: TrainConfig) -> int | None:
+    """The newest verified checkpoint's step when it already reached run.max_steps, else None."""
+    from .checkpoint import find_checkpoint
+
+    step = find_checkpoint(cfg.run.out)[0]
+    return step if step is not None and step >= cfg.run.max_steps else None
 
 
 def _error(e: Exception, status: int) -> int:
