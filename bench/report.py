@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import sys
@@ -128,8 +129,12 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=method, color=colors[method],
                             linestyle="--" if method == "matmul-floor" else "-")
+                    if len(pts) <= 2:  # a few points (the demo): print each value beside its marker
+                        for x, y in pts:
+                            ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(6, 0),
+                                        va="center", fontsize=7, color=colors[method])
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            _log_axis_with_labelled_ends(ax, [r[field] for r in ok if r["loss"] == loss and r.get(field)])
             ax.set_title(loss)
             ax.set_xlabel("N (trained tokens)")
             ax.set_ylabel(label)
@@ -142,6 +147,28 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _log_axis_with_labelled_ends(ax, values: list[float]) -> None:
+    """Log y axis whose limits are labelled 1-2-5 ticks at or beyond the smallest and largest value, so every
+    point sits between two labelled ticks (matplotlib's default leaves a low point under the lowest label)."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    def tick(v: float, up: bool) -> float:
+        k = math.floor(math.log10(v))
+        cands = [m * 10.0 ** e for e in (k - 1, k, k + 1) for m in (1, 2, 5)]
+        return min(c for c in cands if c >= v) if up else max(c for c in cands if c <= v)
+
+    lo, hi = tick(min(values), up=False), tick(max(values), up=True)
+    ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.floor(math.log10(hi)) + 1)
+             for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
+    ax.set_yscale("log")
+    ax.set_ylim(lo / 1.08, hi * 1.08)
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    fmt = ScalarFormatter()
+    fmt.set_scientific(False)
+    ax.yaxis.set_major_formatter(fmt)
 
 
 def write(rows: list[dict], meta: dict, out_dir: str | os.PathLike) -> dict[str, Path]:

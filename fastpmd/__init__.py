@@ -7,6 +7,7 @@ Public API (stable names; see docs/API.md):
     LossConfig, compute_loss, advantages_for, loss_tau  losses chosen by name (loss_tau: per-prompt tau schedule)
     finite_checks, TAU_MIN                              opt-in NaN/inf input checks; the smallest tau
     truncated_is_weights                                rollout correction (TIS) weights for the losses' weights=
+    nn.FusedLinearPMDLoss                               the fused loss as a torch.nn.Module
 """
 from ._checks import TAU_MIN, finite_checks
 from .advantages import ESTIMATORS, advantages
@@ -15,6 +16,7 @@ from .fused import fused_linear_pmd_loss
 from .logprobs import linear_logprobs
 from .losses import grpo_loss, gspo_loss, pg_loss, pmd_loss
 from .objectives import LOSS_NAMES, LossConfig, advantages_for, compute_loss, loss_tau
+from . import nn  # fastpmd.nn.FusedLinearPMDLoss after `import fastpmd` alone
 
 __version__ = "0.1.0"
 

@@ -49,13 +49,13 @@ def test_readme_plain_loop():
     response_mask = torch.zeros_like(input_ids, dtype=torch.bool)
     response_mask[:, 4:] = True
     r, n = torch.tensor([1.0, 0.0, 0.0, 1.0]), 2
-    with torch.no_grad():
-        old_logp = fastpmd.linear_logprobs(model.model(input_ids=input_ids).last_hidden_state[:, :-1],
-                                           model.lm_head.weight, input_ids[:, 1:], mask=response_mask[:, 1:]) - 0.1
     # README[loop]>
+    targets, mask = input_ids[:, 1:], response_mask[:, 1:]
+    with torch.no_grad():  # log pi_old, once per batch before its updates (or the rollout engine's log-probs)
+        old_hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+        old_logp = fastpmd.linear_logprobs(old_hidden, model.lm_head.weight, targets, mask=mask)
     out = model.model(input_ids=input_ids, attention_mask=attention_mask)       # base model: no logits
     hidden = out.last_hidden_state[:, :-1]                                      # hidden at t predicts token t+1
-    targets, mask = input_ids[:, 1:], response_mask[:, 1:]
     adv = fastpmd.advantages(r, group_size=n, estimator="mean")
     loss, metrics = fastpmd.fused_linear_pmd_loss(hidden, model.lm_head.weight, targets, mask, old_logp, adv,
                                                   tau=0.01)                       # or fastpmd.nn.FusedLinearPMDLoss
@@ -66,6 +66,14 @@ def test_readme_plain_loop():
     want, _ = fastpmd.pmd_loss(logp, old_logp, adv, mask, tau=0.01)
     torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
     assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_readme_nn_name_works_after_import_fastpmd():
+    """`fastpmd.nn.FusedLinearPMDLoss` as the README writes it: `import fastpmd` alone is enough."""
+    code = ("import fastpmd, torch; m = fastpmd.nn.FusedLinearPMDLoss(tau=0.01); "
+            "print(type(m).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "FusedLinearPMDLoss", proc.stderr[-2000:]
 
 
 @pytest.mark.slow
