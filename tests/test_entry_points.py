@@ -7,6 +7,7 @@ only under fastpmd/."""
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -98,7 +99,10 @@ def test_fastpmd_script_from_root(tmp_path):
 
 @pytest.mark.slow
 def test_wheel_holds_the_folders_only_under_fastpmd(tmp_path):
-    proc = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)])
+    src = tmp_path / "src"  # a copy: setuptools writes build/ next to the sources
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "out", "runs", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache"))
+    proc = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(src)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = tmp_path.glob("fastpmd-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
