@@ -17,6 +17,7 @@ with a ``RewardError`` naming the function and the completion's prompt.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -61,14 +62,17 @@ def load_function(spec: str) -> Callable:
         path = Path(where).expanduser()
         if not path.is_file():
             raise ValueError(f"{spec!r}: no such file {where!r}")
-        mod_name = f"_fastpmd_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module  # dataclasses and pickling look modules up by name
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:
-            raise ValueError(f"{spec!r}: loading {where} raised {type(e).__name__}: {e}") from None
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        mod_name = f"_fastpmd_reward_{path.stem}_{digest}"  # each file is loaded once per process
+        module = sys.modules.get(mod_name)
+        if module is None:
+            module_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = sys.modules[mod_name] = importlib.util.module_from_spec(module_spec)  # (dataclasses need it)
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[mod_name]
+                raise ValueError(f"{spec!r}: loading {where} raised {type(e).__name__}: {e}") from None
     else:
         try:
             module = importlib.import_module(where)
