@@ -177,13 +177,13 @@ class Trainer:
         scores = self.task.score(problems, texts)  # 2. the reward functions; NaN = no reward (dropped)
         rewards = fill_dropped(scores, n)  # [B]
         batch = pack_batch([p for p in prompt_ids for _ in range(n)], responses, self.tok.pad_id)
-        dropped = ~scores.valid  # [B]: trained on nothing (loss mask and advantage zero)
-        batch["loss_mask"][dropped] = False
         t1 = time.perf_counter()
         if (rollout_logp := logprobs_on_grid(responses, batch["loss_mask"])) is not None:
             batch["rollout_logprobs"] = rollout_logp  # [B, L]
         elif self.loss_cfg.rollout_correction != "none":
             raise ValueError("loss.rollout_correction: the rollout engine reported no log-probs (Response.logprobs)")
+        dropped = ~scores.valid  # [B]: no reward, trained on nothing (loss mask and advantage zero)
+        batch["loss_mask"][dropped] = False
         rw = self.cfg.reward
         tau = fastpmd.loss_tau(self.loss_cfg, rewards, n, reward_range=(rw.incorrect, rw.correct))  # number or [B]
         batch["advantages"] = fastpmd.advantages_for(self.loss_cfg, rewards, n, tau=tau)  # [B], where the groups are
