@@ -140,3 +140,25 @@ def test_print_config_lists_the_new_fields(model_dir, capsys):
     assert cfg["run"]["wandb_project"] == "p" and cfg["data"]["chat_template"] is None
     assert {"prompt_key", "answer_key", "split", "config", "template"} <= set(cfg["data"])
     assert {"function", "functions", "weights"} <= set(cfg["reward"])
+
+
+def test_model_folder_of_a_char_tokenizer_run_keeps_its_tokenizer(tmp_path, no_work, capsys):
+    """A folder exported by a tiny-arith run (`fastpmd study` trains from one) carries its CharTokenizer."""
+    from fastpmd.train.tokenizer import CharPromptTokenizer, CharTokenizer, make_tokenizer
+
+    folder = tmp_path / "hf"
+    CharTokenizer("0123+=").save_pretrained(folder)
+    (folder / "config.json").write_text("{}")
+    cfg, _ = build_config(["--model", str(folder)])
+    tok = make_tokenizer(cfg)
+    assert isinstance(tok, CharPromptTokenizer) and tok.chars == "0123+="
+    _exit_2(["--model", str(folder), "--data", str(user_jsonl(tmp_path / "d.jsonl")), "--out", str(tmp_path / "o"),
+             *["--set", "data.prompt_key=input.text", "--set", "data.answer_key=target"]], capsys, "model.tokenizer")
+
+
+def test_a_column_named_like_a_reward_argument_is_a_config_error(model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Say 1.", "answer": "1", "answers": ["1", "one"]}) + "\n")
+    cfg, _ = build_config(["--model", str(model_dir), "--data", str(data)])
+    with pytest.raises(ValueError, match=r"config data.path: the field\(s\) \['answers'\] .* clash"):
+        _task(cfg)

@@ -163,6 +163,7 @@ def preflight(cfg: TrainConfig) -> None:
 
     from .arithmetic import ArithmeticTask
     from .data import load_problems
+    from .tokenizer import char_tokenizer_source
 
     run, data, model, rollout = cfg.run, cfg.data, cfg.model, cfg.rollout
     cuda = torch.cuda.is_available()
@@ -198,10 +199,10 @@ def preflight(cfg: TrainConfig) -> None:
             raise ValueError("config model.tokenizer: a tiny arch needs a tokenizer ('char' or a directory)")
     if data.task != "math" and (data.path or data.eval_path):
         raise ValueError(f"config data.path/data.eval_path: task {data.task!r} reads no file (set data.task=math)")
-    if model.tokenizer == "char" and (data.task != "arithmetic" or data.chat_template):
-        raise ValueError("config model.tokenizer: the 'char' tokenizer encodes only the arithmetic task's digits and "
-                         "signs (no chat template); for your own data use --model DIR (its tokenizer) or "
-                         "model.tokenizer=DIR")
+    if char_tokenizer_source(model) is not None and (data.task != "arithmetic" or data.chat_template):
+        raise ValueError(f"config model.tokenizer: the char tokenizer ({char_tokenizer_source(model)!r}) encodes only "
+                         "the arithmetic task's digits and signs (no chat template); for your own data use --model "
+                         "DIR (its tokenizer) or model.tokenizer=DIR")
     for name, path in (("model.name_or_path", model.name_or_path), ("model.tokenizer", model.tokenizer)):
         if path and path != "char" and _looks_local(path) and not Path(path).expanduser().exists():
             raise ValueError(f"config {name}: no such directory {path!r}")

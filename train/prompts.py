@@ -48,8 +48,13 @@ class Task:
 
     def _load(self, path: str) -> list[Problem]:
         d = self.cfg.data
-        return load_problems(path, split=d.split, config=d.config or None, prompt_key=d.prompt_key or None,
-                             answer_key=d.answer_key or None)
+        problems = load_problems(path, split=d.split, config=d.config or None, prompt_key=d.prompt_key or None,
+                                 answer_key=d.answer_key or None)
+        clash = {"prompts", "completions", "answers"} & set().union(*(p.columns for p in problems))
+        if clash:
+            raise ValueError(f"config data.path: the field(s) {sorted(clash)} of {path!r} clash with the reward "
+                             "functions' own arguments (prompts, completions, answers); rename them")
+        return problems
 
     def _fit(self, problems: list[Problem]) -> list[Problem]:
         return [p for p in problems if len(self.encode(p)) <= self.cfg.data.max_prompt_len]

@@ -102,7 +102,18 @@ class CharPromptTokenizer(CharTokenizer):
         return self.encode(text, add_bos=True)
 
 
+def char_tokenizer_source(m) -> str | None:
+    """For a ModelConfig whose tokenizer is a CharTokenizer: "char" (a fresh one) or the directory it was saved in
+    (model.tokenizer, else a model folder exported by a char-tokenizer run); None for a HF tokenizer."""
+    src = m.tokenizer or m.name_or_path
+    if src == "char" or (Path(src).expanduser() / CharTokenizer.FILE).is_file():
+        return src
+    return None
+
+
 def make_tokenizer(cfg: TrainConfig):
-    if cfg.model.tokenizer == "char":
-        return CharPromptTokenizer()
+    """model.tokenizer ("char", or a directory), else the model folder's own tokenizer."""
+    char = char_tokenizer_source(cfg.model)
+    if char is not None:
+        return CharPromptTokenizer() if char == "char" else CharPromptTokenizer.from_pretrained(char)
     return HFTokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.data.chat_template)
