@@ -42,7 +42,8 @@ def test_model_dir_replaces_the_presets_arch_tokenizer_and_warmup(model_dir, tmp
     cfg, _ = build_config(["--data", str(user_jsonl(tmp_path / "d.jsonl"))])
     assert cfg.data.task == "math" and cfg.data.arith_kwargs == {} and cfg.warmup.steps == 0
     cfg, _ = build_config(["--model", str(model_dir), "--data", str(tmp_path / "d.jsonl"), "--out",
-                           str(tmp_path / "o"), "--set", "data.prompt_key=input.text", "--set", "data.answer_key=target"])
+                           str(tmp_path / "o"), "--set", "data.prompt_key=input.text", "--set",
+                           "data.answer_key=target"])
     train_cli.validate(cfg)
     train_cli.preflight(cfg)
 
@@ -102,7 +103,7 @@ def test_unreachable_hub_is_one_line(monkeypatch):
     with pytest.raises(ValueError) as e:
         load_problems("hf:fastpmd-nobody/no-such-data", split="test", config="main")
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("data.path: cannot load hub data set 'fastpmd-nobody/no-such-data'")
+    assert "\n" not in msg and msg.startswith("cannot load hub data set 'fastpmd-nobody/no-such-data'")
     assert "data.config='main'" in msg and "data.split='test'" in msg
 
 
@@ -162,3 +163,14 @@ def test_a_column_named_like_a_reward_argument_is_a_config_error(model_dir, tmp_
     cfg, _ = build_config(["--model", str(model_dir), "--data", str(data)])
     with pytest.raises(ValueError, match=r"config data.path: the field\(s\) \['answers'\] .* clash"):
         _task(cfg)
+
+
+def test_unreachable_hub_exits_2_before_the_model(model_dir, tmp_path, monkeypatch, capsys):
+    from fastpmd.train.trainer import Trainer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(Trainer, "_build_policy", lambda self: pytest.fail("the model was built"))
+    err = _exit_2(["--model", str(model_dir), "--data", "hf:fastpmd-nobody/no-such-data", "--set",
+                   "data.config=main", "--out", str(tmp_path / "o"), "--set", "run.threads=1"], capsys, "data.path")
+    assert "cannot load hub data set 'fastpmd-nobody/no-such-data'" in err

@@ -125,8 +125,8 @@ def _read_hub(name: str, split: str, config: str | None) -> list[dict]:
         return list(datasets.load_dataset(name, config, split=split))
     except Exception as e:  # network, authentication, unknown name/config/split: datasets' many error types
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ValueError(f"data.path: cannot load hub data set {name!r} (data.config={config or ''!r}, "
-                         f"data.split={split!r}): {type(e).__name__}: {first}") from None
+        raise ValueError(f"cannot load hub data set {name!r} (data.config={config or ''!r}, data.split={split!r}): "
+                         f"{type(e).__name__}: {first}") from None
 
 
 def load_problems(
@@ -142,8 +142,8 @@ def load_problems(
     """Load math problems, deduplicated by normalised question text (first occurrence kept).
 
     ``path_or_name``: a local ``.parquet``/``.jsonl``/``.json`` file, or ``"hf:<hub name>"`` to download with
-    ``datasets`` (explicit opt-in; ``split`` and ``config`` apply only there). Keys are found automatically unless given:
-    DAPO-Math-17k (``prompt`` chat list, ``reward_model.ground_truth``) and AIME-style (``problem`` or
+    ``datasets`` (explicit opt-in; ``split`` and ``config`` apply only there). Keys are found automatically
+    unless given: DAPO-Math-17k (``prompt`` chat list, ``reward_model.ground_truth``) and AIME-style (``problem`` or
     ``question``, ``answer``). Dotted keys reach into nested dicts. ``limit`` caps the number returned. A
     problem's ``columns`` are its record's top-level fields other than those of the prompt and answer keys.
     """

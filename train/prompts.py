@@ -33,26 +33,31 @@ class Task:
             self.template = self._template(DAPO_TEMPLATE)
             # this rank's shard (every world_size-th problem of the deduplicated file): only it is tokenized,
             # filtered and kept; the ranks' shards are disjoint and together the whole data set
-            self.problems = self._fit(self._load(d.path)[rank::world_size])
+            self.problems = self._fit(self._load("data.path")[rank::world_size])
             if not self.problems:
                 raise ValueError(f"data.path: no problems of at most {d.max_prompt_len} tokens in rank {rank}'s "
                                  f"shard (1/{world_size}) of {d.path!r}")
             self._perm = (-1, None)
             self.position = 0  # index of this rank's next prompt in its shard's shuffled epoch order
-            self.eval_problems = self._fit(self._load(d.eval_path))[: d.eval_size or None] if d.eval_path else []
+            self.eval_problems = self._fit(self._load("data.eval_path"))[: d.eval_size or None] if d.eval_path else []
         self.reward_functions = RewardFunctions(cfg.reward, self.answer_style)
 
     def _template(self, default: str) -> str:
         t = self.cfg.data.template
         return default if not t else PLAIN_TEMPLATE if t == "none" else t
 
-    def _load(self, path: str) -> list[Problem]:
+    def _load(self, field: str) -> list[Problem]:
+        """The problems of data.path or data.eval_path (`field`); ValueError naming the field."""
         d = self.cfg.data
-        problems = load_problems(path, split=d.split, config=d.config or None, prompt_key=d.prompt_key or None,
-                                 answer_key=d.answer_key or None)
+        path = getattr(d, field.split(".")[1])
+        try:
+            problems = load_problems(path, split=d.split, config=d.config or None, prompt_key=d.prompt_key or None,
+                                     answer_key=d.answer_key or None)
+        except ValueError as e:
+            raise ValueError(f"config {field}: {e}") from None
         clash = {"prompts", "completions", "answers"} & set().union(*(p.columns for p in problems))
         if clash:
-            raise ValueError(f"config data.path: the field(s) {sorted(clash)} of {path!r} clash with the reward "
+            raise ValueError(f"config {field}: the field(s) {sorted(clash)} of {path!r} clash with the reward "
                              "functions' own arguments (prompts, completions, answers); rename them")
         return problems
 
