@@ -174,3 +174,10 @@ def test_unreachable_hub_exits_2_before_the_model(model_dir, tmp_path, monkeypat
     err = _exit_2(["--model", str(model_dir), "--data", "hf:fastpmd-nobody/no-such-data", "--set",
                    "data.config=main", "--out", str(tmp_path / "o"), "--set", "run.threads=1"], capsys, "data.path")
     assert "cannot load hub data set 'fastpmd-nobody/no-such-data'" in err
+
+
+def test_template_the_char_tokenizer_cannot_encode_names_the_settings(tmp_path):
+    cfg, _ = build_config(["--set", "data.template='Question: {question}'", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match=r"config model.tokenizer: cannot encode the prompt 'Question: .* "
+                                         r"\(data.template 'Question: \{question\}'\): text: character 'Q'"):
+        _task(cfg)

@@ -28,6 +28,8 @@ class Task:
             self.rng = random.Random(f"prompts-{self.seed}-{rank}")
             n_eval = min(d.eval_size, len(self.arithmetic.heldout()))
             self.eval_problems = self.arithmetic.heldout(n_eval) if n_eval else []
+            self.encode(self.arithmetic.sample(1, random.Random(0))[0])  # a template the tokenizer cannot encode
+            #   fails here, before any model is built
         else:
             self.arithmetic = None
             self.template = self._template(DAPO_TEMPLATE)
@@ -65,7 +67,12 @@ class Task:
         return [p for p in problems if len(self.encode(p)) <= self.cfg.data.max_prompt_len]
 
     def encode(self, problem: Problem) -> list[int]:
-        return self.tok.encode_prompt(format_prompt(problem, self.template))
+        text = format_prompt(problem, self.template)
+        try:
+            return self.tok.encode_prompt(text)
+        except ValueError as e:  # the char tokenizer: a character of the template or question it does not have
+            raise ValueError(f"config model.tokenizer: cannot encode the prompt {text[:80]!r} (data.template "
+                             f"{self.cfg.data.template or 'unset'!r}): {e}") from None
 
     @property
     def answer_style(self) -> str:
