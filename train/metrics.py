@@ -58,8 +58,7 @@ class MetricsLogger:
 
             r = config.run
             self.wandb = wandb.init(project=r.wandb_project, entity=r.wandb_entity or None, name=r.wandb_name or None,
-                                    tags=list(r.wandb_tags) or None, config=config.to_dict(), dir=str(out),
-                                    resume="allow" if r.resume else None)
+                                    tags=list(r.wandb_tags) or None, config=config.to_dict(), dir=str(out))
 
     def truncate_after(self, step: int) -> None:
         """Keep only rows with row['step'] <= step (a resumed run rewrites what came after its checkpoint)."""
