@@ -72,7 +72,7 @@ BAD = [  # (argv, field named in the message); {tmp} is replaced by the test's t
     (["--set", "model.arch_kwargs={'num_key_value_heads': 3}"], "model.arch_kwargs"),
     (["--set", "model.attn_implementation=flash_attention_2"], "model.attn_implementation"),
     (["--set", "model.tokenizer=''"], "model.tokenizer"),
-    (["--data", "{tmp}/a_file.jsonl"], "data.path"),
+    (["--data", "{tmp}/a_file.jsonl"], "model.tokenizer"),  # the task is the file's; the preset's char tokenizer
     (["--set", "data.task=math", "--data", "{tmp}/a_file"], "data.path"),  # not JSON lines
     (["--set", "model.arch=''", "--model", "{tmp}"], "model.name_or_path"),  # a directory without config.json
     (["--set", "rollout.eval_top_p=inf"], "rollout.eval_top_p"),

@@ -163,6 +163,7 @@ def preflight(cfg: TrainConfig) -> None:
 
     from .arithmetic import ArithmeticTask
     from .data import load_problems
+    from .tokenizer import char_tokenizer_source
 
     run, data, model, rollout = cfg.run, cfg.data, cfg.model, cfg.rollout
     cuda = torch.cuda.is_available()
@@ -181,7 +182,7 @@ def preflight(cfg: TrainConfig) -> None:
             if not Path(path).is_file():
                 raise ValueError(f"config {name}: no such file {path!r} (prefix hub data sets with 'hf:')")
             try:  # a local file is read twice (here and by the trainer): cheap next to a run
-                load_problems(path)
+                load_problems(path, prompt_key=data.prompt_key or None, answer_key=data.answer_key or None)
             except (ValueError, KeyError, TypeError, OSError) as e:
                 raise ValueError(f"config {name}: cannot read problems from {path!r}: {e}") from None
     local_dir = Path(model.name_or_path).expanduser()
@@ -198,6 +199,10 @@ def preflight(cfg: TrainConfig) -> None:
             raise ValueError("config model.tokenizer: a tiny arch needs a tokenizer ('char' or a directory)")
     if data.task != "math" and (data.path or data.eval_path):
         raise ValueError(f"config data.path/data.eval_path: task {data.task!r} reads no file (set data.task=math)")
+    if char_tokenizer_source(model) is not None and (data.task != "arithmetic" or data.chat_template):
+        raise ValueError(f"config model.tokenizer: the char tokenizer ({char_tokenizer_source(model)!r}) encodes only "
+                         "the arithmetic task's digits and signs (no chat template); for your own data use --model "
+                         "DIR (its tokenizer) or model.tokenizer=DIR")
     for name, path in (("model.name_or_path", model.name_or_path), ("model.tokenizer", model.tokenizer)):
         if path and path != "char" and _looks_local(path) and not Path(path).expanduser().exists():
             raise ValueError(f"config {name}: no such directory {path!r}")
@@ -207,6 +212,9 @@ def preflight(cfg: TrainConfig) -> None:
         except (TypeError, ValueError) as e:
             raise ValueError(f"config data.arith_kwargs: {e}") from None
     check_out(Path(run.out), run.resume)
+    from .reward_functions import RewardFunctions
+
+    RewardFunctions(cfg.reward, "arith" if data.task == "arithmetic" else cfg.reward.style)  # imports them
     from .trainer import loss_config
 
     try:
@@ -215,23 +223,46 @@ def preflight(cfg: TrainConfig) -> None:
         raise ValueError(f"config loss: {e}") from None
 
 
+def user_model_and_data(cfg: TrainConfig, given: set) -> None:
+    """The user's model and data replace the preset's task-specific parts that they did not set themselves:
+    with model.name_or_path given, the preset's tiny arch (and its overrides) and tokenizer; with data.path given,
+    the task becomes the file's ("math") and the arithmetic options go; then a warm-up the task cannot run
+    (arithmetic only) or that was meant for the preset's tiny model is switched off."""
+    m, d = cfg.model, cfg.data
+    if "model.name_or_path" in given and m.name_or_path:
+        for name, empty in (("arch", ""), ("arch_kwargs", {}), ("tokenizer", "")):
+            if f"model.{name}" not in given:
+                setattr(m, name, empty)
+    if "data.path" in given and d.path and "data.task" not in given:
+        d.task = "math"
+        if "data.arith_kwargs" not in given:
+            d.arith_kwargs = {}
+    if "warmup.steps" not in given and (d.task != "arithmetic" or "model.name_or_path" in given):
+        cfg.warmup.steps = 0
+
+
 def build_config(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     args = parser().parse_args(argv)
     cfg = get_preset(args.preset)
     pending: dict = {}
+    given: set = set()  # the config paths the command line sets
     for flag, (path, _) in FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             set_field(cfg, path, value, pending)
+            given.add(path)
     for flag, (path, value) in SWITCHES.items():
         if getattr(args, flag[2:].replace("-", "_")):
             set_field(cfg, path, value, pending)
+            given.add(path)
     for item in args.set:
         path, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"--set: expected SECTION.FIELD=VALUE, got {item!r}")
         set_field(cfg, path.strip(), value.strip(), pending)
+        given.add(path.strip())
     apply_pending(cfg, pending)
+    user_model_and_data(cfg, given)
     return cfg, args
 
 
@@ -254,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .checkpoint import CheckpointError
     from .faults import NonFiniteError, Stopped
+    from .reward_functions import RewardError
     from .distributed import init_distributed, shutdown_distributed
     from .trainer import Trainer
 
@@ -274,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
     except CheckpointError as e:  # --resume: checkpoints exist but none verifies
         return _error(e, 2)
-    except NonFiniteError as e:
+    except (NonFiniteError, RewardError) as e:
         return _error(e, 1)
     except Stopped as e:
         if d.is_main:

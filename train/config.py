@@ -48,6 +48,15 @@ class DataConfig:
     max_prompt_len: int = 2048  # prompts longer than this (tokens) are dropped at load time
     arith_kwargs: dict = field(default_factory=dict)  # ArithmeticTask options (digits, ...) for task "arithmetic"
     eval_size: int = 200  # held-out problems used per eval (arithmetic: ArithmeticTask.heldout(eval_size))
+    prompt_key: str = ""  # record field of the question (dotted paths reach into nested dicts); "" = found
+    #   automatically (prompt | problem | question)
+    answer_key: str = ""  # record field of the gold answer; "" = found automatically (answer, ground_truth, ...)
+    split: str = "train"  # hub data sets ("hf:" names): the split to load
+    config: str = ""  # hub data sets: the configuration (subset) name; "" = the data set's default
+    template: str = ""  # prompt text around the question: a string with {question}, "none" (the question as is)
+    #   or "" (the task's own: the DAPO template for "math", none for "arithmetic")
+    chat_template: bool | None = None  # wrap the prompt in the tokenizer's chat template as one user turn;
+    #   None = when the tokenizer has one
 
 
 @dataclass
@@ -113,6 +122,10 @@ class RunConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int = 0  # torch intra-op CPU threads per process (0 = torch's default; the CPU demo uses 1)
     timeout_min: float = 30.0  # process-group timeout: a collective waiting longer than this fails the run
+    wandb_project: str = ""  # log every metrics row and the config to this Weights & Biases project ("" = off)
+    wandb_entity: str = ""  # W&B team or user ("" = the default); WANDB_MODE=offline logs without a network
+    wandb_name: str = ""  # W&B run name ("" = W&B picks one)
+    wandb_tags: tuple = ()  # W&B run tags
 
 
 @dataclass
@@ -197,6 +210,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(data.task in ("math", "arithmetic"), "data.task", f"must be 'math' or 'arithmetic', got {data.task!r}")
     need(data.task != "math" or bool(data.path), "data.path", "task 'math' needs a problem file or dataset name")
     need(data.eval_size >= 0, "data.eval_size", "must be >= 0")
+    need(data.template in ("", "none") or "{question}" in data.template, "data.template",
+         f"must contain '{{question}}', or be 'none' (the question as is), got {data.template!r}")
+    need(data.task == "math" or not (data.prompt_key or data.answer_key), "data.prompt_key/data.answer_key",
+         f"task {data.task!r} reads no file (set data.task=math)")
+    need(warmup.steps == 0 or data.task == "arithmetic", "warmup.steps",
+         "the supervised warm-up is implemented for task 'arithmetic' only; set --warmup-steps 0")
     need(rollout.engine in ("hf", "vllm"), "rollout.engine", f"must be 'hf' or 'vllm', got {rollout.engine!r}")
     need(rollout.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
     need(rollout.group_size >= 2, "rollout.group_size", "group-relative losses need at least 2 responses per prompt")
@@ -232,6 +251,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(not run.tensorboard or importlib.util.find_spec("tensorboard") is not None, "run.tensorboard",
          "needs the tensorboard package (pip install tensorboard)")
     need(bool(run.out), "run.out", "output directory must be set")
+    need(not run.wandb_project or importlib.util.find_spec("wandb") is not None, "run.wandb_project",
+         "needs the wandb package (pip install 'fastpmd[wandb]')")
+    need(all(isinstance(t, str) for t in run.wandb_tags), "run.wandb_tags", "must be strings")
     need(rollout.prompts_per_step % world_size == 0, "rollout.prompts_per_step",
          f"{rollout.prompts_per_step} prompts do not split over {world_size} ranks")
     local = rollout.prompts_per_step // world_size

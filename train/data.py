@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,11 +29,13 @@ PLAIN_TEMPLATE = "{question}"
 
 @dataclass(frozen=True)
 class Problem:
-    """One problem: ``prompt`` is the bare question (no template), ``answer`` the gold answer string."""
+    """One problem: ``prompt`` is the bare question (no template), ``answer`` the gold answer string,
+    ``columns`` the record's other top-level fields (passed to reward functions)."""
 
     prompt: str
     answer: str
     id: str
+    columns: dict = field(default_factory=dict, compare=False)
 
 
 def format_prompt(problem: Problem | str, template: str = DAPO_TEMPLATE) -> str:
@@ -112,18 +114,26 @@ def _read_records(path: Path) -> list[dict]:
     raise ValueError(f"path_or_name: unsupported file type {suffix!r} (use .parquet, .jsonl or .json)")
 
 
-def _read_hub(name: str, split: str) -> list[dict]:
+def _read_hub(name: str, split: str, config: str | None) -> list[dict]:
+    """Records of a hub data set; ValueError (one line) when it cannot be loaded (unreachable hub, unknown name,
+    config or split)."""
     try:
         import datasets
     except ImportError as e:
         raise ImportError("loading a hub data set needs `datasets`: pip install 'fastpmd[data]'") from e
-    return list(datasets.load_dataset(name, split=split))
+    try:
+        return list(datasets.load_dataset(name, config, split=split))
+    except Exception as e:  # network, authentication, unknown name/config/split: datasets' many error types
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"cannot load hub data set {name!r} (data.config={config or ''!r}, data.split={split!r}): "
+                         f"{type(e).__name__}: {first}") from None
 
 
 def load_problems(
     path_or_name: str | Path,
     *,
     split: str = "train",
+    config: str | None = None,
     prompt_key: str | None = None,
     answer_key: str | None = None,
     id_key: str | None = None,
@@ -132,15 +142,16 @@ def load_problems(
     """Load math problems, deduplicated by normalised question text (first occurrence kept).
 
     ``path_or_name``: a local ``.parquet``/``.jsonl``/``.json`` file, or ``"hf:<hub name>"`` to download with
-    ``datasets`` (explicit opt-in; ``split`` applies only there). Keys are found automatically unless given:
-    DAPO-Math-17k (``prompt`` chat list, ``reward_model.ground_truth``) and AIME-style (``problem`` or
-    ``question``, ``answer``). Dotted keys reach into nested dicts. ``limit`` caps the number returned.
+    ``datasets`` (explicit opt-in; ``split`` and ``config`` apply only there). Keys are found automatically
+    unless given: DAPO-Math-17k (``prompt`` chat list, ``reward_model.ground_truth``) and AIME-style (``problem`` or
+    ``question``, ``answer``). Dotted keys reach into nested dicts. ``limit`` caps the number returned. A
+    problem's ``columns`` are its record's top-level fields other than those of the prompt and answer keys.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     name = str(path_or_name)
     if name.startswith("hf:"):
-        records = _read_hub(name[3:], split)
+        records = _read_hub(name[3:], split, config)
     else:
         path = Path(name)
         if not path.is_file():
@@ -151,6 +162,11 @@ def load_problems(
 
     def pick(given: str | None, candidates: Sequence[str], what: str, required: bool = True) -> str | None:
         if given is not None:
+            try:
+                _get(records[0], given)
+            except KeyError:
+                raise ValueError(f"{what}: {given!r} is not a field of the records (the first has "
+                                 f"{sorted(records[0])})") from None
             return given
         for key in candidates:
             try:
@@ -175,7 +191,9 @@ def load_problems(
         seen.add(key)
         answer = str(_get(rec, ak)).strip()
         pid = str(_get(rec, ik)) if ik is not None else hashlib.sha1(key.encode()).hexdigest()[:12]
-        problems.append(Problem(prompt=question, answer=answer, id=pid))
+        used = {pk.split(".")[0] if pk not in rec else pk, ak.split(".")[0] if ak not in rec else ak}
+        problems.append(Problem(prompt=question, answer=answer, id=pid,
+                                columns={k: v for k, v in rec.items() if k not in used}))
         if limit is not None and len(problems) >= limit:
             break
     return problems

@@ -1,5 +1,6 @@
-"""Metrics: one JSON object per step in OUT/metrics.jsonl (plus eval rows), a tqdm bar, optional TensorBoard, peak
-memory (nvidia-ml-py on CUDA, max RSS on CPU), and PNG training curves at the end. Rank 0 writes; others no-op.
+"""Metrics: one JSON object per step in OUT/metrics.jsonl (plus eval rows), a tqdm bar, optional TensorBoard and
+Weights & Biases (`run.wandb_project`), peak memory (nvidia-ml-py on CUDA, max RSS on CPU), and PNG training curves
+at the end. Rank 0 writes; others no-op.
 
 Rows: {"kind": "train", "step": 3, "reward_mean": ..., ...} and {"kind": "eval", "step": 3, "avg@k": ...}.
 On resume `truncate_after(step)` drops rows written after the checkpoint, so every step appears exactly once.
@@ -36,10 +37,11 @@ def peak_memory(device: torch.device) -> dict:
 
 class MetricsLogger:
     def __init__(self, out: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
-                 progress: bool = True, tensorboard: bool = False):
+                 progress: bool = True, tensorboard: bool = False, config=None):
+        """config: the run's TrainConfig; with run.wandb_project set, a W&B run receives it and every row."""
         self.enabled = enabled
         self.path = Path(out) / "metrics.jsonl"
-        self.bar = self.tb = None
+        self.bar = self.tb = self.wandb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +53,12 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(out) / "tb"))
+        if config is not None and config.run.wandb_project:
+            import wandb
+
+            r = config.run
+            self.wandb = wandb.init(project=r.wandb_project, entity=r.wandb_entity or None, name=r.wandb_name or None,
+                                    tags=list(r.wandb_tags) or None, config=config.to_dict(), dir=str(out))
 
     def truncate_after(self, step: int) -> None:
         """Keep only rows with row['step'] <= step (a resumed run rewrites what came after its checkpoint)."""
@@ -81,6 +89,9 @@ class MetricsLogger:
             for k, v in row.items():
                 if isinstance(v, float) and math.isfinite(v):
                     self.tb.add_scalar(f"{row.get('kind', 'train')}/{k}", v, row["step"])
+        if self.wandb is not None:  # "train/reward_mean", "eval/avg@16", ... at the row's step
+            kind = row.get("kind", "train")
+            self.wandb.log({f"{kind}/{k}": v for k, v in row.items() if isinstance(v, float)}, step=row["step"])
         if self.bar is not None and row.get("kind") == "train":
             self.bar.update(1)
             self.bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.3g}")
@@ -92,6 +103,8 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_rows(path: str | Path) -> list[dict]:

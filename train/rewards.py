@@ -250,18 +250,41 @@ def math_reward(
 @dataclass(frozen=True)
 class RewardConfig:
     """Reward options. ``style``: dapo | boxed | auto (math, math_verify) or arith (exact match of the first
-    line, the synthetic arithmetic task)."""
+    line, the synthetic arithmetic task): the built-in answer check, used when no function is named and by
+    evaluation. ``function``: one reward function, a built-in style by name ("dapo") or the user's own
+    ("module:function" or "path/to/file.py:function", TRL's convention, see ``reward_functions.py``);
+    ``functions`` + ``weights``: several, summed with these weights (default 1 each), like TRL's
+    ``reward_funcs`` + ``reward_weights``."""
 
     style: str = "dapo"
     correct: float = 1.0
     incorrect: float = -1.0
     timeout_s: float = 5.0
+    function: str = ""
+    functions: tuple = ()
+    weights: tuple = ()
 
     def __post_init__(self):
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.function and self.functions:
+            raise ValueError("functions and function: set one of them, not both")
+        specs, name = self.specs(), "function" if self.function else "functions"
+        for spec in specs:
+            if not isinstance(spec, str) or not (spec in STYLES or ":" in spec):
+                raise ValueError(f"{name} {spec!r} is neither a built-in ({', '.join(STYLES)}) nor "
+                                 "'module:function' / 'path/file.py:function'")
+        if self.weights and len(self.weights) != len(specs):
+            raise ValueError(f"weights has {len(self.weights)} entries for {len(specs)} reward function(s)")
+        for w in self.weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"weights must be finite numbers, got {w!r}")
+
+    def specs(self) -> tuple:
+        """The reward functions named by ``function`` or ``functions``; () = the task's built-in check."""
+        return (self.function,) if self.function else tuple(self.functions)
 
 
 def score_batch(responses: Sequence[str], golds: Sequence[str], cfg: RewardConfig = RewardConfig()) -> torch.Tensor:

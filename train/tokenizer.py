@@ -64,20 +64,29 @@ class CharTokenizer:
 class HFTokenizer:
     """Adapter giving a Hugging Face tokenizer the CharTokenizer surface the trainer uses."""
 
-    def __init__(self, name_or_path: str):
+    def __init__(self, name_or_path: str, chat_template: bool | None = None):
+        """chat_template: wrap prompts in the tokenizer's chat template (one user turn); None = when it has one."""
         import transformers
 
         self.tok = transformers.AutoTokenizer.from_pretrained(name_or_path)
+        if chat_template and not self.tok.chat_template:
+            raise ValueError(f"config data.chat_template: the tokenizer of {name_or_path!r} has no chat template "
+                             "(set data.chat_template=False or None)")
+        self.chat = bool(self.tok.chat_template) if chat_template is None else chat_template
         self.eos_id = self.tok.eos_token_id
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
         self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_id
         self.vocab_size = len(self.tok)
 
     def encode_prompt(self, text: str) -> list[int]:
-        if self.tok.chat_template:  # instruct/base models with a template: one user turn
+        if self.chat:  # instruct/base models with a template: one user turn
             return list(self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
                                                      add_generation_prompt=True, return_dict=False))
         return self.tok.encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` alone (no special tokens): the warm-up's answers."""
+        return self.tok.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -93,7 +102,18 @@ class CharPromptTokenizer(CharTokenizer):
         return self.encode(text, add_bos=True)
 
 
+def char_tokenizer_source(m) -> str | None:
+    """For a ModelConfig whose tokenizer is a CharTokenizer: "char" (a fresh one) or the directory it was saved in
+    (model.tokenizer, else a model folder exported by a char-tokenizer run); None for a HF tokenizer."""
+    src = m.tokenizer or m.name_or_path
+    if src == "char" or (Path(src).expanduser() / CharTokenizer.FILE).is_file():
+        return src
+    return None
+
+
 def make_tokenizer(cfg: TrainConfig):
-    if cfg.model.tokenizer == "char":
-        return CharPromptTokenizer()
-    return HFTokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    """model.tokenizer ("char", or a directory), else the model folder's own tokenizer."""
+    char = char_tokenizer_source(cfg.model)
+    if char is not None:
+        return CharPromptTokenizer() if char == "char" else CharPromptTokenizer.from_pretrained(char)
+    return HFTokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.data.chat_template)

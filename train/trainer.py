@@ -32,6 +32,7 @@ from .model import Policy, build_hf_model, hf_state_key, reset_rotary
 from .distributed import Dist
 from .parallelize import DTYPES, apply_activation_checkpointing, apply_fsdp
 from .prompts import Task
+from .reward_signals import FlatRewardWatch, fill_dropped, reward_metrics
 from .tokenizer import make_tokenizer
 from .rollout import HFEngine, SamplingConfig, logprobs_on_grid
 
@@ -173,16 +174,20 @@ class Trainer:
             responses = [r for group in self.engine.generate(prompt_ids, self.sampling(self.step)) for r in group]
         t_gen = time.perf_counter() - t0
         texts = [self.tok.decode(r) for r in responses]
-        rewards = self.task.score(texts, [problems[i // n].answer for i in range(len(texts))])  # 2. [B]
+        scores = self.task.score(problems, texts)  # 2. the reward functions; NaN = no reward (dropped)
+        rewards = fill_dropped(scores, n)  # [B]
         batch = pack_batch([p for p in prompt_ids for _ in range(n)], responses, self.tok.pad_id)
         t1 = time.perf_counter()
         if (rollout_logp := logprobs_on_grid(responses, batch["loss_mask"])) is not None:
             batch["rollout_logprobs"] = rollout_logp  # [B, L]
         elif self.loss_cfg.rollout_correction != "none":
             raise ValueError("loss.rollout_correction: the rollout engine reported no log-probs (Response.logprobs)")
+        dropped = ~scores.valid  # [B]: no reward, trained on nothing (loss mask and advantage zero)
+        batch["loss_mask"][dropped] = False
         rw = self.cfg.reward
         tau = fastpmd.loss_tau(self.loss_cfg, rewards, n, reward_range=(rw.incorrect, rw.correct))  # number or [B]
         batch["advantages"] = fastpmd.advantages_for(self.loss_cfg, rewards, n, tau=tau)  # [B], where the groups are
+        batch["advantages"][dropped] = 0.0
         if isinstance(tau, torch.Tensor):
             batch["tau"] = tau.float()
         minibatches = list(self.minibatches())
@@ -195,8 +200,9 @@ class Trainer:
             torch.cuda.synchronize(dev)
         t_update = time.perf_counter() - t1
         self._sync_weights()  # 5.
-        return step_metrics(batch, rewards, entropy, stats, loss_cfg=self.loss_cfg, device=dev, step=self.step,
-                            lr=self.scheduler.get_last_lr()[0], t_gen=t_gen, t_update=t_update)
+        row = step_metrics(batch, rewards, entropy, stats, loss_cfg=self.loss_cfg, device=dev, step=self.step,
+                           lr=self.scheduler.get_last_lr()[0], t_gen=t_gen, t_update=t_update)
+        return {**row, **reward_metrics(scores, n, dev)}  # reward_mean over the rewarded completions
 
     @contextlib.contextmanager
     def rollout_phase(self):
@@ -360,7 +366,8 @@ class Trainer:
         run, main = self.cfg.run, self.d.is_main
         self.step = self._resume()
         log = MetricsLogger(self.out, enabled=main, total_steps=run.max_steps, start_step=self.step,
-                            progress=run.progress, tensorboard=run.tensorboard)
+                            progress=run.progress, tensorboard=run.tensorboard, config=self.cfg)
+        flat = FlatRewardWatch()
         log.truncate_after(self.step if self.step else -1)  # a fresh run starts an empty metrics.jsonl
         rows = []
         if self.step == 0:
@@ -381,6 +388,8 @@ class Trainer:
                 faults.check_row(self.step, row, self.policy.named_parameters())
                 log.log(row)
                 rows.append(row)
+                if main:
+                    flat.update(self.step, row["frac_reward_zero_std"])
                 last = self.step == run.max_steps
                 if last or (run.eval_every and self.step % run.eval_every == 0):
                     if (res := self.evaluate()) is not None:

@@ -37,6 +37,10 @@ def supervised_warmup(trainer) -> dict:
     rng = random.Random(f"warmup-{trainer.cfg.model.seed}-{trainer.d.rank}")
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     t0, loss = time.perf_counter(), torch.zeros(())
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, desc="warm-up", dynamic_ncols=True,
+               disable=not (trainer.d.is_main and trainer.cfg.run.progress))
     for _ in range(cfg.steps):
         problems = task.arithmetic.sample(max(1, cfg.batch_size // world), rng)
         answers = [noisy_answer(p.answer, cfg.noise, cfg.noise_span, rng) for p in problems]
@@ -53,5 +57,7 @@ def supervised_warmup(trainer) -> dict:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        bar.update(1)
+    bar.close()
     del opt
     return {"warmup_steps": cfg.steps, "warmup_loss": float(loss.detach()), "warmup_s": time.perf_counter() - t0}
