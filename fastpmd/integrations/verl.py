@@ -11,9 +11,9 @@ fastpmd.pmd_loss from verl's (old_log_prob, log_prob, advantages, response_mask,
 loss_agg_mode picks divisor and normaliser: seq-mean-token-mean (divisor |y_i|, the released OpenKimi loss),
 seq-mean-token-sum-norm (divisor loss_scale_factor or the padded length), seq-mean-token-sum (1), token-mean
 (1, normalised by the token count), token-sum (1, not normalised; times dp_size as verl's agg_loss). Each mode
-equals verl's agg_loss over a loss matrix that spreads sequence i's term evenly over its tokens. verl's global_batch_info (dp_size, global_batch_size, batch_num_tokens) gives
-the global normalisers. tau: `pmd_tau` in config.policy_loss (or the actor config), else $FASTPMD_PMD_TAU,
-else register()'s.
+equals verl's agg_loss over a loss matrix that spreads sequence i's term evenly over its tokens. verl's
+global_batch_info (dp_size, global_batch_size, batch_num_tokens) gives the global normalisers. tau: `pmd_tau` in
+config.policy_loss (or the actor config), else $FASTPMD_PMD_TAU, else register()'s; each >= 1e-8.
 Advantage estimators "pmd_partition" / "pmd_partition_loo": fastpmd.advantages per prompt group (verl's uid).
 Importing this module needs verl (its policy-loss registry, verl.trainer.ppo.core_algos).
 """
