@@ -46,10 +46,9 @@ def tau_for_logodds_step(p: torch.Tensor | float, step: float, gap: float = 1.0)
         p = torch.tensor(float(p), dtype=torch.float64)
     p = check_tensor("p", p)
     p = p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
-    if not bool(((p >= 0) & (p <= 1)).all()):  # NaN fails too
-        raise ValueError(f"p must lie in [0, 1] (a success probability), got values in "
-                         f"[{float(p.nan_to_num(nan=-1.0).min()):g}, {float(p.nan_to_num(nan=2.0).max()):g}] "
-                         f"(NaN shown as -1 / 2)")
+    outside = ~((p >= 0) & (p <= 1))  # NaN is outside too
+    if bool(outside.any()):
+        raise ValueError(f"p must lie in [0, 1] (a success probability), got {float(p[outside].flatten()[0]):g}")
     L = torch.logaddexp(torch.log1p(-p), torch.log(p) + step)  # log(1 + p*s) in [0, step]
     e = torch.exp(-L)
     return gap / (step * e + torch.exp(step - L + torch.log(L)) - L * e)
