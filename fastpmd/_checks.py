@@ -53,22 +53,55 @@ def check_tau(value, name: str = "tau") -> float:
     return tau
 
 
-def check_sequence_tau(tau, batch: int):
-    """tau: a number (check_tau), or a [B] floating tensor (one temperature per sequence). Tensor values are not
-    read here (no host sync in the loss); fastpmd.tau_schedule builds them finite and >= TAU_MIN."""
+def check_sequence_tau(tau, batch: int, device: torch.device | None = None):
+    """tau: a number (check_tau), or a [B] floating tensor (one temperature per sequence) on `device`. A tensor's
+    values (finite, >= TAU_MIN) are read only under the finite-value switch (one host sync); fastpmd.tau_schedule
+    builds them so."""
     if isinstance(tau, torch.Tensor):
         check_tensor("tau", tau, dims=1, floating=True)
         if tau.shape[0] != batch:
             raise ValueError(f"tau has {tau.shape[0]} entries, the batch has B = {batch} rows")
+        if device is not None:
+            check_device("tau", tau, "the loss's tensors", device)
+        check_at_least("tau", tau, TAU_MIN)
         return tau
     return check_tau(tau)
 
 
-def check_weights(weights, shape) -> torch.Tensor:
-    """Loss weights (rollout correction): a floating tensor of the given shape, used as constants."""
-    check_tensor("weights", weights, dims=len(shape), floating=True)
-    check_same_shape("weights", weights, "the loss's per-term", shape)
+def check_weights(weights, shape, device: torch.device | None = None, where: torch.Tensor | None = None,
+                  per_token: bool = False) -> torch.Tensor:
+    """Loss weights (rollout correction), used as constants: a floating tensor of the given shape ([B] per
+    sequence; per_token: [B, T] or [B, 1]) on `device`. Under the finite-value switch also finite and >= 0 where
+    `where` (a bool mask, all entries without one) is True."""
+    if per_token:
+        check_tensor("weights", weights, dims=2, floating=True)
+        if weights.shape[0] != shape[0] or weights.shape[1] not in (1, shape[1]):
+            raise ValueError(f"weights must have shape {tuple(shape)} or ({shape[0]}, 1), got {tuple(weights.shape)}")
+        if where is not None and weights.shape[1] == 1:  # one weight per sequence: used where any token is
+            where = where.any(-1, keepdim=True)
+    else:
+        check_tensor("weights", weights, dims=len(shape), floating=True)
+        check_same_shape("weights", weights, "the loss's per-term", shape)
+    if device is not None:
+        check_device("weights", weights, "the loss's tensors", device)
+    check_at_least("weights", weights, 0.0, where)
     return weights.detach()
+
+
+def check_at_least(name: str, t: torch.Tensor, low: float, where: torch.Tensor | None = None) -> None:
+    """Under the finite-value switch (one host sync): NonFiniteInputError if t holds NaN/inf, ValueError naming
+    the first entry below `low` (only where `where`, broadcastable to t from the left, is True). A no-op
+    otherwise."""
+    if not finite_checks_enabled():
+        return
+    check_finite(name, t, where)
+    bad = t < low
+    if where is not None:
+        bad = bad & where.reshape(where.shape + (1,) * (t.dim() - where.dim()))
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        idx = ", ".join(str(i) for i in first)
+        raise ValueError(f"{name} must be >= {low:g}; {name}[{idx}] = {float(t[first]):g}")
 
 
 def check_positive_int(name: str, value) -> int:
@@ -273,7 +306,8 @@ def check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, 
     if advantages.shape[0] != targets.shape[0]:
         raise ValueError(f"advantages has {advantages.shape[0]} entries, targets has B = {targets.shape[0]} rows")
     check_device("advantages", advantages, "hidden", hidden.device)
-    tau, temperature = check_sequence_tau(tau, targets.shape[0]), check_positive("temperature", temperature)
+    tau = check_sequence_tau(tau, targets.shape[0], hidden.device)
+    temperature = check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
     check_length_norm(length_norm)
     check_head_finite(hidden, weight, bias, mask)

@@ -97,13 +97,28 @@ def make_groups(n_items: int, device, group_size: int | None, group_ids: torch.T
     return _Groups(n_items, device, width, slot=gid * width + pos, groups=groups), lo, bool(ok)
 
 
+def check_group_args(n_items: int, group_size, group_ids) -> None:
+    """Exactly one of group_size (a positive int dividing n_items) and group_ids ([n_items] integer ids)."""
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("pass exactly one of group_size and group_ids")
+    if group_ids is None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if n_items % group_size != 0:
+            raise ValueError(f"group_size={group_size} does not divide the batch of {n_items} rewards")
+    else:
+        check_tensor("group_ids", group_ids, dims=1, floating=False)
+        if group_ids.shape != (n_items,):
+            raise ValueError(f"group_ids must have the shape of rewards ({n_items},), got {tuple(group_ids.shape)}")
+
+
 def _check_tau(tau, rewards: torch.Tensor, estimator: str):
     """None (only where the estimator needs none), a number, or a [B] tensor like rewards."""
     if tau is None:
         if estimator.startswith("partition"):
             raise ValueError(f"estimator={estimator!r} needs tau")
         return None
-    return check_sequence_tau(tau, rewards.numel())
+    return check_sequence_tau(tau, rewards.numel(), rewards.device)
 
 
 def advantages(
@@ -118,21 +133,10 @@ def advantages(
     check_tensor("rewards", rewards, dims=1)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if (group_size is None) == (group_ids is None):
-        raise ValueError("pass exactly one of group_size and group_ids")
     B = rewards.numel()
-    if group_ids is None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-        if B % group_size != 0:
-            raise ValueError(f"group_size={group_size} does not divide the batch of {B} rewards")
-        if estimator in LOO_ESTIMATORS and group_size < 2:
-            raise ValueError(f"estimator={estimator!r} needs group_size >= 2, got {group_size}")
-    else:
-        check_tensor("group_ids", group_ids, dims=1, floating=False)
-        if group_ids.shape != rewards.shape:
-            raise ValueError(f"group_ids must have the shape of rewards {tuple(rewards.shape)}, "
-                             f"got {tuple(group_ids.shape)}")
+    check_group_args(B, group_size, group_ids)
+    if group_ids is None and estimator in LOO_ESTIMATORS and group_size < 2:
+        raise ValueError(f"estimator={estimator!r} needs group_size >= 2, got {group_size}")
     tau = _check_tau(tau, rewards, estimator)
     if estimator == "grpo":
         eps = check_positive("eps", eps)  # eps = 0 turns a group of equal rewards into 0/0

@@ -67,7 +67,9 @@ def chunk_entropy_stats(z: torch.Tensor, targets: torch.Tensor):
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(1, targets[:, None])[:, 0] - lse
     logp_all = (z - lse[:, None]).clamp_(min=LOGP_FLOOR)  # H = -sum p log p (lse - E[z] cancels when peaked)
-    entropy = -torch.bmm(logp_all.exp().unsqueeze(1), logp_all.unsqueeze(2)).view(-1)
+    # an elementwise product and torch.sum's blocked reduction: a [c,1,V]x[c,V,1] bmm accumulates V terms in one
+    # float32 chain (1e-3 nats off at V = 151,936), the sum as accurately as the naive path (~1e-5)
+    entropy = -logp_all.exp().mul_(logp_all).sum(-1)
     return lse, logp, entropy
 
 

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._checks import check_positive, check_same_shape, check_tensor
+from ._checks import check_device, check_finite, check_positive, check_same_shape, check_tensor
 
 __all__ = ["truncated_is_weights"]
 
@@ -23,18 +23,23 @@ __all__ = ["truncated_is_weights"]
 @torch.no_grad()
 def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, *,
                          cap: float = 2.0, level: str = "token") -> torch.Tensor:
-    """TIS weights min(pi_old / pi_rollout, cap): per token [B, T] ("token") or per sequence [B] ("sequence")."""
+    """TIS weights min(pi_old / pi_rollout, cap): per token [B, T] ("token") or per sequence [B] ("sequence").
+    Under the finite-value switch, NaN/inf log-probs where the mask is True raise (a NaN weight otherwise)."""
     check_tensor("old_logprobs", old_logprobs, dims=2, floating=True)
     check_tensor("rollout_logprobs", rollout_logprobs, dims=2, floating=True)
     check_same_shape("rollout_logprobs", rollout_logprobs, "old_logprobs", old_logprobs.shape)
     check_tensor("mask", mask, dims=2)
     check_same_shape("mask", mask, "old_logprobs", old_logprobs.shape)
+    check_device("rollout_logprobs", rollout_logprobs, "old_logprobs", old_logprobs.device)
+    check_device("mask", mask, "old_logprobs", old_logprobs.device)
     if mask.is_floating_point():
         raise ValueError(f"mask must be bool or integer 0/1, got {mask.dtype}")
     if level not in ("token", "sequence"):
         raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
     log_cap = math.log(check_positive("cap", cap))
     mask = mask if mask.dtype == torch.bool else mask != 0
+    check_finite("old_logprobs", old_logprobs, mask)
+    check_finite("rollout_logprobs", rollout_logprobs, mask)
     diff = torch.where(mask, old_logprobs.float() - rollout_logprobs.float(), 0.0)  # [B, T]
     if level == "sequence":
         return diff.sum(-1).clamp(max=log_cap).exp()  # [B]

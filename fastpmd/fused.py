@@ -122,7 +122,7 @@ def fused_linear_pmd_loss(
     mask, tau, temperature = check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, bias, tau,
                                                 temperature, chunk_size, length_norm)
     if weights is not None:
-        weights = check_weights(weights, advantages.shape)
+        weights = check_weights(weights, advantages.shape, advantages.device)
     backend = resolve_backend(backend, hidden.device)
 
     if backend == "naive" or hidden.shape[0] == 0:  # B = 0: nothing to fuse, the reference path gives loss 0

@@ -88,7 +88,7 @@ def pmd_loss(
     tau may be a [B] tensor: tau_i per sequence.
     """
     mask = check_policy_inputs(logprobs, old_logprobs, advantages, mask)
-    tau = check_sequence_tau(tau, logprobs.shape[0])
+    tau = check_sequence_tau(tau, logprobs.shape[0], logprobs.device)
     lengths = mask.sum(-1)
     valid = lengths > 0
     delta = sequence_logratio(logprobs, old_logprobs, mask)  # [B]
@@ -96,7 +96,7 @@ def pmd_loss(
         tau = tau.to(delta.dtype)
     divisor = length_divisor(length_norm, lengths)
     if weights is not None:  # w * term / d == term / (d / w), as in the fused paths
-        divisor = divisor / check_weights(weights, advantages.shape).to(delta.dtype)
+        divisor = divisor / check_weights(weights, advantages.shape, logprobs.device).to(delta.dtype)
     loss, resid = pmd_objective(advantages.to(delta.dtype), delta, tau, divisor, valid,
                                 global_normaliser(num_sequences, valid.sum(), "num_sequences"))
     return loss, pmd_metrics(loss, delta, resid, advantages, lengths)
@@ -109,7 +109,7 @@ def pmd_metrics(loss, delta, resid, advantages, lengths) -> dict[str, torch.Tens
     metrics = {"loss": loss.detach(), "num_tokens": lengths.sum().detach().float()}
     metrics.update(masked_stats(delta, valid, "logratio"))
     metrics["ppo_kl"] = masked_stats(-delta.detach() / lengths.clamp(min=1), valid, "k")["k_mean"]
-    metrics.update(masked_stats(torch.exp(delta.detach().float()), valid, "seq_ratio"))
+    metrics.update(masked_stats(capped_exp(delta.detach().float()), valid, "seq_ratio"))
     metrics["residual_abs_mean"] = masked_stats(resid.abs(), valid, "r")["r_mean"]
     metrics["advantage_abs_mean"] = masked_stats(advantages.abs(), valid, "a")["a_mean"]
     return metrics
@@ -130,30 +130,43 @@ def _aggregate(per_token, mask, loss_type: str, max_completion_length, num_items
     return tok.sum() / global_normaliser(num_items, mask.sum(), "num_items")  # dapo: global active tokens
 
 
+def log_ratio_max(dtype: torch.dtype) -> float:
+    """The largest log-ratio a loss or metric exponentiates: half the dtype's log-max (44.4 for float32/bfloat16,
+    5.5 for float16, 354.9 for float64), so exp(it) times an advantage, summed over a batch, stays finite. Only a
+    stale or broken old log-prob (pi/pi_old > e^44) reaches it."""
+    return 0.5 * math.log(torch.finfo(dtype).max)
+
+
+def capped_exp(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp(min(log_ratio, log_ratio_max)): a ratio that never overflows (no gradient past the cap)."""
+    return torch.exp(log_ratio.clamp(max=log_ratio_max(log_ratio.dtype)))
+
+
 def _log_ratio_cap(adv: torch.Tensor, epsilon_high: float, delta: float | None) -> torch.Tensor:
     """Per-sequence cap [B, 1] on the log-ratio past which the clipped surrogate no longer depends on it: A >= 0
-    takes the constant clip branch beyond 1+eps_high, A < 0 the constant delta beyond delta (no cap without it).
-    One unit of margin keeps the cap strictly inside the constant region (values and gradients unchanged)."""
-    pos_cap = math.log1p(epsilon_high) + 1.0
-    neg_cap = math.inf if delta is None else math.log(delta) + 1.0
+    takes the constant clip branch beyond 1+eps_high, A < 0 the constant delta beyond delta. One unit of margin
+    keeps the cap strictly inside the constant region (values and gradients unchanged). A < 0 without delta has
+    no constant region: its cap is log_ratio_max (the term's exact value would overflow the dtype)."""
+    big = log_ratio_max(adv.dtype)
+    pos_cap = min(math.log1p(epsilon_high) + 1.0, big)
+    neg_cap = big if delta is None else min(math.log(delta) + 1.0, big)
     return torch.where(adv >= 0, pos_cap, neg_cap).to(adv.dtype)
 
 
-def _check_policy_weights(weights, entropy_mask, shape, delta):
-    """weights [B, T] or [B, 1] floating; entropy_mask [B, T] bool or 0/1 integer; delta > 0 or None."""
+def _check_policy_weights(weights, entropy_mask, logprobs, mask, delta):
+    """weights [B, T] or [B, 1] (check_weights); entropy_mask [B, T] bool or 0/1 integer; delta > 0 or None."""
+    shape = logprobs.shape
     if delta is not None:
         check_positive("delta", delta)
     if weights is not None:
-        check_tensor("weights", weights, dims=2, floating=True)
-        if weights.shape[0] != shape[0] or weights.shape[1] not in (1, shape[1]):
-            raise ValueError(f"weights must have shape {tuple(shape)} or ({shape[0]}, 1), got {tuple(weights.shape)}")
+        weights = check_weights(weights, shape, logprobs.device, mask, per_token=True)
     if entropy_mask is not None:
         check_tensor("entropy_mask", entropy_mask, dims=2)
         check_same_shape("entropy_mask", entropy_mask, "logprobs", shape)
         if entropy_mask.is_floating_point():
             raise ValueError(f"entropy_mask must be bool or integer 0/1, got {entropy_mask.dtype}")
         entropy_mask = entropy_mask if entropy_mask.dtype == torch.bool else entropy_mask != 0
-    return (None if weights is None else weights.detach()), entropy_mask
+    return weights, entropy_mask
 
 
 def grpo_loss(
@@ -185,7 +198,9 @@ def grpo_loss(
     mean, then mean), bnpo (sum / tokens in batch), dr_grpo (sum / (B * max_completion_length)), dapo (sum /
     num_items, the global token count); the masks never change the normaliser.
     The surrogate never forms inf: the log-ratio is capped where the clip makes it irrelevant (A >= 0: one above
-    log(1+eps_high); A < 0 with delta: one above log(delta)), so values and gradients equal the exact ones.
+    log(1+eps_high); A < 0 with delta: one above log(delta)), so values and gradients equal the exact ones; A < 0
+    without delta, the ratio in the metrics and the KL's bias correction cap it at log_ratio_max (44.4 in
+    float32: a ratio past e^44, only from a stale old log-prob, counts as e^44 with no gradient, not as inf).
     """
     mask = check_policy_inputs(logprobs, old_logprobs, advantages, mask, old_required=False,
                                ref_logprobs=ref_logprobs if beta != 0.0 else None)
@@ -195,7 +210,7 @@ def grpo_loss(
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     epsilon_low, epsilon_high = check_grpo_options(epsilon_low, epsilon_high, beta, ref_logprobs,
                                                    max_completion_length, num_items)
-    weights, entropy_mask = _check_policy_weights(weights, entropy_mask, logprobs.shape, delta)
+    weights, entropy_mask = _check_policy_weights(weights, entropy_mask, logprobs, mask, delta)
     old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
     log_ratio = torch.where(mask, logprobs - old, 0.0)  # [B, T]
     if importance_sampling_level == "sequence":
@@ -211,12 +226,12 @@ def grpo_loss(
     if weights is not None:
         policy = policy * weights.to(policy.dtype)
     per_token = policy.expand_as(logprobs)
-    ratio = torch.exp(log_ratio)  # uncapped: metrics and the KL's bias correction
+    ratio = capped_exp(log_ratio)  # metrics and the KL's bias correction (finite for a stale old log-prob)
     if beta != 0.0:
         d = torch.where(mask, ref_logprobs.to(logprobs.dtype) - logprobs, 0.0)
         kl = torch.exp(d) - d - 1
-        if bias_correction_kl:  # a ratio past the dtype's range is capped below it: kl = 0 there gives 0, not inf * 0
-            kl = kl * torch.exp(log_ratio.clamp(max=math.log(torch.finfo(log_ratio.dtype).max) - 1e-3))
+        if bias_correction_kl:  # the capped ratio: kl = 0 there gives 0, not inf * 0
+            kl = kl * ratio
         per_token = per_token + beta * kl
     loss = _aggregate(per_token, mask, loss_type, max_completion_length, num_items)
 

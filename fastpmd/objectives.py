@@ -120,7 +120,7 @@ def compute_loss(cfg: LossConfig, logprobs, old_logprobs, adv, mask, *, num_sequ
     weights: per-sequence [B] for the PMD losses, per-token [B, T] for grpo/gspo (rollout correction).
     tau: the PMD losses' temperature, a number or a [B] tensor (loss_tau); None = cfg.tau."""
     if not isinstance(cfg, LossConfig):
-        raise TypeError(f"compute_loss: cfg must be a fastpmd.LossConfig, got {type(cfg).__name__} {cfg!r} "
+        raise ValueError(f"compute_loss: cfg must be a fastpmd.LossConfig, got {type(cfg).__name__} {cfg!r} "
                         f"(e.g. fastpmd.LossConfig(name={cfg!r}))")
     if cfg.is_pmd:
         return pmd_loss(logprobs, old_logprobs, adv, mask, tau=cfg.tau if tau is None else tau,

@@ -29,19 +29,26 @@ import math
 
 import torch
 
-from ._checks import check_positive
-from .advantages import make_groups
+from ._checks import check_positive, check_tensor
+from .advantages import check_group_args, make_groups
 
 TAU_SCHEDULES = ("none", "mean-reward")
 
 
-def tau_for_logodds_step(p: torch.Tensor, step: float, gap: float = 1.0) -> torch.Tensor:
-    """tau [..] at which the exact PMD-mean update raises the log-odds of success p [..] by `step` (see above).
+def tau_for_logodds_step(p: torch.Tensor | float, step: float, gap: float = 1.0) -> torch.Tensor:
+    """tau [..] at which the exact PMD-mean update raises the log-odds of success p [..] (in [0, 1]; checked, one
+    host sync) by `step` (see above).
 
     Overflow-free for any step: with L = log(1 + p*s) = logaddexp(log(1-p), log(p) + step), numerator and
     denominator are divided by 1 + p*s = e^L:  tau = g / (step*e^-L + exp(step - L + log L) - L*e^-L)."""
-    step = check_positive("step", step)
+    step, gap = check_positive("step", step), check_positive("gap", gap)
+    if not isinstance(p, torch.Tensor) and not isinstance(p, bool) and isinstance(p, (int, float)):
+        p = torch.tensor(float(p), dtype=torch.float64)
+    p = check_tensor("p", p)
     p = p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+    outside = ~((p >= 0) & (p <= 1))  # NaN is outside too
+    if bool(outside.any()):
+        raise ValueError(f"p must lie in [0, 1] (a success probability), got {float(p[outside].flatten()[0]):g}")
     L = torch.logaddexp(torch.log1p(-p), torch.log(p) + step)  # log(1 + p*s) in [0, step]
     e = torch.exp(-L)
     return gap / (step * e + torch.exp(step - L + torch.log(L)) - L * e)
@@ -70,8 +77,12 @@ def sequence_tau(rewards: torch.Tensor, *, tau: float, schedule: str, low: float
         return tau
     if not high > low:
         raise ValueError(f"tau_schedule='mean-reward' needs binary rewards with high > low, got {low}, {high}")
+    check_tensor("rewards", rewards, dims=1)
+    check_group_args(rewards.numel(), group_size, group_ids)
     r = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
-    g = make_groups(r.numel(), r.device, group_size, group_ids)[0]
+    g, _, finite = make_groups(r.numel(), r.device, group_size, group_ids, check=torch.isfinite(r).all())
+    if not finite:  # one host sync, as in fastpmd.advantages
+        raise ValueError("rewards must be finite (found NaN or inf)")
     p = ((g.sum(r) / g.count.to(r.dtype) - low) / (high - low)).clamp(0.0, 1.0)  # [B]
     gap = high - low
     return tau_for_logodds_step(p, reference_logodds_step(tau, gap), gap)

@@ -140,7 +140,7 @@ def test_loss_config_post_init(kw, match):
 
 
 def test_compute_loss_needs_a_config():
-    with pytest.raises(TypeError, match="LossConfig"):
+    with pytest.raises(ValueError, match="LossConfig"):
         fastpmd.compute_loss("pmd-mean", lp2, lp2, a2, m2)
 
 

@@ -90,7 +90,7 @@ def test_verl_config_errors():
     old, new, token_rewards, mask, index, _ = verl_batch(3)
     fn = core_algos.get_policy_loss_fn("pmd_mean")
     with pytest.raises(ValueError, match="loss_agg_mode"):
-        fn(old, new, token_rewards, mask, "token-sum", OmegaConf.create({}))
+        fn(old, new, token_rewards, mask, "token-avg", OmegaConf.create({}))
     with pytest.raises(ValueError, match="pmd_tau"):
         fn(old, new, token_rewards, mask, "seq-mean-token-mean", OmegaConf.create({"pmd_tau": -1.0}))
     with pytest.raises(ValueError, match="importance"):

@@ -23,12 +23,27 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError("fastpmd.integrations.trl needs TRL: pip install 'fastpmd[trl]' (or pip install trl)") from e
 
 from .. import advantages as group_advantages
+from .._checks import check_length_norm, check_tau
 from ..fused import fused_linear_pmd_loss
 from ..logprobs import linear_logprobs
 from ._hf import causal_lm, check_supported, completion_hidden
 
 # TRL >= 1.7 returns (logps, entropies, aux_loss) and takes compute_aux_loss; older TRL returns (logps, entropies).
 _RETURNS_AUX = "compute_aux_loss" in inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+
+
+def stock_head_precision(args, hidden, weight, bias):
+    """hidden [.., H], weight [V, H], bias [V] | None cast to the dtype TRL's own fused LM head takes its inputs in;
+    call inside the trainer's autocast. TRL 1.16 projects in the autocast dtype (bf16 under its default bf16=True)
+    unless cast_lm_head_to_fp32 (then float32; TRL casts the head's weight to float32), without autocast in the
+    inputs' dtype. fastpmd then keeps the product's float32 accumulation where TRL rounds each logits tile to bf16
+    before its float32 softmax: under bf16 with cast_lm_head_to_fp32=False the two agree to ~0.2% in grad_norm, not
+    to rounding (docs/API.md)."""
+    dev = hidden.device.type
+    if getattr(args, "cast_lm_head_to_fp32", False) or not torch.is_autocast_enabled(dev):
+        return hidden, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+    return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
 
 
 class FusedGRPOTrainer(GRPOTrainer):
@@ -45,6 +60,7 @@ class FusedGRPOTrainer(GRPOTrainer):
                 hidden, weight, bias, a = completion_hidden(lm, input_ids[s:s + batch_size],
                                                             attention_mask[s:s + batch_size], logits_to_keep,
                                                             aux_loss=compute_aux_loss)
+                hidden, weight, bias = stock_head_precision(self.args, hidden, weight, bias)
             targets = input_ids[s:s + batch_size, -logits_to_keep:]  # [b, K]
             mask = attention_mask[s:s + batch_size, -logits_to_keep:].bool()  # [b, K]
             out = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=self.temperature,
@@ -77,8 +93,8 @@ class PMDConfig(GRPOConfig):
         super().__post_init__()
         if self.pmd_estimator not in PMD_ESTIMATORS:
             raise ValueError(f"pmd_estimator must be one of {PMD_ESTIMATORS}, got {self.pmd_estimator!r}")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 < self.tau < float("inf"):
-            raise ValueError(f"tau must be a finite number > 0, got {self.tau!r}")
+        check_tau(self.tau)  # a finite number >= fastpmd.TAU_MIN
+        check_length_norm(self.length_norm)
         unsupported = {"beta": self.beta != 0.0, "top_entropy_quantile": self.top_entropy_quantile < 1.0,
                        "entropy_coef": self.entropy_coef != 0.0 or self.use_adaptive_entropy,
                        "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
@@ -125,6 +141,7 @@ class PMDTrainer(FusedGRPOTrainer):
         with self.accelerator.autocast():
             hidden, weight, bias, aux = completion_hidden(lm, input_ids, attention_mask, completion_ids.size(1),
                                                           aux_loss=self.aux_loss_enabled)
+            hidden, weight, bias = stock_head_precision(self.args, hidden, weight, bias)  # as its old log-probs
         mask = mask.bool()
         old = inputs.get("old_per_token_logps")
         if old is None:  # on-policy micro-batch: pi_t is the current policy (Delta = 0)

@@ -10,9 +10,10 @@ fastpmd.pmd_loss from verl's (old_log_prob, log_prob, advantages, response_mask,
     loss = sum_i (A_i - tau*Delta_i)^2 / (2*tau) / divisor_i / num_sequences
 loss_agg_mode picks divisor and normaliser: seq-mean-token-mean (divisor |y_i|, the released OpenKimi loss),
 seq-mean-token-sum-norm (divisor loss_scale_factor or the padded length), seq-mean-token-sum (1), token-mean
-(1, normalised by the token count). verl's global_batch_info (dp_size, global_batch_size, batch_num_tokens) gives
-the global normalisers. tau: `pmd_tau` in config.policy_loss (or the actor config), else $FASTPMD_PMD_TAU,
-else register()'s.
+(1, normalised by the token count), token-sum (1, not normalised; times dp_size as verl's agg_loss). Each mode
+equals verl's agg_loss over a loss matrix that spreads sequence i's term evenly over its tokens. verl's
+global_batch_info (dp_size, global_batch_size, batch_num_tokens) gives the global normalisers. tau: `pmd_tau` in
+config.policy_loss (or the actor config), else $FASTPMD_PMD_TAU, else register()'s; each >= 1e-8.
 Advantage estimators "pmd_partition" / "pmd_partition_loo": fastpmd.advantages per prompt group (verl's uid).
 Importing this module needs verl (its policy-loss registry, verl.trainer.ppo.core_algos).
 """
@@ -28,15 +29,16 @@ try:
     from verl.trainer.ppo import core_algos
 except ImportError as e:  # pragma: no cover - exercised only without verl
     raise ImportError("fastpmd.integrations.verl needs verl: pip install --no-deps verl && pip install ray "
-                      "tensordict omegaconf hydra-core codetiming (see docs/API.md)") from e
+                      "'tensordict<=0.10.0' omegaconf hydra-core codetiming orjson (see docs/API.md)") from e
 
 from .. import advantages as group_advantages
-from .._checks import check_positive
+from .._checks import check_tau
 from ..logprobs import linear_logprobs
 from ..losses import pmd_loss
 from ._hf import check_supported
 
 LOSS_NAMES = ("pmd_mean", "pmd_part")
+AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum", "token-mean", "token-sum")
 ESTIMATOR_NAMES = {"pmd_partition": "partition", "pmd_partition_loo": "partition_loo"}
 _DEFAULT = {"pmd_tau": 0.01}
 
@@ -55,10 +57,24 @@ def pmd_tau(config) -> float:
     for src in (_get(config, "policy_loss"), config):
         tau = _get(src, "pmd_tau")
         if tau is not None:
-            return check_positive("pmd_tau", float(tau))
-    if os.environ.get("FASTPMD_PMD_TAU"):
-        return check_positive("FASTPMD_PMD_TAU", float(os.environ["FASTPMD_PMD_TAU"]))
-    return _DEFAULT["pmd_tau"]
+            return _checked_tau("pmd_tau", tau)
+    env = _env_tau()
+    return _DEFAULT["pmd_tau"] if env is None else env
+
+
+def _checked_tau(name: str, raw) -> float:
+    """A tau from a config value or an environment string: a number >= TAU_MIN, else ValueError naming `name`."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number such as 0.01 (a '.' decimal point), got {raw!r}") from None
+    return check_tau(value, name)
+
+
+def _env_tau() -> float | None:
+    """$FASTPMD_PMD_TAU checked (None when unset or empty)."""
+    raw = os.environ.get("FASTPMD_PMD_TAU", "").strip()
+    return _checked_tau("FASTPMD_PMD_TAU", raw) if raw else None
 
 
 def _normalisers(loss_agg_mode: str, mask: torch.Tensor, config):
@@ -76,8 +92,10 @@ def _normalisers(loss_agg_mode: str, mask: torch.Tensor, config):
         return False, num_seq
     if loss_agg_mode == "seq-mean-token-sum-norm":
         return float(info.get("loss_scale_factor") or _get(config, "loss_scale_factor") or mask.shape[-1]), num_seq
-    raise ValueError(f"loss_agg_mode {loss_agg_mode!r} is not supported by pmd_mean/pmd_part; use "
-                     "seq-mean-token-mean, seq-mean-token-sum-norm, seq-mean-token-sum or token-mean")
+    if loss_agg_mode == "token-sum":  # verl: the local sum times dp_size (DP averages it back to the global sum)
+        return False, 1.0 / dp
+    raise ValueError(f"loss_agg_mode {loss_agg_mode!r} is not supported by pmd_mean/pmd_part; use one of "
+                     f"{AGG_MODES}")
 
 
 def compute_policy_loss_pmd(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
@@ -130,9 +148,11 @@ _ESTIMATORS = {name: _estimator(name) for name in ESTIMATOR_NAMES}
 
 def register(pmd_tau: float | None = None) -> None:
     """Register the policy losses pmd_mean / pmd_part and the estimators pmd_partition / pmd_partition_loo in
-    verl's registries (idempotent). pmd_tau: the default tau when the config carries none."""
+    verl's registries (idempotent). pmd_tau: the default tau when the config carries none. Checks
+    $FASTPMD_PMD_TAU here, so a bad value fails at import (naming the variable), not at the first loss."""
     if pmd_tau is not None:
-        _DEFAULT["pmd_tau"] = check_positive("pmd_tau", pmd_tau)
+        _DEFAULT["pmd_tau"] = check_tau(pmd_tau, "pmd_tau")
+    _env_tau()
     for name in LOSS_NAMES:
         core_algos.register_policy_loss(name)(compute_policy_loss_pmd)
     for name, fn in _ESTIMATORS.items():
