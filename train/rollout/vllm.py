@@ -9,7 +9,7 @@ serialisation; streamed, one tensor at a time).
 Colocated with a trainer (``torch.distributed`` initialised, e.g. under torchrun): the engine is built with
 ``distributed_executor_backend="external_launcher"`` (as TRL's colocate mode and verl do), so each rank drives
 its own device, and ``tensor_parallel_size = TP`` makes each group of TP consecutive ranks one engine, sharded
-over the group (layout: ``fastpmd.train.rollout_groups``); every rank of a group must call ``generate`` with the
+over the group (layout: ``fastpmd.train.rollout.groups``); every rank of a group must call ``generate`` with the
 same prompts and seeds. Without a process group it is a plain single-process engine (TP 1). On CUDA with
 ``enable_sleep_mode``, ``sleep``/``wake`` release and restore vLLM's memory around the training phase: level 2
 (the default) drops the weights as well as the KV cache, since the trainer re-sends every weight before the next
@@ -26,7 +26,7 @@ re-runs weight post-processing: needed where vLLM repacks weights after loading,
 replaces every linear weight by a packed copy, or quantised models); "load" calls
 ``worker.model_runner.model.load_weights`` directly (the classic path, cheapest for plain CUDA models; on the
 CPU backend it fails, the packed layers have no weight loader left); "auto" picks "reload" when the worker has
-it, else "load". Names are mapped to checkpoint names first (``fastpmd.train.weight_names``: transformers 5's
+it, else "load". Names are mapped to checkpoint names first (``fastpmd.train.rollout.weight_names``: transformers 5's
 fused MoE experts become per-expert tensors, as vLLM's loaders expect). After every update the prefix cache is
 reset (cached KV blocks were computed with the old weights).
 """
@@ -42,9 +42,9 @@ import torch
 
 import torch.distributed as dist
 
-from fastpmd.train.rollout import Response, SamplingConfig, check_prompts, trim_response
-from fastpmd.train.rollout_groups import check_tensor_parallel
-from fastpmd.train.weight_names import checkpoint_tensors
+from fastpmd.train.rollout.base import Response, SamplingConfig, check_prompts, trim_response
+from fastpmd.train.rollout.groups import check_tensor_parallel
+from fastpmd.train.rollout.weight_names import checkpoint_tensors
 
 __all__ = ["VLLMEngine", "VLLM_INSTALL_HINT"]
 
@@ -271,3 +271,34 @@ def _empty_cuda_cache() -> None:
     """Return the caching allocator's free blocks to the driver, so that vLLM's allocator can take them."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def build(trainer):
+    """One vLLM engine per group of rollout.tensor_parallel_size ranks (external_launcher), weights from the
+    trainer: vLLM builds the model from its config alone (load_format="dummy"), then the first sync fills it."""
+    import copy
+
+    import torch.distributed as dist
+
+    from .groups import EngineGroup, GroupedEngine, engine_groups
+
+    r, m, dev = trainer.cfg.rollout, trainer.cfg.model, trainer.d.device
+    model_dir = m.name_or_path
+    if m.arch:  # a random tiny model: vLLM needs its config.json on disk
+        model_dir = trainer.out / "rollout_model"
+        if trainer.d.is_main:
+            cfg = copy.deepcopy(trainer.hf.config)
+            cfg.architectures = [type(trainer.hf).__name__]
+            cfg.save_pretrained(model_dir)
+        dist.barrier()
+    max_len = trainer.cfg.data.max_prompt_len + r.max_new_tokens
+    max_len = min(max_len, getattr(trainer.hf.config, "max_position_embeddings", max_len))
+    engine = VLLMEngine(model_dir, eos_id=trainer.tok.eos_id, seed=m.seed, dtype=m.param_dtype,
+                        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=dev.type == "cuda",
+                        max_model_len=max_len, tensor_parallel_size=r.tensor_parallel_size,
+                        load_format="dummy")
+    if r.tensor_parallel_size > 1:
+        pg, _ = dist.new_subgroups_by_enumeration(engine_groups(trainer.d.world_size, r.tensor_parallel_size))
+        engine = GroupedEngine(engine, EngineGroup(trainer.d.rank, trainer.d.world_size, r.tensor_parallel_size), pg)
+    trainer._sync_weights(engine)
+    return engine

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--preset", "tiny-arith", "--prompts-per-step", "4", "--group-size", "2", "--mini-batches", "1",
         "--warmup-steps", "0", "--max-steps", "1", "--eval-n", "1", "--set", "data.eval_size=2",
         "--max-new-tokens", "3", "--no-progress", "--no-plots", "--no-export"]

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastpmd.train.arithmetic import ArithmeticTask
-from fastpmd.train.data import Problem
-from fastpmd.train.tokenizer import CharTokenizer
-from fastpmd.train.evaluation import avg_at_k, evaluate, maj_at_k, majority_answer, pass_at_k
-from fastpmd.train.rewards import math_reward
+from fastpmd.train.task.arithmetic import ArithmeticTask
+from fastpmd.train.task.data import Problem
+from fastpmd.train.task.tokenizer import CharTokenizer
+from fastpmd.train.task.evaluation import avg_at_k, evaluate, maj_at_k, majority_answer, pass_at_k
+from fastpmd.train.task.rewards import math_reward
 from fastpmd.train.rollout import SamplingConfig
 
 

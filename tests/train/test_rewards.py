@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from fastpmd.train.rewards import (
+from fastpmd.train.task.rewards import (
     _HELPER,
     RewardConfig,
     extract_answer,

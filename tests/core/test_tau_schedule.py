@@ -9,7 +9,7 @@ import torch
 import fastpmd
 from fastpmd.tau_schedule import reference_logodds_step, sequence_tau, tau_for_logodds_step
 from fastpmd.theory import pmd_mean_update
-from test_core_fused import losses_and_grads, make
+from test_fused import losses_and_grads, make
 
 
 def logodds_step_of_exact_update(p, tau, low=0.0, high=1.0):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 class CharTokenizer:
     """A tiny offline tokenizer for the arithmetic task: one id per character, plus pad/bos/eos.

@@ -9,7 +9,7 @@ import random
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 from .arithmetic import ArithmeticTask
 from .data import DAPO_TEMPLATE, PLAIN_TEMPLATE, Problem, format_prompt, load_problems
 from .rewards import math_reward, score_batch

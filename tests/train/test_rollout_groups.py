@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from fastpmd.train.config import TrainConfig, validate
-from fastpmd.train.rollout_groups import EngineGroup, engine_groups
-from fastpmd.train.weight_names import checkpoint_tensors
+from fastpmd.train.rollout.groups import EngineGroup, engine_groups
+from fastpmd.train.rollout.weight_names import checkpoint_tensors
 
 
 def test_engine_groups_are_consecutive_ranks_like_vllm():

@@ -11,7 +11,7 @@ import torch
 
 import trl_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 VERL_COMMAND = """\
 FASTPMD_PMD_TAU=0.01 python -m verl.trainer.main_ppo \\

@@ -18,7 +18,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'f
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from fastpmd.train.rollout import HFEngine, RolloutEngine, SamplingConfig  # noqa: E402
-from fastpmd.train.rollout_vllm import VLLMEngine  # noqa: E402
+from fastpmd.train.rollout.vllm import VLLMEngine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -148,8 +148,8 @@ TP_WORKER = textwrap.dedent('''
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from fastpmd.train.distributed import init_distributed
     from fastpmd.train.rollout import HFEngine, SamplingConfig
-    from fastpmd.train.rollout_groups import EngineGroup, GroupedEngine, engine_groups
-    from fastpmd.train.rollout_vllm import VLLMEngine
+    from fastpmd.train.rollout.groups import EngineGroup, GroupedEngine, engine_groups
+    from fastpmd.train.rollout.vllm import VLLMEngine
 
     out = sys.argv[1]
     d = init_distributed("cpu")

@@ -5,11 +5,11 @@ import random
 import pytest
 import torch
 
-from fastpmd.train.arithmetic import ArithmeticTask
-from fastpmd.train.data import DAPO_TEMPLATE, Problem, format_prompt, load_problems
+from fastpmd.train.task.arithmetic import ArithmeticTask
+from fastpmd.train.task.data import DAPO_TEMPLATE, Problem, format_prompt, load_problems
 from fastpmd.train.packing import pack_batch
-from fastpmd.train.tokenizer import CharTokenizer
-from fastpmd.train.rewards import math_reward
+from fastpmd.train.task.tokenizer import CharTokenizer
+from fastpmd.train.task.rewards import math_reward
 
 
 def _dapo_record(q, a, idx):

@@ -128,7 +128,7 @@ def test_core_check_on_tiny_shapes(monkeypatch):
 
 
 def test_bench_dir_is_not_in_default_run():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert cfg["testpaths"] == ["tests"]
     assert (root / "bench" / "micro" / "bench_ops.py").exists() and (root / "bench" / "micro" / "conftest.py").exists()
@@ -203,7 +203,7 @@ def test_cli_tokens_and_device_errors(capsys):
 
 
 def test_theory_figures_seeds_must_be_positive(tmp_path, capsys):
-    from fastpmd import theory_figures
+    from fastpmd.theory import figures as theory_figures
 
     for seeds in ("0", "-3"):
         assert theory_figures.main(["--quick", "--seeds", seeds, "--out", str(tmp_path)]) == 2

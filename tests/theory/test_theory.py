@@ -18,7 +18,7 @@ from fastpmd.theory import (
     pmd_part_update,
     tau_log_partition,
 )
-from fastpmd.theory_sim import METHODS, TabularConfig, simulate_tabular
+from fastpmd.theory.sim import METHODS, TabularConfig, simulate_tabular
 
 
 def _random_case(seed, k=6, lo=-1.0, hi=1.0):
@@ -266,7 +266,7 @@ def test_tabular_simulation_smoke():
 
 def test_theory_figures_quick(tmp_path):
     pytest.importorskip("matplotlib")
-    from fastpmd.theory_figures import main
+    from fastpmd.theory.figures import main
 
     assert main(["--out", str(tmp_path), "--quick", "--json", str(tmp_path / "summary.json")]) == 0
     for name in ("log_partition", "log_ratios", "estimation_error", "tabular"):

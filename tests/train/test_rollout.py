@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from fastpmd.train.tokenizer import CharTokenizer
+from fastpmd.train.task.tokenizer import CharTokenizer
 from fastpmd.train.rollout import HFEngine, Response, RolloutEngine, SamplingConfig, trim_response
 
 TOK = CharTokenizer()
@@ -204,7 +204,7 @@ def test_hf_engine_restores_training_mode():
 
 
 def test_vllm_engine_without_vllm_names_the_extra(monkeypatch, tmp_path):
-    from fastpmd.train.rollout_vllm import VLLMEngine
+    from fastpmd.train.rollout.vllm import VLLMEngine
 
     (tmp_path / "config.json").write_text('{"eos_token_id": 2}')
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, installed or not
@@ -241,8 +241,8 @@ class _FakeLLM:
 
 
 def _fake_vllm_engine(sleep_mode=True, model_type="qwen2", monkeypatch=None):
-    from fastpmd.train import rollout_vllm
-    from fastpmd.train.rollout_vllm import VLLMEngine
+    from fastpmd.train.rollout import vllm as rollout_vllm
+    from fastpmd.train.rollout.vllm import VLLMEngine
 
     eng = VLLMEngine.__new__(VLLMEngine)  # skip the constructor: no vLLM needed
     eng.llm, eng.enable_sleep_mode, eng.sleep_level, eng.weight_sync = _FakeLLM(), sleep_mode, 2, "auto"
@@ -288,7 +288,7 @@ def test_vllm_engine_sends_moe_experts_per_expert():
 
 
 def test_vllm_worker_weight_loader_paths():
-    from fastpmd.train.rollout_vllm import _load_weights_on_worker
+    from fastpmd.train.rollout.vllm import _load_weights_on_worker
 
     seen = {}
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from test_train_resume import _cmd, _env, _rows, _weights
+from test_resume import _cmd, _env, _rows, _weights
 
 
 def _run(cmd, expect=0):
@@ -204,7 +204,7 @@ def test_two_processes_skip_a_corrupted_shard(tmp_path):
     import os
     import sys
 
-    from test_train_resume import TINY
+    from test_resume import TINY
 
     def cmd(*extra):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",

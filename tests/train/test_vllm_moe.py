@@ -12,7 +12,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'f
 
 from fastpmd.train.distributed import init_distributed  # noqa: E402
 from fastpmd.train.rollout import HFEngine, SamplingConfig  # noqa: E402
-from fastpmd.train.rollout_vllm import VLLMEngine  # noqa: E402
+from fastpmd.train.rollout.vllm import VLLMEngine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

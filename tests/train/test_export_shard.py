@@ -7,9 +7,9 @@ import torch
 from safetensors import safe_open
 
 from fastpmd.train.cli import build_config
-from fastpmd.train.data import load_problems
+from fastpmd.train.task.data import load_problems
 from fastpmd.train.distributed import init_distributed, shutdown_distributed
-from fastpmd.train.prompts import Task
+from fastpmd.train.task.prompts import Task
 from fastpmd.train.trainer import Trainer
 
 TINY = ["--preset", "tiny-arith", "--prompts-per-step", "4", "--group-size", "2", "--mini-batches", "1",

@@ -1,6 +1,6 @@
 """Toy figures of the PMD-mean paper, reproduced with fastpmd.theory (numpy/scipy + matplotlib, CPU, ~1 min).
 
-    python -m fastpmd.theory_figures --out docs/img        # or: fastpmd theory-figures --out DIR
+    python -m fastpmd.theory.figures --out docs/img        # or: fastpmd theory-figures --out DIR
 
 Writes
   theory_log_partition.png   tau*log Z against the mean reward p (binary rewards), several tau
@@ -25,7 +25,7 @@ from fastpmd.theory import (
     pmd_part_update,
     tau_log_partition,
 )
-from fastpmd.theory_sim import TabularConfig, simulate_tabular
+from fastpmd.theory.sim import TabularConfig, simulate_tabular
 
 MEAN_C, PART_C = "tab:blue", "tab:red"
 

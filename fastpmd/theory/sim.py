@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .theory import _logsumexp, mean_baseline, partition_baseline, pmd_mean_update, pmd_part_update
+from . import _logsumexp, mean_baseline, partition_baseline, pmd_mean_update, pmd_part_update
 
 __all__ = ["TabularConfig", "METHODS", "init_bandit", "simulate_tabular"]
 

@@ -56,7 +56,7 @@ def test_check_catches_a_host_tensor_on_a_cuda_run():
 @pytest.mark.parametrize("flags", [[], ["--set", "optim.micro_batch_tokens=64"]], ids=["by-count", "by-tokens"])
 def test_trainer_collectives_on_the_group_device(tmp_path, flags):
     """By tokens, the sequences also move between the ranks (train/rank_balance.py's all-gather and all-to-all)."""
-    torchrun(WORKER, tmp_path, 2, str(Path(__file__).parent), *flags)
+    torchrun(WORKER, tmp_path, 2, str(Path(__file__).parents[1]), *flags)
     seen = json.loads((tmp_path / "calls.json").read_text())
     assert seen["count"] > 0 and "all_reduce" in seen["names"], seen
     assert ("all_to_all_single" in seen["names"]) == bool(flags), seen

@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fastpmd.train.data import PLAIN_TEMPLATE, Problem, format_prompt
-from fastpmd.train.rewards import extract_answer, is_equivalent, normalize_answer
-from fastpmd.train.rollout import RolloutEngine, SamplingConfig
+from fastpmd.train.task.data import PLAIN_TEMPLATE, Problem, format_prompt
+from fastpmd.train.task.rewards import extract_answer, is_equivalent, normalize_answer
+from fastpmd.train.rollout.base import RolloutEngine, SamplingConfig
 
 __all__ = ["avg_at_k", "pass_at_k", "maj_at_k", "majority_answer", "evaluate"]
 
