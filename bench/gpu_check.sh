@@ -5,7 +5,7 @@
 # Phases (each capped with `timeout`, elapsed time printed after each):
 #   0. set-up (bench/gpu_env.sh): wheels in .whl/ for what the device lacks (liger-kernel, cut-cross-entropy),
 #      fastpmd importable from the source tree; nvidia-smi.            ~10 s
-#   1. pytest tests/test_kernels*.py with TRITON_INTERPRET unset: the float64-reference kernel tests, compiled
+#   1. pytest tests/kernels/test_kernels*.py with TRITON_INTERPRET unset: the float64-reference kernel tests, compiled
 #      for this GPU (not test_kernels_report.py: it cross-compiles on the CPU, as CI does, in 1-2 minutes).
 #                                                                      cap KERNEL_TESTS_S (default 150 s)
 #   2. python -m fastpmd.bench.gpu_timing: N in {16384, 4096} (16384 first), H=3584, V=152064, bf16, hidden -> loss
@@ -40,8 +40,8 @@ phase_verdict setup 0
 # shellcheck disable=SC2086
 if [[ -z "${GPU_CHECK_SKIP_TESTS:-}" ]]; then
     files=()
-    for f in tests/test_kernels*.py; do  # an explicit file is collected even with --ignore: leave it out here
-        [[ $f == tests/test_kernels_report.py ]] || files+=("$f")
+    for f in tests/kernels/test_kernels*.py; do  # an explicit file is collected even with --ignore: leave it out here
+        [[ $f == tests/kernels/test_report.py ]] || files+=("$f")
     done
     echo "kernel tests: ${files[*]} ${GPU_CHECK_PYTEST_ARGS:-}" >"$OUT_DIR/kernel_tests.log"
     timeout -k 10 "${KERNEL_TESTS_S:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider "${files[@]}" \

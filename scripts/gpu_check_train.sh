@@ -8,7 +8,7 @@
 # for STEPS steps (default 3) with a checkpoint at the end; then a second torchrun resumes for one more step.
 # PASS/FAIL per phase; logs, metrics.jsonl and checkpoints in OUT_DIR. Needs transformers on the device: bring
 # it as wheels with `bash bench/gpu_env.sh download train` (carry .whl; see bench/gpu_env.sh).
-# CPU run of the same command line (gloo, float32), as tests/test_gpu_scripts.py does:
+# CPU run of the same command line (gloo, float32), as tests/bench/test_gpu_scripts.py does:
 #   TRAIN_CHECK_DEVICE=cpu TRAIN_CHECK_DTYPE=float32 STEPS=1 bash scripts/gpu_check_train.sh /tmp/train-check
 # Exit status: 0 when every phase passed, 1 otherwise, 2 without CUDA (device cuda).
 set -u -o pipefail

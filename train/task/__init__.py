@@ -1,0 +1,1 @@
+"""The task: data, prompts, rewards, tokenizers, evaluation (fastpmd.train.task)."""
