@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from ..base import Response, RolloutEngine, SamplingConfig, logprobs_on_grid, trim_response
-from ..hf import HFEngine
+from .base import Response, RolloutEngine, SamplingConfig, logprobs_on_grid, trim_response
+from .hf import HFEngine
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from ..base import Response, SamplingConfig
+from .base import Response, SamplingConfig
 
 __all__ = ["EngineGroup", "GroupedEngine", "engine_groups", "check_tensor_parallel"]
 

@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from ..base import Response, SamplingConfig, check_prompts, trim_response
+from .base import Response, SamplingConfig, check_prompts, trim_response
 
 class _SampledLogprobs:
     """A logits processor that applies temperature and top-p itself (HF's own warpers then stay off) and keeps

@@ -280,7 +280,7 @@ def build(trainer):
 
     import torch.distributed as dist
 
-    from ..groups import EngineGroup, GroupedEngine, engine_groups
+    from .groups import EngineGroup, GroupedEngine, engine_groups
 
     r, m, dev = trainer.cfg.rollout, trainer.cfg.model, trainer.d.device
     model_dir = m.name_or_path
