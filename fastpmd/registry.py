@@ -56,7 +56,10 @@ def _epsilons(cfg, keys=("epsilon_low", "epsilon_high")):
 
 
 def _clip_options(cfg, tau):
-    return {"loss_type": cfg.loss_type, "beta": cfg.beta, "max_completion_length": cfg.max_completion_length,
+    # bnpo (tokens in the batch) is dapo with num_items defaulting to the batch's own token count: one loss, so a
+    # global num_items (micro-batches, ranks) makes bnpo the mini-batch's token mean
+    loss_type = "dapo" if cfg.loss_type == "bnpo" else cfg.loss_type
+    return {"loss_type": loss_type, "beta": cfg.beta, "max_completion_length": cfg.max_completion_length,
             **_epsilons(cfg)}
 
 
@@ -104,10 +107,10 @@ def load_function(path: str, field: str = "name") -> Callable:
         else:
             module = importlib.import_module(where)
     except Exception as e:  # the user's file may raise anything on import: name it, with the field
-        raise ValueError(f"{field}: cannot import {where!r} ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{field} {path!r}: cannot import {where!r} ({type(e).__name__}: {e})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"{field}: {where!r} has no function {attr!r}")
+        raise ValueError(f"{field} {path!r}: {where!r} has no function {attr!r}")
     return fn
 
 
@@ -129,8 +132,8 @@ def check_options(spec: LossSpec, own: dict, options: dict) -> None:
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key in options:
         if key in own or key in ("num_sequences", "num_items", "weights", "ref_logprobs"):
-            raise ValueError(f"options: {key!r} is set by the loss config or the trainer, not by options")
+            raise ValueError(f"options {key!r} is set by the loss config or the trainer, not by options")
         named = key in params and params[key].kind in (inspect.Parameter.KEYWORD_ONLY,
                                                        inspect.Parameter.POSITIONAL_OR_KEYWORD)
         if not (takes_any or named):
-            raise ValueError(f"options: {key!r} is not a keyword option of {spec.fn.__name__}")
+            raise ValueError(f"options {key!r} is not a keyword option of {spec.fn.__name__}")
