@@ -32,10 +32,8 @@ def _finish(loss, mask, old, logprobs, extra: dict) -> tuple[torch.Tensor, dict]
 
 
 def cispo_loss(
-    logprobs: torch.Tensor,  # [B, T]
-    old_logprobs: torch.Tensor,  # [B, T]
-    advantages: torch.Tensor,  # [B]
-    mask: torch.Tensor,  # [B, T]
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor,  # [B, T], [B, T]
+    advantages: torch.Tensor, mask: torch.Tensor,  # [B], [B, T]
     *,
     epsilon_high: float = 5.0,
     num_items: int | float | torch.Tensor | None = None,
@@ -67,10 +65,8 @@ def cispo_loss(
 
 
 def sapo_loss(
-    logprobs: torch.Tensor,  # [B, T]
-    old_logprobs: torch.Tensor,  # [B, T]
-    advantages: torch.Tensor,  # [B]
-    mask: torch.Tensor,  # [B, T]
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor,  # [B, T], [B, T]
+    advantages: torch.Tensor, mask: torch.Tensor,  # [B], [B, T]
     *,
     temperature_pos: float = 1.0,
     temperature_neg: float = 1.05,

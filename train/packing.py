@@ -18,8 +18,8 @@ def pack_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Seque
     i.e. for t in ``[len(prompt_b) - 1, len(prompt_b) + len(response_b) - 2]``. Per-token log-probs computed on
     ``(hidden[:, t], targets[:, t])`` and masked with ``loss_mask`` are the response log-probs, in order.
 
-    Returns a RolloutBatch of int64 ``input_ids``, ``attention_mask`` (1 on real tokens), ``position_ids`` (0..len-1 per sequence,
-    0 on padding), ``targets`` — all ``[B, L]`` — bool ``loss_mask`` ``[B, L]``, and int64 ``prompt_lengths``,
+    Returns a RolloutBatch (train/batch.py) of int64 ``input_ids``, ``attention_mask`` (1 on real tokens),
+    ``position_ids`` (0..len-1 per sequence, 0 on padding), ``targets`` — all ``[B, L]`` — bool ``loss_mask`` ``[B, L]``, and int64 ``prompt_lengths``,
     ``response_lengths`` ``[B]``.
     """
     if len(prompt_ids) != len(response_ids):

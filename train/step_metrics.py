@@ -80,13 +80,15 @@ def step_metrics(batch: RolloutBatch, rewards: torch.Tensor, entropy: torch.Tens
         else 0.0
     r = reduce_named({
         **loss_values(stats, W), "reward_mean": (rewards.mean() / W, "sum"),  # every rank scored as many responses
-        "rank_tokens_max": (rank_tokens, "max"), "total_tokens": (rank_tokens, "sum"), "resp_tokens": (mask.sum(), "sum"),
+        "rank_tokens_max": (rank_tokens, "max"), "total_tokens": (rank_tokens, "sum"),
+        "resp_tokens": (mask.sum(), "sum"),
         "diff_sum": (diff, "sum"), "entropy_sum": ((entropy * mask).sum(), "sum"), "n_seqs": (mask.shape[0], "sum"),
         "w_sum": (0.0 if w is None else w.sum(), "sum"),  # TIS weights: per token for grpo, per sequence for pmd
         "w_cnt": (0.0 if w is None else mask.sum() if w.dim() == 2 else w.numel(), "sum"),
     }, device)  # global sums: rows may have moved between ranks
     total, resp = r.pop("total_tokens"), r.pop("resp_tokens")
-    diff_sum, ent_sum, n_seqs, w_sum, w_cnt = (r.pop(k) for k in ("diff_sum", "entropy_sum", "n_seqs", "w_sum", "w_cnt"))
+    diff_sum, ent_sum, n_seqs, w_sum, w_cnt = (r.pop(k) for k in ("diff_sum", "entropy_sum", "n_seqs", "w_sum",
+                                                                   "w_cnt"))
     row = {"kind": "train", "step": step, "reward_mean": r.pop("reward_mean"), "entropy": ent_sum / max(resp, 1),
            "response_len_mean": resp / n_seqs, "rank_tokens_imbalance": r.pop("rank_tokens_max") * W / total - 1.0,
            **r, "lr": lr, "update_s": t_update, "gen_s": t_gen, "tokens_per_s": total / t_update,

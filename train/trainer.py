@@ -22,6 +22,7 @@ import torch.distributed as dist
 import fastpmd
 
 from . import checkpoint, faults, offload, rank_balance
+from .cli import check_out
 from .config import TrainConfig, validate
 from .batch import RolloutBatch
 from .packing import pack_batch
@@ -51,8 +52,7 @@ class Trainer:
         self.loss_cfg = loss_config(cfg)  # ValueError on a bad loss/estimator pair, before any work
         self.cfg, self.d = cfg, d
         self.out = Path(cfg.run.out)
-        if not cfg.run.resume and (self.out / "checkpoints" / "latest").exists():
-            raise ValueError(f"run.out: {self.out} already holds a run; pass --resume or choose another --out")
+        check_out(self.out, cfg.run.resume)  # the CLI's own check, for a Trainer built without it
         self.tok = make_tokenizer(cfg)
         self.task = Task(cfg, self.tok, d.rank, d.world_size)
         self.policy, self.hf = self._build_policy()
@@ -181,7 +181,8 @@ class Trainer:
             torch.cuda.synchronize(dev)
         t_update = time.perf_counter() - t1
         self._sync_weights()  # 5.
-        return step_metrics(batch, rewards, entropy, stats, device=dev, step=self.step, lr=self.scheduler.get_last_lr()[0], t_gen=t_gen, t_update=t_update)
+        return step_metrics(batch, rewards, entropy, stats, device=dev, step=self.step,
+                            lr=self.scheduler.get_last_lr()[0], t_gen=t_gen, t_update=t_update)
 
     @contextlib.contextmanager
     def rollout_phase(self):
