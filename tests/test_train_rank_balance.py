@@ -44,7 +44,7 @@ expect = -(new.advantages[:, None] + torch.arange(new.input_ids.shape[1]) / 100)
 same["rollout_logprobs"] = bool(torch.equal(new.rollout_logprobs, expect))
 same["minibatch"] = mb.tolist() == [int(minibatch[i]) for i in ids]
 json.dump({"ids": ids, "same": same, "before": before, "after": int(new.attention_mask.sum()),
-           "rank_tokens": rank_tokens, "keys": sorted(new)}, open(out + f"/rank{d.rank}.json", "w"))
+           "rank_tokens": rank_tokens, "keys": sorted(new.fields())}, open(out + f"/rank{d.rank}.json", "w"))
 dist.destroy_process_group()
 '''
 
