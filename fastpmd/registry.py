@@ -68,18 +68,20 @@ def _clip_normaliser(cfg) -> str:  # TRL's loss_type: grpo/dr_grpo average over 
 
 
 CLIP_ESTIMATORS = ("grpo", "mean", "loo")
+PMD = {"options": _pmd_options, "weights": "sequence", "normaliser": "sequences", "fused": fused_linear_pmd_loss}
+CLIP = {"options": _clip_options, "weights": "token", "normaliser": _clip_normaliser}
 LOSSES: dict[str, LossSpec] = {
-    "pmd-mean": LossSpec(pmd_loss, ("mean", "loo"), _pmd_options, "sequence", "sequences", fused_linear_pmd_loss),
-    "pmd-part": LossSpec(pmd_loss, ("partition", "partition_loo", "partition_loo_clamped"), _pmd_options,
-                         "sequence", "sequences", fused_linear_pmd_loss),
-    "grpo": LossSpec(grpo_loss, CLIP_ESTIMATORS, _clip_options, "token", _clip_normaliser),
-    "gspo": LossSpec(gspo_loss, CLIP_ESTIMATORS, _clip_options, "token", _clip_normaliser),
-    "pg": LossSpec(pg_loss, ("loo", "mean"), lambda cfg, tau: {"length_norm": cfg.length_norm}, None, "sequences"),
-    "cispo": LossSpec(cispo_loss, CLIP_ESTIMATORS, lambda cfg, tau: _epsilons(cfg, keys=("epsilon_high",)), "token",
-                      "tokens"),
+    "pmd-mean": LossSpec(pmd_loss, ("mean", "loo"), **PMD),
+    "pmd-part": LossSpec(pmd_loss, ("partition", "partition_loo", "partition_loo_clamped"), **PMD),
+    "grpo": LossSpec(grpo_loss, CLIP_ESTIMATORS, **CLIP),
+    "gspo": LossSpec(gspo_loss, CLIP_ESTIMATORS, **CLIP),
+    "pg": LossSpec(pg_loss, ("loo", "mean"), lambda cfg, tau: {"length_norm": cfg.length_norm},
+                   normaliser="sequences"),
+    "cispo": LossSpec(cispo_loss, CLIP_ESTIMATORS, lambda cfg, tau: _epsilons(cfg, keys=("epsilon_high",)),
+                      weights="token", normaliser="tokens"),
     "sapo": LossSpec(sapo_loss, CLIP_ESTIMATORS, weights="token", normaliser="batch"),
-    "luspo": LossSpec(luspo_loss, CLIP_ESTIMATORS, lambda cfg, tau: {"beta": cfg.beta, **_epsilons(cfg)}, "token",
-                      "batch"),
+    "luspo": LossSpec(luspo_loss, CLIP_ESTIMATORS, lambda cfg, tau: {"beta": cfg.beta, **_epsilons(cfg)},
+                      weights="token", normaliser="batch"),
 }
 _USER: dict[str, LossSpec] = {}
 

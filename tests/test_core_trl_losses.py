@@ -59,8 +59,14 @@ def test_finite_at_huge_log_ratio(name):
 
 
 def test_registry_entries_and_option_errors():
+    from fastpmd.registry import LOSSES, NORMALISERS
+
     for name in ("cispo", "sapo", "luspo"):
         assert name in fastpmd.LOSS_NAMES
+    for name, spec in LOSSES.items():
+        for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+            assert spec.normaliser_of(fastpmd.LossConfig(name=name, loss_type=loss_type)) in NORMALISERS, name
+        assert spec.weights in ("sequence", "token", None) and spec.estimators, name
     logp, old, ref, mask, adv, ent, is_ratio = random_batch(3)
     with pytest.raises(ValueError, match="epsilon_high"):
         cispo_loss(logp, old, adv, mask, epsilon_high=0.0)
