@@ -25,8 +25,10 @@ import torch
 
 import fastpmd
 from fastpmd.chunked import default_chunk_rows
+from fastpmd.objectives import loss_options
 
 from .inputs import Inputs
+from .presets import LOSSES
 
 Step = Callable[[], torch.Tensor]
 
@@ -55,7 +57,7 @@ class Method(abc.ABC):
     """Base adapter. Subclasses set `name`, `losses`, and implement `build` and `flops`."""
 
     name = ""
-    losses: tuple[str, ...] = ("pmd-mean", "pmd-part", "grpo", "gspo")
+    losses: tuple[str, ...] = LOSSES  # the registry's losses (bench/presets.py)
     unsupported = ""  # why the other losses are not offered
 
     def skip_reason(self, loss: str, device: torch.device) -> str | None:
@@ -133,7 +135,8 @@ class Compiled(Naive):
 
 
 class FastPMD(Method):
-    """fastpmd: fused_linear_pmd_loss for PMD, linear_logprobs + grpo/gspo loss for the others."""
+    """fastpmd: the loss's fused path where its registry entry has one (PMD: fused_linear_pmd_loss), else
+    linear_logprobs + the loss."""
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -150,12 +153,11 @@ class FastPMD(Method):
 
     def build(self, inp, cfg):
         adv = _advantages(inp, cfg)
-        if cfg.is_pmd:
+        if (fused := cfg.spec.fused) is not None:
             def step():
                 inp.zero_grad()
-                loss, _ = fastpmd.fused_linear_pmd_loss(
-                    inp.hidden, inp.weight, inp.targets, inp.mask, inp.old_logprobs, adv, tau=cfg.tau,
-                    length_norm=cfg.length_norm, backend=self.backend)
+                loss, _ = fused(inp.hidden, inp.weight, inp.targets, inp.mask, inp.old_logprobs, adv,
+                                **loss_options(cfg), backend=self.backend)
                 return _backward(loss)
             return step
 
@@ -166,7 +168,7 @@ class FastPMD(Method):
         return step
 
     def flops(self, inp, cfg):
-        one_pass = (self.backend == "torch" and cfg.is_pmd
+        one_pass = (self.backend == "torch" and cfg.spec.fused is not None
                     and int(inp.mask.sum(-1).max()) <= default_chunk_rows(inp.shape.vocab))
         return (3 if one_pass else 4) * _hv(inp) * inp.tokens
 

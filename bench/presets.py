@@ -13,6 +13,7 @@ from fastpmd.objectives import LOSS_NAMES
 DTYPES = ("float32", "bfloat16", "float16")
 MASKS = ("full", "ragged")
 LOSSES = tuple(name for name in LOSS_NAMES if name != "pg")  # the library's names; pg (on-policy) is not timed
+DEFAULT_LOSSES = ("pmd-mean", "pmd-part", "grpo", "gspo")  # what a preset times unless --losses names others
 
 # Real LM heads: (hidden, vocab).
 MODEL_HEADS = {
@@ -74,7 +75,7 @@ class Preset:
 
     name: str
     shapes: tuple[Shape, ...]
-    losses: tuple[str, ...] = LOSSES
+    losses: tuple[str, ...] = DEFAULT_LOSSES
     warmup: int = 2
     reps: int = 5
 

@@ -254,29 +254,37 @@ def check_grpo_options(epsilon_low, epsilon_high, beta, ref_logprobs, max_comple
     return eps
 
 
+def check_sequence_inputs(ref_name: str, shape, device, mask, advantages, **per_token) -> torch.Tensor:
+    """The losses' per-sequence tensors, one rule for every loss and the fused paths: the per-token float
+    tensors [B, T] given by name (None skipped), advantages [B] float and mask [B, T] by the mask rule, all of
+    `ref_name`'s shape and on `device`; NaN/inf where the mask is True under the finite-value switch.
+    Returns the bool mask."""
+    for name, t in per_token.items():
+        if t is not None:
+            check_tensor(name, t, dims=2, floating=True)
+            check_same_shape(name, t, ref_name, shape)
+            check_device(name, t, ref_name, device)
+    check_tensor("advantages", advantages, dims=1, floating=True)
+    if advantages.shape[0] != shape[0]:
+        raise ValueError(f"advantages has {advantages.shape[0]} entries, {ref_name} has B = {shape[0]} rows")
+    check_device("advantages", advantages, ref_name, device)
+    mask = check_mask(mask, shape, device, ref_name, required=True)
+    if finite_checks_enabled():
+        for name, t in per_token.items():
+            check_finite(name, t, mask)
+        check_finite("advantages", advantages, mask.any(-1))
+    return mask
+
+
 def check_policy_inputs(logprobs, old_logprobs, advantages, mask, *, old_required: bool = True,
                         ref_logprobs=None) -> torch.Tensor:
     """The losses' tensors: logprobs/old_logprobs/ref_logprobs [B, T] float, advantages [B] float, mask [B, T]
-    by the mask rule, all on logprobs' device; NaN/inf where the mask is True under the finite-value switch.
-    Returns the bool mask."""
+    (check_sequence_inputs), all on logprobs' device. Returns the bool mask."""
     check_tensor("logprobs", logprobs, dims=2, floating=True)
-    dev = logprobs.device
-    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        if t is not None or (name == "old_logprobs" and old_required):
-            check_tensor(name, t, dims=2, floating=True)
-            check_same_shape(name, t, "logprobs", logprobs.shape)
-            check_device(name, t, "logprobs", dev)
-    check_tensor("advantages", advantages, dims=1, floating=True)
-    if advantages.shape[0] != logprobs.shape[0]:
-        raise ValueError(f"advantages has {advantages.shape[0]} entries, logprobs has B = {logprobs.shape[0]} rows")
-    check_device("advantages", advantages, "logprobs", dev)
-    mask = check_mask(mask, logprobs.shape, dev, "logprobs", required=True)
-    if finite_checks_enabled():
-        check_finite("logprobs", logprobs, mask)
-        check_finite("old_logprobs", old_logprobs, mask)
-        check_finite("ref_logprobs", ref_logprobs, mask)
-        check_finite("advantages", advantages, mask.any(-1))
-    return mask
+    if old_required:
+        check_tensor("old_logprobs", old_logprobs, dims=2, floating=True)
+    return check_sequence_inputs("logprobs", logprobs.shape, logprobs.device, mask, advantages, logprobs=logprobs,
+                                 old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
 
 
 def check_chunk_size(chunk_size) -> None:
@@ -294,26 +302,16 @@ def check_head_finite(hidden, weight, bias, mask) -> None:
 
 def check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, bias, tau, temperature,
                        chunk_size, length_norm):
-    """fused_linear_pmd_loss's arguments (see check_lm_head and check_policy_inputs); returns (bool mask, tau,
-    temperature)."""
+    """fused_linear_pmd_loss's arguments (check_lm_head, then check_sequence_inputs against targets); returns
+    (bool mask, tau, temperature)."""
     check_tensor("hidden", hidden, dims=3, floating=True)
     check_lm_head(hidden, weight, targets, bias)
-    mask = check_mask(mask, targets.shape, hidden.device, "targets", required=True)
     check_tensor("old_logprobs", old_logprobs, dims=2, floating=True)
-    check_same_shape("old_logprobs", old_logprobs, "targets", targets.shape)
-    check_device("old_logprobs", old_logprobs, "hidden", hidden.device)
-    check_tensor("advantages", advantages, dims=1, floating=True)
-    if advantages.shape[0] != targets.shape[0]:
-        raise ValueError(f"advantages has {advantages.shape[0]} entries, targets has B = {targets.shape[0]} rows")
-    check_device("advantages", advantages, "hidden", hidden.device)
-    tau = check_sequence_tau(tau, targets.shape[0], hidden.device)
-    temperature = check_positive("temperature", temperature)
+    mask = check_sequence_inputs("targets", targets.shape, hidden.device, mask, advantages, old_logprobs=old_logprobs)
+    tau, temperature = check_sequence_tau(tau, targets.shape[0], hidden.device), check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
     check_length_norm(length_norm)
     check_head_finite(hidden, weight, bias, mask)
-    if finite_checks_enabled():
-        check_finite("old_logprobs", old_logprobs, mask)
-        check_finite("advantages", advantages, mask.any(-1))
     return mask, tau, temperature
 
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_fused_inputs, check_targets_in_range, check_weights
+from ._checks import check_count, check_fused_inputs, check_targets_in_range, check_weights
 from .chunked import acc_dtype, chunk_backward_matmuls, chunk_softmax_stats_inplace, chunk_logits, default_chunk_rows
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
 from .dispatch import compact_rows, resolve_backend
 from .logprobs import linear_logprobs
-from .losses import global_normaliser, length_divisor, pmd_delta_grad, pmd_loss, pmd_metrics, pmd_objective
+from .losses import length_divisor, pmd_delta_grad, pmd_loss, pmd_metrics, pmd_objective
 
 
 def sequence_chunks(lengths: list[int], chunk: int) -> list[tuple[int, int, int, int]] | None:
@@ -139,7 +139,7 @@ def fused_linear_pmd_loss(
         lengths.shape).contiguous()
     if weights is not None:  # w * term / d == term / (d / w): the kernels' per-sequence divisor carries it
         divisor = divisor / weights.to(acc)
-    num_seq = torch.as_tensor(global_normaliser(num_sequences, (lengths > 0).sum(), "num_sequences"), dtype=acc,
+    num_seq = torch.as_tensor(check_count("num_sequences", num_sequences, (lengths > 0).sum()), dtype=acc,
                               device=hidden.device)
     adv, old = advantages.to(acc), old.to(acc)
     k_adv, k_div, k_tau = adv, divisor, tau  # what the scalar-tau kernels see

@@ -28,11 +28,6 @@ def length_divisor(length_norm, lengths: torch.Tensor) -> torch.Tensor | float:
     return length_norm
 
 
-def global_normaliser(value, fallback: torch.Tensor, name: str) -> torch.Tensor | float:
-    """A global normaliser; see fastpmd._checks.check_count (tensors are checked only under the switch)."""
-    return check_count(name, value, fallback)
-
-
 def masked_stats(x: torch.Tensor, valid: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
     """Mean / min / max of x [B] over valid [B] entries, without host syncs (0 when nothing is valid)."""
     x = x.detach().float()
@@ -98,7 +93,7 @@ def pmd_loss(
     if weights is not None:  # w * term / d == term / (d / w), as in the fused paths
         divisor = divisor / check_weights(weights, advantages.shape, logprobs.device).to(delta.dtype)
     loss, resid = pmd_objective(advantages.to(delta.dtype), delta, tau, divisor, valid,
-                                global_normaliser(num_sequences, valid.sum(), "num_sequences"))
+                                check_count("num_sequences", num_sequences, valid.sum()))
     return loss, pmd_metrics(loss, delta, resid, advantages, lengths)
 
 
@@ -127,7 +122,7 @@ def _aggregate(per_token, mask, loss_type: str, max_completion_length, num_items
     if loss_type == "dr_grpo":
         length = max_completion_length if max_completion_length is not None else mask.shape[1]
         return tok.sum() / (rows * check_positive("max_completion_length", length))
-    return tok.sum() / global_normaliser(num_items, mask.sum(), "num_items")  # dapo: global active tokens
+    return tok.sum() / check_count("num_items", num_items, mask.sum())  # dapo: global active tokens
 
 
 def log_ratio_max(dtype: torch.dtype) -> float:
@@ -276,7 +271,7 @@ def pg_loss(
     valid = lengths > 0
     seq_logp = torch.where(mask, logprobs, 0.0).sum(-1)
     per_seq = torch.where(valid, -advantages.to(seq_logp.dtype) * seq_logp / length_divisor(length_norm, lengths), 0.0)
-    loss = per_seq.sum() / global_normaliser(num_sequences, valid.sum(), "num_sequences")
+    loss = per_seq.sum() / check_count("num_sequences", num_sequences, valid.sum())
     metrics = {"loss": loss.detach(), "num_tokens": lengths.sum().detach().float()}
     if old_logprobs is not None:
         metrics.update(masked_stats(sequence_logratio(logprobs, old_logprobs, mask), valid, "logratio"))

@@ -23,13 +23,11 @@ from .backward import linear_grads, validate_linear
 from .logits import logits_stats
 
 
-@triton.jit(do_not_specialize=["n_segments"])
+@triton.jit
 def _pmd_epilogue_kernel(
     # pointers
     logp_ptr, old_ptr, adv_ptr, cu_ptr, div_ptr, nseq_ptr,   # [n], [n], [B], [B+1] int32, [B], 0-d
     delta_ptr, term_ptr, gtok_ptr,                            # outputs [B], [B], [n] fp32
-    # shapes
-    n_segments,
     # scalars
     tau,
     # meta
@@ -65,7 +63,7 @@ def pmd_epilogue(logp, old_logp, advantages, cu_seqlens, divisor, num_sequences,
     if B > 0:
         cfg = configs.pick("pmd_epilogue", arch)
         _pmd_epilogue_kernel[(B,)](logp, old_logp, advantages, cu_seqlens, divisor, num_sequences,
-                                   delta, terms, g_tok, B, float(tau), **cfg.meta())
+                                   delta, terms, g_tok, float(tau), **cfg.meta())
     return terms.sum(), delta, g_tok
 
 

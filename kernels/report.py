@@ -70,7 +70,7 @@ def _variants(dt: str):
     merge = dict(m_ptr=f, s_ptr=f, t_ptr=f, x_ptr=f, logp_ptr=f, lse_ptr=f, ent_ptr=f, n_tokens="i32",
                  n_splits="i32", WITH_ENTROPY=True)
     epi = dict(logp_ptr=f, old_ptr=f, adv_ptr=f, cu_ptr="*i32", div_ptr=f, nseq_ptr=f, delta_ptr=f, term_ptr=f,
-               gtok_ptr=f, n_segments="i32", tau="fp32")
+               gtok_ptr=f, tau="fp32")
     tc = dt != "fp32"       # fp32 inputs use exact fp32 (FMA) dots by design: no tensor-core requirement
     f32 = dt == "fp32"
     return [("logits_fwd", _logits_fwd_kernel, "logits_fwd", fwd, tc, f32),

@@ -187,11 +187,6 @@ def resume_step(out: str | Path, warn: bool = True) -> int | None:
     return step
 
 
-def latest_step(out: str | Path) -> int | None:
-    """Step of the newest checkpoint that verifies (see find_checkpoint), or None."""
-    return find_checkpoint(out)[0]
-
-
 def save(out: str | Path, step: int, model, optimizer, extra: dict, keep: int = 2) -> Path:
     """Collective: every rank calls it. `extra` (picklable, per rank) holds scheduler/trainer/data/RNG state."""
     root = Path(out) / "checkpoints"

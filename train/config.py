@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fastpmd.objectives import LossConfig
 
 from .rollout import ENGINES
+from .rollout.groups import check_tensor_parallel
 from .task.rewards import RewardConfig
 
 
@@ -260,10 +261,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     local = rollout.prompts_per_step // world_size
     need(local % optim.mini_batches == 0, "optim.mini_batches",
          f"{local} prompts per rank do not split into {optim.mini_batches} mini-batches of whole prompt groups")
-    need(isinstance(rollout.tensor_parallel_size, int) and rollout.tensor_parallel_size >= 1,
-         "rollout.tensor_parallel_size", "must be an int >= 1")
+    try:
+        check_tensor_parallel(world_size, rollout.tensor_parallel_size)
+    except ValueError as e:
+        raise ValueError(f"config {e}") from None
     need(rollout.tensor_parallel_size == 1 or ENGINES[rollout.engine].tensor_parallel,
          "rollout.tensor_parallel_size", f"engine {rollout.engine!r} has no tensor parallelism (engines with it: "
          f"{sorted(n for n, e in ENGINES.items() if e.tensor_parallel)})")
-    need(world_size % rollout.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
-         f"{rollout.tensor_parallel_size} does not divide the world size {world_size}")

@@ -6,9 +6,11 @@ from typing import Sequence
 
 import torch
 
+from .batch import RolloutBatch
+
 
 def pack_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-               pad_id: int) -> dict[str, torch.Tensor]:
+               pad_id: int) -> RolloutBatch:
     """Right-padded training tensors for sequences ``prompt_i + response_i`` (B of them, L = longest).
 
     Shift convention: the hidden state at position t predicts token t+1, so ``targets[b, t] = input_ids[b, t+1]``
@@ -16,8 +18,8 @@ def pack_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Seque
     i.e. for t in ``[len(prompt_b) - 1, len(prompt_b) + len(response_b) - 2]``. Per-token log-probs computed on
     ``(hidden[:, t], targets[:, t])`` and masked with ``loss_mask`` are the response log-probs, in order.
 
-    Returns int64 ``input_ids``, ``attention_mask`` (1 on real tokens), ``position_ids`` (0..len-1 per sequence,
-    0 on padding), ``targets`` — all ``[B, L]`` — bool ``loss_mask`` ``[B, L]``, and int64 ``prompt_lengths``,
+    Returns a RolloutBatch (train/batch.py) of int64 ``input_ids``, ``attention_mask`` (1 on real tokens),
+    ``position_ids`` (0..len-1 per sequence, 0 on padding), ``targets`` — all ``[B, L]`` — bool ``loss_mask`` ``[B, L]``, and int64 ``prompt_lengths``,
     ``response_lengths`` ``[B]``.
     """
     if len(prompt_ids) != len(response_ids):
@@ -34,7 +36,7 @@ def pack_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Seque
     for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         seq = list(p) + list(r)
         input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return {"input_ids": input_ids, **derived_fields(input_ids, plen, rlen, pad_id)}
+    return RolloutBatch(input_ids=input_ids, **derived_fields(input_ids, plen, rlen, pad_id))
 
 
 DERIVED = ("attention_mask", "position_ids", "targets", "loss_mask", "prompt_lengths", "response_lengths")

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from .batch import RolloutBatch
 from .packing import DERIVED, derived_fields
 
 
@@ -44,14 +45,14 @@ def plan_owners(lengths: Sequence[int], minibatch: Sequence[int], world: int) ->
     return owners
 
 
-def exchange(batch: dict[str, torch.Tensor], minibatch: torch.Tensor, pad_id: int,
-             device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]:
+def exchange(batch: RolloutBatch, minibatch: torch.Tensor, pad_id: int,
+             device: torch.device) -> tuple[RolloutBatch, torch.Tensor, list[int]]:
     """Rows of the packed generation batch (`pack_batch` fields + per-sequence [B] and per-token [B, L] fields, on
     the host) moved to the ranks `plan_owners` picks. minibatch: [B] mini-batch id of each row (whole prompt
     groups). Returns (this rank's new batch, its rows' mini-batch ids [B'], tokens per rank after the move)."""
     W, rank = dist.get_world_size(), dist.get_rank()
     B = minibatch.numel()
-    plen, rlen = batch["prompt_lengths"], batch["response_lengths"]
+    plen, rlen = batch.prompt_lengths, batch.response_lengths
     local = torch.stack([plen, rlen, minibatch.long()]).to(device)  # [3, B]
     parts = [torch.empty_like(local) for _ in range(W)]
     dist.all_gather(parts, local)  # the same B on every rank (the mini-batches are whole prompt groups)
@@ -74,11 +75,11 @@ def exchange(batch: dict[str, torch.Tensor], minibatch: torch.Tensor, pad_id: in
 
     new_plen, new_rlen, new_mb = g[:, 0][to_me], g[:, 1][to_me], g[:, 2][to_me]  # known from the gather
     new_len = new_plen + new_rlen
-    valid_in = batch["attention_mask"][order].bool()  # [B, L]
+    valid_in = batch.attention_mask[order].bool()  # [B, L]
     L = int(new_len.max())
     valid_out = torch.arange(L)[None, :] < new_len[:, None]  # [B', L]
     out: dict[str, torch.Tensor] = {}
-    for key, t in batch.items():
+    for key, t in batch.fields().items():
         if key in DERIVED:
             continue
         if t.dim() == 1:
@@ -88,16 +89,16 @@ def exchange(batch: dict[str, torch.Tensor], minibatch: torch.Tensor, pad_id: in
             full = torch.full((len(new_len), L), pad_id if key == "input_ids" else 0, dtype=t.dtype)
             full[valid_out] = flat
             out[key] = full
-    out.update(derived_fields(out["input_ids"], new_plen, new_rlen, pad_id))
+    out = RolloutBatch(**out, **derived_fields(out["input_ids"], new_plen, new_rlen, pad_id))
     rank_tokens = torch.bincount(owners.reshape(-1), weights=lengths.double(), minlength=W).long().tolist()
     return out, new_mb, rank_tokens
 
 
-def balance(batch: dict[str, torch.Tensor], minibatches: list[torch.Tensor], pad_id: int,
-            device: torch.device) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+def balance(batch: RolloutBatch, minibatches: list[torch.Tensor], pad_id: int,
+            device: torch.device) -> tuple[RolloutBatch, list[torch.Tensor]]:
     """`exchange` for the trainer: minibatches, the row indices of each mini-batch of this rank's batch, in, this
     rank's new batch and the row indices of each mini-batch in it (the same count of mini-batches) out."""
-    ids = torch.empty(batch["input_ids"].shape[0], dtype=torch.long)  # [B] mini-batch of each row
+    ids = torch.empty(batch.input_ids.shape[0], dtype=torch.long)  # [B] mini-batch of each row
     for j, idx in enumerate(minibatches):
         ids[idx] = j
     batch, ids, _ = exchange(batch, ids, pad_id, device)

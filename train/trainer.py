@@ -21,12 +21,14 @@ import torch.distributed as dist
 import fastpmd
 
 from . import checkpoint, faults, offload, rank_balance
+from .cli import check_out
 from .config import TrainConfig, validate
+from .batch import RolloutBatch
 from .packing import pack_batch
 from .metrics import MetricsLogger, plot_curves
-from .step_metrics import step_metrics
+from .step_metrics import accumulate, step_metrics
 from .microbatch import pack_micro_batches
-from .micro_loss import micro_batch_loss
+from .micro_loss import micro_batch_loss, tis_weights
 from .model import Policy, build_hf_model, hf_state_key, reset_rotary
 from .distributed import Dist
 from .parallelize import DTYPES, apply_activation_checkpointing, apply_fsdp
@@ -45,30 +47,13 @@ def loss_config(cfg: TrainConfig) -> fastpmd.LossConfig:
     return dataclasses.replace(cfg.loss, max_completion_length=cfg.rollout.max_new_tokens)
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _lengths(batch: dict, idx: torch.Tensor) -> list[int]:
-    """Prompt + response tokens of the sequences idx (what a packed micro-batch holds)."""
-    return batch["attention_mask"][idx].sum(1).tolist()
-
-
-def _slice(batch: dict, idx: torch.Tensor) -> dict:
-    """Rows idx of a packed batch, trimmed to its longest sequence."""
-    out = {k: v[idx] for k, v in batch.items()}
-    L = int((out["prompt_lengths"] + out["response_lengths"]).max())
-    return {k: (v[:, :L] if v.dim() == 2 else v) for k, v in out.items()}
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, d: Dist):
         validate(cfg, d.world_size)
         self.loss_cfg = loss_config(cfg)  # ValueError on a bad loss/estimator pair, before any work
         self.cfg, self.d = cfg, d
         self.out = Path(cfg.run.out)
-        if not cfg.run.resume and (self.out / "checkpoints" / "latest").exists():
-            raise ValueError(f"run.out: {self.out} already holds a run; pass --resume or choose another --out")
+        check_out(self.out, cfg.run.resume)  # the CLI's own check, for a Trainer built without it
         self.tok = make_tokenizer(cfg)
         self.task = Task(cfg, self.tok, d.rank, d.world_size)
         self.policy, self.hf = self._build_policy()
@@ -79,7 +64,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)))
         self.step = 0
-        self.last_batch: dict | None = None  # the last generation batch, for inspection (tests, debugging)
+        self.last_batch: RolloutBatch | None = None  # the last generation batch, for inspection (tests, debugging)
         self.p_local = cfg.rollout.prompts_per_step // d.world_size
         self.temperature = cfg.rollout.temperature  # old and new log-probs of the distribution that was sampled
         o = cfg.optim  # sequences move between ranks only where micro-batches are planned by tokens
@@ -139,29 +124,30 @@ class Trainer:
         rewards = fill_dropped(scores, n)  # [B]
         batch = pack_batch([p for p in prompt_ids for _ in range(n)], responses, self.tok.pad_id)
         t1 = time.perf_counter()
-        if (rollout_logp := logprobs_on_grid(responses, batch["loss_mask"])) is not None:
-            batch["rollout_logprobs"] = rollout_logp  # [B, L]
+        if (rollout_logp := logprobs_on_grid(responses, batch.loss_mask)) is not None:
+            batch.rollout_logprobs = rollout_logp  # [B, L]
         elif self.loss_cfg.rollout_correction != "none":
             raise ValueError("loss.rollout_correction: the rollout engine reported no log-probs (Response.logprobs)")
         dropped = ~scores.valid  # [B]: no reward, trained on nothing (loss mask and advantage zero)
-        batch["loss_mask"][dropped] = False
+        batch.loss_mask[dropped] = False
         rw = self.cfg.reward
         tau = fastpmd.loss_tau(self.loss_cfg, rewards, n, reward_range=(rw.incorrect, rw.correct))  # number or [B]
-        batch["advantages"] = fastpmd.advantages_for(self.loss_cfg, rewards, n, tau=tau)  # [B], where the groups are
-        batch["advantages"][dropped] = 0.0
+        batch.advantages = fastpmd.advantages_for(self.loss_cfg, rewards, n, tau=tau)  # [B], where the groups are
+        batch.advantages[dropped] = 0.0
         if isinstance(tau, torch.Tensor):
-            batch["tau"] = tau.float()
+            batch.tau = tau.float()
         minibatches = list(self.minibatches())
         if self.balance_ranks:  # rows move so that every rank trains about as many tokens (train/rank_balance.py)
             batch, minibatches = rank_balance.balance(batch, minibatches, self.tok.pad_id, dev)
-        batch["old_logprobs"], entropy = self.old_logprobs(batch)  # 3. [B, L] fp32, at the sampling temperature
+        batch.old_logprobs, entropy = self.old_logprobs(batch)  # 3. [B, L] fp32, at the sampling temperature
+        batch.is_weights = tis_weights(self.loss_cfg, batch)  # [B] or [B, L] with loss.rollout_correction="tis"
         self.last_batch = batch  # kept for inspection only (tests, debugging); the steps below take it as an argument
         stats = [self.update(batch, mb) for mb in minibatches]  # 4. k optimizer steps
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_update = time.perf_counter() - t1
         self._sync_weights()  # 5.
-        row = step_metrics(batch, rewards, entropy, stats, loss_cfg=self.loss_cfg, device=dev, step=self.step,
+        row = step_metrics(batch, rewards, entropy, stats, device=dev, step=self.step,
                            lr=self.scheduler.get_last_lr()[0], t_gen=t_gen, t_update=t_update)
         return {**row, **reward_metrics(scores, n, dev)}  # reward_mean over the rewarded completions
 
@@ -181,17 +167,17 @@ class Trainer:
                 offload.reload(self.policy, self.d.device, moved)
 
     @torch.no_grad()
-    def old_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def old_logprobs(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """pi_t log-probs [B, L] (0 off the loss mask) and entropies of the current policy, by micro-batch."""
-        B, L = batch["input_ids"].shape
+        B, L = batch.input_ids.shape
         logp = torch.zeros(B, L)
         ent = torch.zeros(B, L)
         lo = self.cfg.loss
         all_idx = torch.arange(B)
         for idx in self.micro_batches(batch, all_idx):
-            mb = _to(_slice(batch, idx if idx.numel() else all_idx[:1]), self.d.device)  # empty: run, discard
-            hidden, weight = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool())
-            lp, e = fastpmd.linear_logprobs(hidden, weight, mb["targets"], mask=mb["loss_mask"], return_entropy=True,
+            mb = batch.rows(idx if idx.numel() else all_idx[:1]).to(self.d.device)  # empty: run, discard
+            hidden, weight = self.policy(mb.input_ids, mb.position_ids, mb.attention_mask.bool())
+            lp, e = fastpmd.linear_logprobs(hidden, weight, mb.targets, mask=mb.loss_mask, return_entropy=True,
                                             temperature=self.temperature, chunk_size=lo.chunk_size, backend=lo.backend)
             if not idx.numel():
                 continue
@@ -207,20 +193,20 @@ class Trainer:
         for chunk in prompts.chunk(k):
             yield (chunk[:, None] * n + torch.arange(n)).reshape(-1)  # sequence indices
 
-    def micro_batches(self, batch: dict, idx: torch.Tensor) -> list[torch.Tensor]:
+    def micro_batches(self, batch: RolloutBatch, idx: torch.Tensor) -> list[torch.Tensor]:
         """Micro-batches of the sequences idx, the same number on every rank (FSDP's collectives pair up):
         `optim.micro_batch_seqs` sequences each, or with `optim.micro_batch_tokens` at most that many tokens each
         (train/microbatch.py; an over-long sequence alone; a micro-batch may be empty)."""
         budget = self.cfg.optim.micro_batch_tokens
         if not budget:
             return list(idx.split(self.cfg.optim.micro_batch_seqs))
-        lengths = _lengths(batch, idx)
+        lengths = batch.lengths(idx)
         count = torch.tensor([len(pack_micro_batches(lengths, budget))], device=self.d.device)
         if dist.get_world_size() > 1:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
         return [idx[b] for b in pack_micro_batches(lengths, budget, int(count.item()))]
 
-    def update(self, batch: dict, idx: torch.Tensor) -> dict:
+    def update(self, batch: RolloutBatch, idx: torch.Tensor) -> dict:
         """One optimizer step on the sequences idx of the generation batch (a mini-batch): accumulate, clip to
         grad_clip, AdamW, LR step."""
         stats = self.accumulate_gradients(batch, idx)
@@ -233,19 +219,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {**stats, "grad_norm": grad_norm.detach()}
 
-    def accumulate_gradients(self, batch: dict, idx: torch.Tensor) -> dict:
+    def accumulate_gradients(self, batch: RolloutBatch, idx: torch.Tensor) -> dict:
         """Backward over micro-batches of the sequences idx of `batch` (the generation batch) with global
         normalisers, so the sum equals one big batch's loss."""
         dev, W = self.d.device, dist.get_world_size()
         # global response tokens and sequences / world: FSDP averages the ranks' gradients, so dividing each rank's
         # sum by these gives the global means (dapo/bnpo by tokens, the rest by sequences) however rows are spread
-        counts = torch.stack([batch["loss_mask"][idx].sum().double(), torch.tensor(float(idx.numel()))]).to(dev)
+        counts = torch.stack([batch.loss_mask[idx].sum().double(), torch.tensor(float(idx.numel()))]).to(dev)
         if W > 1:
             dist.all_reduce(counts)  # collectives: on the trainer's device
         n_items, n_seq = (counts / W).tolist()
         stats: dict[str, torch.Tensor] = {}
         micros = self.micro_batches(batch, idx)
-        stats["micro_batch_tokens_max"] = float(max(sum(_lengths(batch, m)) for m in micros))
+        stats["micro_batch_tokens_max"] = float(max(sum(batch.lengths(m)) for m in micros))
         for i, micro in enumerate(micros):
             # The root (embeddings, final norm, LM head) stays gathered and accumulates its gradient unsharded
             # across the micro-batches: one all-gather and one reduce-scatter per optimizer step. Blocks
@@ -254,24 +240,15 @@ class Trainer:
             self.policy.set_requires_gradient_sync(last, recurse=False)
             self.policy.set_reshard_after_backward(last, recurse=False)
             empty = micro.numel() == 0  # this rank has fewer micro-batches: one sequence at zero weight
-            mb = _to(_slice(batch, idx[:1] if empty else micro), dev)
-            hidden, weight = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool())
+            mb = batch.rows(idx[:1] if empty else micro).to(dev)
+            hidden, weight = self.policy(mb.input_ids, mb.position_ids, mb.attention_mask.bool())
             loss, metrics = micro_batch_loss(self.loss_cfg, self.temperature, mb, hidden, weight, n_seq, n_items,
                                              max(micro.numel(), 1))
             if empty:
                 (loss * 0.0).backward()  # FSDP's gathers and reduce-scatters as on the other ranks, zero gradient
                 continue
             loss.backward()
-            w = micro.numel() / n_seq
-            stats["loss"] = stats.get("loss", 0.0) + loss.detach()  # already globally normalised: a sum
-            stats["logratio_mean"] = stats.get("logratio_mean", 0.0) + metrics["logratio_mean"] * w
-            for key, reduce in (("logratio_min", torch.minimum), ("seq_ratio_min", torch.minimum),
-                                ("seq_ratio_max", torch.maximum)):
-                if key in metrics:
-                    stats[key] = reduce(stats[key], metrics[key]) if key in stats else metrics[key]
-            for key in ("ppo_kl", "seq_ratio_mean"):  # the released code's sequence-level KL and ratio
-                if key in metrics:
-                    stats[key] = stats.get(key, 0.0) + metrics[key] * w
+            accumulate(stats, {**metrics, "loss": loss}, micro.numel() / n_seq)  # the loss and its metrics, by name
         return stats
 
     # ------------------------------------------------------------------------------------------ the run

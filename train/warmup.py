@@ -46,13 +46,13 @@ def supervised_warmup(trainer) -> dict:
         answers = [noisy_answer(p.answer, cfg.noise, cfg.noise_span, rng) for p in problems]
         b = pack_batch([task.encode(p) for p in problems], [tok.encode(a) + [tok.eos_id] for a in answers],
                        tok.pad_id)
-        b = {k: v.to(trainer.d.device) for k, v in b.items()}
+        b = b.to(trainer.d.device)
 
         def nll(h, w):  # mean NLL over answer tokens: [B, L] log-probs from hidden states, no logits kept
-            logp = fastpmd.linear_logprobs(h, w, b["targets"], mask=b["loss_mask"])
-            return -logp.sum() / b["loss_mask"].sum()
+            logp = fastpmd.linear_logprobs(h, w, b.targets, mask=b.loss_mask)
+            return -logp.sum() / b.loss_mask.sum()
 
-        loss = nll(*policy(b["input_ids"], b["position_ids"], b["attention_mask"].bool()))
+        loss = nll(*policy(b.input_ids, b.position_ids, b.attention_mask.bool()))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()

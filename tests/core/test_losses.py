@@ -187,6 +187,8 @@ def test_loss_config_dispatch():
         "grpo": lambda: fastpmd.grpo_loss(logp, old, fastpmd.advantages(r, group_size=2, estimator="grpo"), mask),
         "gspo": lambda: fastpmd.gspo_loss(logp, old, fastpmd.advantages(r, group_size=2, estimator="grpo"), mask),
         "pg": lambda: fastpmd.pg_loss(logp, old, fastpmd.advantages(r, group_size=2, estimator="loo"), mask),
+        **{n: (lambda fn: lambda: fn(logp, old, fastpmd.advantages(r, group_size=2, estimator="grpo"), mask))(fn)
+           for n, fn in (("cispo", fastpmd.cispo_loss), ("sapo", fastpmd.sapo_loss), ("luspo", fastpmd.luspo_loss))},
     }
     assert set(direct) == set(fastpmd.LOSS_NAMES)
     values = {}
@@ -198,7 +200,7 @@ def test_loss_config_dispatch():
         torch.testing.assert_close(loss, want, rtol=0, atol=0)
         assert "loss" in met
         values[name] = float(loss)
-    assert len(set(values.values())) == len(values)  # the five losses differ on this batch
+    assert len(set(values.values())) == len(values)  # the losses differ on this batch
     with pytest.raises(ValueError, match="estimator"):
         fastpmd.LossConfig(name="pmd-mean", estimator="partition")
     with pytest.raises(ValueError, match="name"):

@@ -12,8 +12,10 @@ import fastpmd
 OPTIONS = ["none", "delta", "bias_correction_kl", "is_weights", "entropy_mask"]
 
 
-def trl_loss(logp, old, adv, mask, ent, *, loss_type, level, beta, ref, option, is_ratio, eps=(0.2, 0.28)):
-    """TRL's own _compute_loss, called on an object holding exactly the attributes it reads."""
+def trl_loss(logp, old, adv, mask, ent, *, loss_type, level, beta, ref, option, is_ratio, eps=(0.2, 0.28),
+             args=None):
+    """TRL's own _compute_loss, called on an object holding exactly the attributes it reads (`args`: more
+    GRPOConfig fields, e.g. sapo_temperature_pos)."""
     trl = pytest.importorskip("trl")
     from accelerate import Accelerator
 
@@ -26,7 +28,7 @@ def trl_loss(logp, old, adv, mask, ent, *, loss_type, level, beta, ref, option, 
         current_gradient_accumulation_steps=1, max_completion_length=K + 2, accelerator=Accelerator(cpu=True),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _entropy_bonus_enabled=False,
         args=types.SimpleNamespace(delta=1.5 if option == "delta" else None, steps_per_generation=1,
-                                   use_bias_correction_kl=option == "bias_correction_kl"))
+                                   use_bias_correction_kl=option == "bias_correction_kl", **(args or {})))
     obj._get_per_token_logps_and_entropies = lambda *a, **k: (logp, ent, None)
     obj.get_high_entropy_mask = types.MethodType(trl.GRPOTrainer.get_high_entropy_mask, obj)
     inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),

@@ -135,19 +135,19 @@ def test_pack_batch_shift_convention():
     prompts = [[11, 12, 13], [21]]
     responses = [[14, 2], [22, 23, 24, 25, 2]]
     out = pack_batch(prompts, responses, pad_id=0)
-    assert out["input_ids"].tolist() == [[11, 12, 13, 14, 2, 0], [21, 22, 23, 24, 25, 2]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
-    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 4, 5]]
-    assert out["targets"].tolist() == [[12, 13, 14, 2, 0, 0], [22, 23, 24, 25, 2, 0]]
-    assert out["loss_mask"].tolist() == [[False, False, True, True, False, False], [True] * 5 + [False]]
-    assert out["loss_mask"].dtype == torch.bool
+    assert out.input_ids.tolist() == [[11, 12, 13, 14, 2, 0], [21, 22, 23, 24, 25, 2]]
+    assert out.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert out.position_ids.tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 4, 5]]
+    assert out.targets.tolist() == [[12, 13, 14, 2, 0, 0], [22, 23, 24, 25, 2, 0]]
+    assert out.loss_mask.tolist() == [[False, False, True, True, False, False], [True] * 5 + [False]]
+    assert out.loss_mask.dtype == torch.bool
     # position t predicts t+1: the masked targets are exactly the responses, in order
     for b in range(2):
-        assert out["targets"][b][out["loss_mask"][b]].tolist() == responses[b]
-    assert out["prompt_lengths"].tolist() == [3, 1] and out["response_lengths"].tolist() == [2, 5]
+        assert out.targets[b][out.loss_mask[b]].tolist() == responses[b]
+    assert out.prompt_lengths.tolist() == [3, 1] and out.response_lengths.tolist() == [2, 5]
     # an empty response contributes nothing
     empty = pack_batch([[5, 6]], [[]], pad_id=0)
-    assert not empty["loss_mask"].any()
+    assert not empty.loss_mask.any()
 
 
 def test_pack_batch_validation():

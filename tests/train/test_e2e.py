@@ -42,31 +42,66 @@ def test_tiny_arith_end_to_end(tmp_path, world_of_one):
     assert model.config.model_type == "qwen2" and (tmp_path / "hf" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("loss", ["grpo", "pmd-part", "gspo", "pg"])
+@pytest.mark.parametrize("loss", ["grpo", "pmd-part", "gspo", "pg", "cispo", "sapo", "luspo"])
 def test_each_loss_runs(tmp_path, world_of_one, loss, monkeypatch):
-    """The loss named on the command line is the one computed: every loss call of the step is recorded, and the
-    logged loss is the sum of what those calls returned (a wrong dispatch or a dropped micro-batch fails)."""
+    """The loss named on the command line is the one computed: every registry entry's function and fused path is
+    spied on, and the logged loss is the sum of what the calls returned (a wrong dispatch or a dropped
+    micro-batch fails)."""
+    import dataclasses
+
     import fastpmd
+    from fastpmd.registry import LOSSES
 
     seen, total = [], []
 
-    def spy(fn, name_of):
+    def spy(fn, name):
         def wrapped(*args, **kwargs):
             out = fn(*args, **kwargs)
-            seen.append(name_of(args, kwargs))
+            seen.append(name)
             total.append(float(out[0].detach()))
             return out
         return wrapped
 
-    monkeypatch.setattr(fastpmd, "compute_loss", spy(fastpmd.compute_loss, lambda a, k: a[0].name))
-    monkeypatch.setattr(fastpmd, "fused_linear_pmd_loss", spy(fastpmd.fused_linear_pmd_loss, lambda a, k: "pmd"))
+    for name, spec in LOSSES.items():
+        monkeypatch.setitem(LOSSES, name, dataclasses.replace(
+            spec, fn=spy(spec.fn, name), fused=spec.fused and spy(spec.fused, "fused " + name)))
     rows = _fit(tmp_path, world_of_one, "--loss", loss, "--max-steps", "1", "--no-export", "--no-plots",
                 "--set", "data.eval_size=0")
     assert len(rows) == 1 and torch.isfinite(torch.tensor(rows[0]["loss"]))
-    assert seen and set(seen) == {"pmd" if loss.startswith("pmd") else loss}
+    assert seen and set(seen) == {"fused " + loss if LOSSES[loss].fused else loss}
     k = 2  # --mini-batches 2: the logged loss is the mean over the k optimizer steps of their summed micro-batches
-    if loss not in ("grpo", "gspo"):  # grpo/gspo (loss_type grpo) are reweighted by the micro-batch share after the call
+    if LOSSES[loss].normaliser_of(fastpmd.LossConfig(name=loss)) != "batch":  # "batch" is reweighted after the call
         assert rows[0]["loss"] == pytest.approx(sum(total) / k, rel=1e-5)
+
+
+USER_LOSS = """
+import torch
+
+
+def reinforce(logprobs, old_logprobs, advantages, mask, *, scale=1.0):
+    seq = torch.where(mask, logprobs, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)  # [B] mean token log-prob
+    loss = -(scale * (advantages + 0.1) * seq).mean()  # + 0.1: a gradient even where a group's rewards tie
+    return loss, {"loss": loss.detach(), "user_scale": torch.tensor(scale), "user_seq_logp_min": seq.detach().min()}
+"""
+
+
+def test_user_loss_from_a_file_trains_and_logs_its_metrics(tmp_path, world_of_one):
+    """loss.name="file.py:fn" trains without editing fastpmd; loss.options reach it; its metrics reach
+    metrics.jsonl (a "_min" metric reduced as a min)."""
+    (tmp_path / "my_loss.py").write_text(USER_LOSS)
+    run = tmp_path / "run"
+    cfg, _ = build_config(TINY + ["--out", str(run), "--max-steps", "2", "--no-export", "--no-plots",
+                                  "--loss", f"{tmp_path}/my_loss.py:reinforce", "--set", "loss.options={'scale': 0.5}"])
+    trainer = Trainer(cfg, world_of_one)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    trainer.fit()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 2 and all(r["user_scale"] == 0.5 and r["user_seq_logp_min"] < 0 for r in train)
+    assert all(r["grad_norm"] > 0 for r in train)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.policy.parameters()))
+    with pytest.raises(ValueError, match="loss.name"):
+        build_config(TINY + ["--out", str(run), "--loss", f"{tmp_path}/my_loss.py:missing"])
 
 
 @pytest.mark.parametrize("arch", ["tiny-qwen3", "tiny-qwen3-moe"])
@@ -79,8 +114,8 @@ def test_qwen3_and_moe_one_step(tmp_path, world_of_one, arch):
     assert len(rows) == 1 and torch.isfinite(torch.tensor(rows[0]["loss"]))
     # gradients reach every block through the fused loss (random advantages: a random model scores all zeros)
     batch = trainer.last_batch
-    batch["advantages"] = torch.randn(batch["advantages"].shape, generator=torch.Generator().manual_seed(0))
-    trainer.accumulate_gradients(batch, torch.arange(batch["advantages"].numel()))
+    batch.advantages = torch.randn(batch.advantages.shape, generator=torch.Generator().manual_seed(0))
+    trainer.accumulate_gradients(batch, torch.arange(batch.advantages.numel()))
     grads = {n: p.grad for n, p in trainer.policy.named_parameters() if p.grad is not None}
     assert any("lm_head" in n for n in grads) and any("layers.1." in n for n in grads)
     assert sum(float(g.full_tensor().square().sum()) for g in grads.values()) > 0

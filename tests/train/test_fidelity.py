@@ -29,9 +29,9 @@ def test_released_options_through_the_trainer(tmp_path, world_of_one, extra):
     batch = trainer.last_batch
     n = cfg.rollout.group_size
     if cfg.loss.tau_schedule == "mean-reward":
-        assert batch["tau"].shape == batch["advantages"].shape and (batch["tau"] > 0).all()
-        assert batch["tau"].view(-1, n).std(1).max() == 0  # one tau per prompt
+        assert batch.tau.shape == batch.advantages.shape and (batch.tau > 0).all()
+        assert batch.tau.view(-1, n).std(1).max() == 0  # one tau per prompt
     else:
-        assert "tau" not in batch and lc.partition_tau == 0.05
+        assert batch.tau is None and lc.partition_tau == 0.05
     assert fastpmd.LossConfig(name="pmd-part", estimator="partition_loo_clamped").advantage_estimator == \
         "partition_loo_clamped"

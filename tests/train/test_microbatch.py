@@ -53,9 +53,9 @@ WORKER = trainer_worker([], '''
                             ("pg", "grpo")]:
         tr.cfg.loss = dataclasses.replace(tr.cfg.loss, name=name, loss_type=loss_type)
         tr.loss_cfg = loss_config(tr.cfg)
-        shift = 0.05 * ((batch["targets"] % 3) - 1).float() * batch["loss_mask"]
-        batch.update(old_logprobs=base_logp + shift,
-                     advantages=fastpmd.advantages_for(tr.loss_cfg, rewards, n)[mine])
+        shift = 0.05 * ((batch.targets % 3) - 1).float() * batch.loss_mask
+        batch.old_logprobs = base_logp + shift
+        batch.advantages = fastpmd.advantages_for(tr.loss_cfg, rewards, n)[mine]
         results[f"{name}/{loss_type}"] = {"big": grads_of(0), "tokens": grads_of(30),
                                           "empty": grads_of(30, insert_empty=True),
                                           "balanced": grads_of(30, balanced=True)}
@@ -63,7 +63,7 @@ WORKER = trainer_worker([], '''
     counts = [torch.zeros(1, dtype=torch.long) for _ in range(W)]
     dist.all_gather(counts, local)
     results["counts"] = [int(c) for c in counts]
-    results["lengths"] = batch["attention_mask"].sum(1).tolist()
+    results["lengths"] = batch.attention_mask.sum(1).tolist()
     json.dump(results, open(out + f"/rank{d.rank}_world{W}.json", "w"))
     dist.destroy_process_group()
 ''')

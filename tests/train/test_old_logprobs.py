@@ -7,6 +7,7 @@ import torch
 from train_helpers import world_of_one  # noqa: F401 (fixture)
 
 from fastpmd.train.cli import build_config
+from fastpmd.train.micro_loss import tis_weights
 from fastpmd.train.trainer import Trainer
 
 TINY = ["--preset", "tiny-arith", "--prompts-per-step", "8", "--group-size", "4", "--mini-batches", "2",
@@ -21,12 +22,12 @@ def test_rollout_and_trainer_logprobs_agree_at_the_sampling_temperature(tmp_path
     rows = tr.fit()
     assert all(r["rollout_logp_diff_mean"] < 1e-3 for r in rows), [r["rollout_logp_diff_mean"] for r in rows]
     b = tr.last_batch
-    mask = b["loss_mask"]
-    assert mask.sum() > 10 and (b["old_logprobs"][mask] < -1e-3).any()  # real, non-trivial log-probs compared
+    mask = b.loss_mask
+    assert mask.sum() > 10 and (b.old_logprobs[mask] < -1e-3).any()  # real, non-trivial log-probs compared
     if T != 1.0:  # the same tokens scored at temperature 1 differ clearly: the check can fail
         tr.temperature = 1.0
         at_one, _ = tr.old_logprobs(b)
-        assert (at_one - b["rollout_logprobs"]).abs()[mask].mean() > 1e-2
+        assert (at_one - b.rollout_logprobs).abs()[mask].mean() > 1e-2
 
 
 @pytest.mark.parametrize("loss, loss_type", [("pmd-mean", "grpo"), ("grpo", "grpo")])
@@ -43,16 +44,17 @@ def test_rollout_correction_tis_in_the_trainer_against_float64(tmp_path, world_o
     assert abs(row["rollout_is_weight_mean"] - 1.0) < 1e-3  # engine and trainer agree on CPU: weights ~ 1
     b = tr.last_batch
     g = torch.Generator().manual_seed(0)
-    mask = b["loss_mask"]
+    mask = b.loss_mask
     logp, _ = tr.old_logprobs(b)  # the current policy's log-probs: what the loss sees
     old = torch.where(mask, logp + 0.05 * torch.randn(logp.shape, generator=g), 0.0)
     rollout = torch.where(mask, old + 0.3 * torch.randn(logp.shape, generator=g), 0.0)
-    b.update(old_logprobs=old, rollout_logprobs=rollout,
-             advantages=torch.randn(b["advantages"].shape, generator=g))
+    b.old_logprobs, b.rollout_logprobs = old, rollout
+    b.advantages = torch.randn(b.advantages.shape, generator=g)
+    b.is_weights = tis_weights(tr.loss_cfg, b)  # the step computes them once, from these log-probs
     B = mask.shape[0]
     stats = tr.accumulate_gradients(b, torch.arange(B))
     tr.optimizer.zero_grad(set_to_none=True)
-    lp, o, r, m, adv = logp.double(), old.double(), rollout.double(), mask, b["advantages"].double()
+    lp, o, r, m, adv = logp.double(), old.double(), rollout.double(), mask, b.advantages.double()
     if loss == "pmd-mean":
         w = torch.exp((o - r).masked_fill(~m, 0).sum(1)).clamp(max=1.5)
         delta = (lp - o).masked_fill(~m, 0).sum(1)

@@ -32,19 +32,19 @@ minibatch = torch.tensor([(i % B) // 4 for i in range(W * B)])  # 3 mini-batches
 rows = slice(d.rank * B, (d.rank + 1) * B)
 batch = pack_batch(prompts[rows], responses[rows], pad_id=1)
 gid = torch.arange(W * B)[rows].float()
-batch["advantages"] = gid  # [B]: which global row this is
-batch["rollout_logprobs"] = -(gid[:, None] + torch.arange(batch["input_ids"].shape[1]) / 100) * batch["loss_mask"]
-before = int(batch["attention_mask"].sum())
+batch.advantages = gid  # [B]: which global row this is
+batch.rollout_logprobs = -(gid[:, None] + torch.arange(batch.input_ids.shape[1]) / 100) * batch.loss_mask
+before = int(batch.attention_mask.sum())
 new, mb, rank_tokens = exchange(batch, minibatch[rows], pad_id=1, device=torch.device("cpu"))
-ids = new["advantages"].long().tolist()
+ids = new.advantages.long().tolist()
 ref = pack_batch([prompts[i] for i in ids], [responses[i] for i in ids], pad_id=1)
-same = {k: bool(torch.equal(new[k], v)) for k, v in ref.items()}
-same["shapes"] = all(new[k].shape == v.shape for k, v in ref.items())
-expect = -(new["advantages"][:, None] + torch.arange(new["input_ids"].shape[1]) / 100) * ref["loss_mask"]
-same["rollout_logprobs"] = bool(torch.equal(new["rollout_logprobs"], expect))
+same = {k: bool(torch.equal(getattr(new, k), v)) for k, v in ref.fields().items()}
+same["shapes"] = all(getattr(new, k).shape == v.shape for k, v in ref.fields().items())
+expect = -(new.advantages[:, None] + torch.arange(new.input_ids.shape[1]) / 100) * ref.loss_mask
+same["rollout_logprobs"] = bool(torch.equal(new.rollout_logprobs, expect))
 same["minibatch"] = mb.tolist() == [int(minibatch[i]) for i in ids]
-json.dump({"ids": ids, "same": same, "before": before, "after": int(new["attention_mask"].sum()),
-           "rank_tokens": rank_tokens, "keys": sorted(new)}, open(out + f"/rank{d.rank}.json", "w"))
+json.dump({"ids": ids, "same": same, "before": before, "after": int(new.attention_mask.sum()),
+           "rank_tokens": rank_tokens, "keys": sorted(new.fields())}, open(out + f"/rank{d.rank}.json", "w"))
 dist.destroy_process_group()
 '''
 

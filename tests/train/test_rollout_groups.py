@@ -31,11 +31,12 @@ def test_each_group_generates_its_ranks_prompts_and_each_rank_keeps_its_own():
         assert r in g.ranks and g.ranks == tuple(engine_groups(W, tp)[g.index]) and g.count == 2
         group_prompts = [p for m in g.ranks for p in shards[m]]  # what the group's engine generates
         assert len(group_prompts) == tp * p_local
-        assert group_prompts[g.own_slice(p_local)] == shards[r]  # back to the rank's own prompts
-        seen += group_prompts[g.own_slice(p_local)]
+        own = slice(g.member * p_local, (g.member + 1) * p_local)  # the member's part, as GroupedEngine keeps it
+        assert group_prompts[own] == shards[r]  # back to the rank's own prompts
+        seen += group_prompts[own]
     assert sorted(seen) == sorted(p for s in shards for p in s)  # every prompt exactly once
     one = EngineGroup(3, 4, 1)
-    assert (one.index, one.ranks, one.member, one.own_slice(7)) == (3, (3,), 0, slice(0, 7))
+    assert (one.index, one.ranks, one.member) == (3, (3,), 0)
     with pytest.raises(ValueError, match="rank"):
         EngineGroup(4, 4, 2)
 

@@ -44,14 +44,14 @@ def engine_vs_trainer(t: Trainer) -> tuple[float, dict, torch.Tensor]:
     out = t.engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=4, seed=5))
     t.engine.sleep()
     batch = pack_batch([p for p in prompts for _ in range(4)], [r for g in out for r in g], t.tok.pad_id)
-    logp = t.old_logprobs(batch)[0][batch["loss_mask"]]  # [tokens], in response order
+    logp = t.old_logprobs(batch)[0][batch.loss_mask]  # [tokens], in response order
     theirs = torch.tensor([v for group in out for r in group for v in r.logprobs])
     assert logp.shape == theirs.shape
     return float((logp - theirs).abs().max()), batch
 
 
 def trainer_logprobs(t: Trainer, batch: dict) -> torch.Tensor:
-    return t.old_logprobs(batch)[0][batch["loss_mask"]]
+    return t.old_logprobs(batch)[0][batch.loss_mask]
 
 
 def test_engine_logprobs_follow_the_trainer_every_step(trainer):

@@ -10,7 +10,6 @@ responses of its own slice. TP = 1: every rank is its own group (its prompts, it
     groups = engine_groups(W=8, tp=2)     # [[0, 1], [2, 3], [4, 5], [6, 7]]
     g = EngineGroup(rank=5, world_size=8, tp=2)
     g.index, g.ranks, g.member            # 2, (4, 5), 1
-    g.own_slice(p_local=16)               # slice(16, 32): rank 5's prompts in the group's 32
 
 ``GroupedEngine`` wraps the engine of a TP > 1 group so that callers keep calling ``generate`` with their own
 prompts: it gathers the group's prompts, generates them all with the group leader's sampling options, and hands
@@ -32,7 +31,7 @@ __all__ = ["EngineGroup", "GroupedEngine", "engine_groups", "check_tensor_parall
 def check_tensor_parallel(world_size: int, tp: int) -> None:
     """ValueError unless tp >= 1 divides world_size."""
     if not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"rollout.tensor_parallel_size must be an int >= 1, got {tp!r}")
+        raise ValueError(f"rollout.tensor_parallel_size: must be an int >= 1, got {tp!r}")
     if world_size < 1 or world_size % tp:
         raise ValueError(f"rollout.tensor_parallel_size: {tp} does not divide the world size {world_size}")
 
@@ -73,11 +72,6 @@ class EngineGroup:
     def member(self) -> int:
         """This rank's position in its group (the slice of the group's prompts it keeps)."""
         return self.rank % self.tp
-
-    def own_slice(self, p_local: int) -> slice:
-        """This rank's prompts among the group's tp * p_local (concatenated in rank order)."""
-        return slice(self.member * p_local, (self.member + 1) * p_local)
-
 
 class GroupedEngine:
     """A rollout engine shared by the ranks of one engine group (every rank of the group calls each method).
