@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastpmd._cli import check_out_dir
+from fastpmd._cli import ArgumentParser, check_out_dir
 
 from .config import TrainConfig, field_types, type_error, validate
 from .presets import PRESETS, get_preset
@@ -46,7 +46,7 @@ SWITCHES = {"--resume": ("run.resume", True), "--resume-unverified": ("run.resum
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastpmd train", description="RL post-training with PMD-mean (and baselines).")
+    p = ArgumentParser(prog="fastpmd train", description="RL post-training with PMD-mean (and baselines).")
     p.add_argument("--preset", default="tiny-arith", help=f"one of {sorted(PRESETS)} (default tiny-arith)")
     for flag, (path, typ) in FLAGS.items():
         p.add_argument(flag, type=typ, default=None, help=f"sets {path}")
