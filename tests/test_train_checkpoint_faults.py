@@ -3,6 +3,7 @@ unverified ones (run.resume_unverified); a disk that fills up during a save ends
 the path and the free space, removes the partial checkpoint, and leaves the older ones to resume from."""
 import errno
 import os
+import pathlib
 
 import pytest
 import torch
@@ -60,21 +61,45 @@ def _disk_full_during(monkeypatch, path):
     monkeypatch.setattr(os, "fsync", fsync)
 
 
-def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def _no_space_writing(monkeypatch, name):
+    """pathlib's write_bytes / write_text fail with ENOSPC for a file called `name`."""
+    for method in ("write_bytes", "write_text"):
+        real = getattr(pathlib.Path, method)
+
+        def write(self, data, *a, _real=real, **k):
+            if self.name == name:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+            return _real(self, data, *a, **k)
+
+        monkeypatch.setattr(pathlib.Path, method, write)
+
+
+# where the disk fills up -> (the file named in the message, what is left, the step a resume uses)
+DISK_FULL = {"shards": ("step_000002.tmp", ["latest", "step_000001"], 1),
+             "rank file": ("step_000002.tmp", ["latest", "step_000001"], 1),
+             "latest pointer": ("latest.tmp", ["latest", "step_000001", "step_000002"], 2)}
+
+
+@pytest.mark.parametrize("where", sorted(DISK_FULL))
+def test_disk_full_during_save_keeps_what_was_saved(tmp_path, monkeypatch, where):
+    named, left, resume_at = DISK_FULL[where]
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     checkpoint.save(tmp_path, 1, model, opt, {"step": 1})
-    _disk_full_during(monkeypatch, tmp_path / "checkpoints" / "step_000002.tmp")
+    if where == "shards":
+        _disk_full_during(monkeypatch, tmp_path / "checkpoints" / "step_000002.tmp")
+    else:
+        _no_space_writing(monkeypatch, "rank0.pt" if where == "rank file" else "latest.tmp")
     with pytest.raises(checkpoint.DiskFullError) as e:
         checkpoint.save(tmp_path, 2, model, opt, {"step": 2})
     msg = str(e.value)
-    assert "\n" not in msg and "step_000002.tmp" in msg and "free" in msg and "no space left" in msg, msg
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["latest", "step_000001"]  # the partial one is removed
-    assert checkpoint.find_checkpoint(tmp_path) == (1, [])
+    assert "\n" not in msg and named in msg and "MiB free" in msg and "no space left" in msg, msg
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == left  # the partial file is removed
+    monkeypatch.undo()
+    assert checkpoint.find_checkpoint(tmp_path) == (resume_at, [])
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import random
@@ -220,22 +221,33 @@ def _free_space(path: Path) -> str:
     return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free"
 
 
-def _save_part(tmp: Path, write) -> None:
+_OLDER_INTACT = "the checkpoints saved before are intact (--resume continues from the newest)"
+
+
+def _save_part(partial: Path, write, note: str = _OLDER_INTACT) -> None:
     """Collective: this rank's part of a save, `write()`, then a gather of every rank's outcome. If any
-    rank runs out of disk space, rank 0 removes `tmp` and every rank raises DiskFullError."""
+    rank runs out of disk space, rank 0 removes `partial` (what is being written) and every rank raises
+    DiskFullError naming it, the free space and `note`."""
     try:
         write()
         problem = None
     except (OSError, CheckpointException) as e:
         if not _no_space(e):
             raise
-        problem = f"no space left on device while saving checkpoint {tmp} ({_free_space(tmp)})"
+        problem = f"no space left on device writing {partial} ({_free_space(partial)})"
     problems = [p for p in _gather(problem) if p is not None]  # every rank's answer: also the barrier
     if problems:
         if _rank_world()[0] == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise DiskFullError(f"{problems[0]}; removed the partial checkpoint, older ones are intact (--resume "
-                            "continues from the newest)")
+            shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+        raise DiskFullError(f"{problems[0]}; removed it, {note}")
+
+
+def _write_rank_file(path: Path, state: dict) -> None:
+    """torch.save through memory, so that a full disk raises OSError ENOSPC (torch's own file writer reports it
+    as a RuntimeError without errno)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path.write_bytes(buf.getvalue())
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
@@ -265,9 +277,10 @@ def save(out: str | Path, step: int, model, optimizer, extra: dict, keep: int = 
     _save_part(tmp, start)
     msd, osd = get_state_dict(model, optimizer)
     _save_part(tmp, lambda: dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp)))
-    _save_part(tmp, lambda: torch.save({**extra, "rng": rng_state()}, tmp / f"rank{rank}.pt"))
+    _save_part(tmp, lambda: _write_rank_file(tmp / f"rank{rank}.pt", {**extra, "rng": rng_state()}))
     _save_part(tmp, lambda: write_manifest(tmp))  # last: a directory with a manifest is complete
-    _save_part(tmp, lambda: _publish(root, tmp, final, keep) if rank == 0 else None)
+    _save_part(root / "latest.tmp", lambda: _publish(root, tmp, final, keep) if rank == 0 else None,
+               f"{final} is complete (--resume finds the newest checkpoint that verifies without `latest`)")
     return final
 
 
