@@ -4,6 +4,7 @@ the path and the free space, removes the partial checkpoint, and leaves the olde
 import errno
 import os
 import pathlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,6 +101,27 @@ def test_disk_full_during_save_keeps_what_was_saved(tmp_path, monkeypatch, where
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == left  # the partial file is removed
     monkeypatch.undo()
     assert checkpoint.find_checkpoint(tmp_path) == (resume_at, [])
+
+
+@pytest.mark.parametrize("free,full", [(0, True), (2**30, False)])
+def test_write_error_without_errno_is_disk_full_only_when_the_disk_is(tmp_path, monkeypatch, free, full):
+    """torch's file writer (DCP's shards) reports a write cut short by a full disk as a RuntimeError without
+    errno: it counts as a full disk when under a MiB is left, else it is raised as it is."""
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+
+    def short_write(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint.dcp, "save", short_write)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: SimpleNamespace(free=free))
+    with pytest.raises(checkpoint.DiskFullError if full else RuntimeError) as e:
+        checkpoint.save(tmp_path, 1, model, opt, {"step": 1})
+    if full:
+        assert "step_000001.tmp (0.0 MiB free)" in str(e.value)
+        assert not (tmp_path / "checkpoints" / "step_000001.tmp").exists()
+    else:
+        assert "unexpected pos" in str(e.value)
 
 
 @pytest.mark.slow

@@ -13,8 +13,9 @@ file's size and checksum, and this rank's `rank{r}.pt`. Anything that does not (
 tried. A checkpoint without a manifest (incomplete, or written before manifests existed) is skipped the same way,
 unless the user asks for it (`unverified_ok`, run.resume_unverified): then it loads unverified, with a warning.
 
-A save that runs out of disk space (ENOSPC, also inside DCP's CheckpointException) removes its `step_N.tmp` and
-raises DiskFullError on every rank, one line naming the path and the free space; older checkpoints are untouched.
+A save that runs out of disk space (ENOSPC or EDQUOT, also inside DCP's CheckpointException; or a write error
+with under 1 MiB left, which is how torch's writer reports it) removes its `step_N.tmp` and raises DiskFullError
+on every rank, one line naming the path and the free space; older checkpoints are untouched.
 """
 from __future__ import annotations
 
@@ -207,18 +208,28 @@ def latest_step(out: str | Path) -> int | None:
     return find_checkpoint(out)[0]
 
 
-def _no_space(e: BaseException) -> bool:
-    """e is an ENOSPC OSError, or DCP's CheckpointException (or an exception chain) around one."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+NEARLY_FULL = 2**20  # bytes: a write that fails with less than this left on its file system ran out of space
+
+
+def _full_errno(e: BaseException) -> bool:
+    """e is an ENOSPC/EDQUOT OSError, or DCP's CheckpointException (or an exception chain) around one."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     inner = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else []
-    return any(_no_space(x) for x in inner + [c for c in (e.__cause__, e.__context__) if c is not None])
+    return any(_full_errno(x) for x in inner + [c for c in (e.__cause__, e.__context__) if c is not None])
 
 
-def _free_space(path: Path) -> str:
+def _free_bytes(path: Path) -> int:
     while not path.exists():
         path = path.parent
-    return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free"
+    return shutil.disk_usage(path).free
+
+
+def _no_space(e: BaseException, partial: Path) -> bool:
+    """e (raised writing `partial`) means a full disk: it carries ENOSPC/EDQUOT, or it is any write error with
+    less than NEARLY_FULL bytes left (torch's own file writer, which DCP uses for the shards, reports a write cut
+    short by a full disk as a RuntimeError without errno)."""
+    return _full_errno(e) or _free_bytes(partial) < NEARLY_FULL
 
 
 _OLDER_INTACT = "the checkpoints saved before are intact (--resume continues from the newest)"
@@ -231,10 +242,10 @@ def _save_part(partial: Path, write, note: str = _OLDER_INTACT) -> None:
     try:
         write()
         problem = None
-    except (OSError, CheckpointException) as e:
-        if not _no_space(e):
+    except (OSError, RuntimeError, CheckpointException) as e:
+        if not _no_space(e, partial):
             raise
-        problem = f"no space left on device writing {partial} ({_free_space(partial)})"
+        problem = f"no space left on device writing {partial} ({_free_bytes(partial) / 2**20:.1f} MiB free)"
     problems = [p for p in _gather(problem) if p is not None]  # every rank's answer: also the barrier
     if problems:
         if _rank_world()[0] == 0:
