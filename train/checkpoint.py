@@ -238,19 +238,22 @@ _OLDER_INTACT = "the checkpoints saved before are intact (--resume continues fro
 def _save_part(partial: Path, write, note: str = _OLDER_INTACT) -> None:
     """Collective: this rank's part of a save, `write()`, then a gather of every rank's outcome. If any
     rank runs out of disk space, rank 0 removes `partial` (what is being written) and every rank raises
-    DiskFullError naming it, the free space and `note`."""
+    DiskFullError naming it, the free space and `note` (also the ranks whose own disk is not the full one, as
+    DCP raises the same CheckpointException everywhere); another write error is raised after the gather."""
+    error = problem = None
     try:
         write()
-        problem = None
     except (OSError, RuntimeError, CheckpointException) as e:
-        if not _no_space(e, partial):
-            raise
-        problem = f"no space left on device writing {partial} ({_free_bytes(partial) / 2**20:.1f} MiB free)"
+        error = e
+        if _no_space(e, partial):
+            problem = f"no space left on device writing {partial} ({_free_bytes(partial) / 2**20:.1f} MiB free)"
     problems = [p for p in _gather(problem) if p is not None]  # every rank's answer: also the barrier
     if problems:
         if _rank_world()[0] == 0:
             shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
         raise DiskFullError(f"{problems[0]}; removed it, {note}")
+    if error is not None:
+        raise error
 
 
 def _write_rank_file(path: Path, state: dict) -> None:
