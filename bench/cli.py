@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
+
+from fastpmd._checks import check_tau
+from fastpmd._cli import ArgumentParser, check_out_dir
 
 from .methods import METHODS
 from .presets import DTYPES, LOSSES, MASKS, PRESET_NAMES, preset, shape_for_tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastpmd bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p = ArgumentParser(prog="fastpmd bench", description=__doc__.split("\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--preset", choices=PRESET_NAMES, default=None,
                    help="named shapes (default cpu-small, or a custom shape when --hidden/--vocab are given)")
     p.add_argument("--tokens", type=int, nargs="+", default=(), help="N values (rows = B*T) for model/custom presets")
@@ -49,19 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 CORE_FIXED = ("tokens", "dtype", "mask", "methods", "losses", "warmup", "reps", "seq_len")
 
 
-def check_out(path: str) -> None:
-    """--out must be (or become) a writable directory; checked before any benchmark runs."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {path}: exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise ValueError(f"--out {path}: not a writable directory ({exc.strerror or exc})") from None
-
-
 def pick_device(text: str | None) -> torch.device:
     """--device: cpu or cuda[:i], and available here (default: cuda when available)."""
     if text is None:
@@ -83,6 +71,8 @@ def _shapes_and_preset(args):
     bad = [n for n in args.tokens if n < 1]
     if bad:
         raise ValueError(f"--tokens must be >= 1, got {bad[0]}")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.preset == "core-check":
         given = [f"--{k.replace('_', '-')}" for k in CORE_FIXED if getattr(args, k) not in (None, ())]
         if given:
@@ -109,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.out:
-            check_out(args.out)
+            check_out_dir("--out", args.out)
+        check_tau(args.tau, "--tau")
         pre = _shapes_and_preset(args)
         device = pick_device(args.device)
         cfg = BenchConfig(shapes=pre.shapes, methods=tuple(args.methods or METHODS),
@@ -119,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                           memory=not args.no_memory, floor=not args.no_floor, seed=args.seed, tau=args.tau,
                           quiet=args.quiet)
     except ValueError as exc:
-        print(f"fastpmd bench: {exc}", file=sys.stderr)
+        print(f"fastpmd bench: error: {exc}", file=sys.stderr)
         return 2
     from . import report
 

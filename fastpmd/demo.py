@@ -8,14 +8,12 @@
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from pathlib import Path
 
 import torch
 
 import fastpmd
+from fastpmd._cli import ArgumentParser, check_out_dir
 
 
 def synthetic_batch(prompts: int, group: int, seq: int, hidden: int, vocab: int, dtype, seed: int = 0):
@@ -64,15 +62,11 @@ def check_args(args) -> None:
         check_positive_int(f"--{flag}", getattr(args, flag))
     check_tau(args.tau, "--tau")
     if args.out:
-        probe = Path(args.out)
-        while not probe.exists():
-            probe = probe.parent
-        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-            raise ValueError(f"--out {args.out!r}: {probe} is not a writable directory")
+        check_out_dir("--out", args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fastpmd demo", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="fastpmd demo", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=2048, help="rows N of the timed batch")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--vocab", type=int, default=32768)

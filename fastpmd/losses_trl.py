@@ -2,7 +2,7 @@
 
 Same contract as fastpmd.losses: (logprobs [B, T], old_logprobs [B, T], advantages [B], mask [B, T]) ->
 (loss 0-d, metrics), masked positions selected away with torch.where, no host syncs. Each equals TRL's
-`GRPOTrainer._compute_loss` with `loss_type` set to its name and beta = 0 (tests/test_core_trl_losses.py).
+`GRPOTrainer._compute_loss` with `loss_type` set to its name and beta = 0 (tests/core/test_trl_losses.py).
 """
 from __future__ import annotations
 

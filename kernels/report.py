@@ -14,7 +14,6 @@ Exit status: 0 when every row passes, 1 otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -26,6 +25,8 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from fastpmd._cli import ArgumentParser, check_out_dir
 
 from . import configs
 from ._runtime import family_of_capability
@@ -167,7 +168,7 @@ def tc_key(arch: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fastpmd kernels-report", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="fastpmd kernels-report", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, action="append", choices=list(ARCHS),
                    help="compute capability to compile for (repeatable; default 90)")
     p.add_argument("--out", required=True, type=Path,
@@ -175,8 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", action="append", choices=sorted(_OPERAND_DTYPES), help="operand dtype (default bf16)")
     p.add_argument("--all-configs", action="store_true", help="also compile the autotuning candidates")
     a = p.parse_args(argv)
+    try:
+        check_out_dir("--out", a.out)
+    except ValueError as e:
+        print(f"fastpmd kernels-report: error: {e}", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("kernels-report: unset TRITON_INTERPRET (the report compiles for the GPU)", file=sys.stderr)
+        print("fastpmd kernels-report: error: unset TRITON_INTERPRET (the report compiles for the GPU)", file=sys.stderr)
         return 2
     ok = True
     for arch in a.arch or [90]:

@@ -10,11 +10,18 @@ leaves complete checkpoints only.
 Resume (`find_checkpoint`) takes the newest `step_*` directory that verifies: `.metadata`, the manifest, every
 file's size and checksum, and this rank's `rank{r}.pt`. Anything that does not (a truncated or altered
 `.distcp`, a missing file, a garbage `latest`) is skipped with a warning naming it, and the next older one is
-tried. A checkpoint without a manifest (written before manifests existed) is loaded unverified, with a warning.
+tried. A checkpoint without a manifest (incomplete, or written before manifests existed) is skipped the same way,
+unless the user asks for it (`unverified_ok`, run.resume_unverified): then it loads unverified, with a warning.
+
+A save that runs out of disk space (ENOSPC or EDQUOT, also inside DCP's CheckpointException; or a write error
+with under 1 MiB left, which is how torch's writer reports it) removes its `step_N.tmp` and raises DiskFullError
+on every rank, one line naming the path and the free space; older checkpoints are untouched.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import random
@@ -27,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
@@ -63,6 +71,10 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(ValueError):
     """--resume found checkpoints but none of them loads."""
+
+
+class DiskFullError(RuntimeError):
+    """A save ran out of disk space; its partial directory is removed, older checkpoints are intact."""
 
 
 def _rank_world() -> tuple[int, int]:
@@ -136,15 +148,18 @@ def _precheck(directory: Path) -> tuple[str | None, dict | None]:
     return None, expected
 
 
-def verify(directory: Path) -> tuple[str | None, str | None]:
+def verify(directory: Path, unverified_ok: bool = False) -> tuple[str | None, str | None]:
     """Collective (every rank gets the same answer): (problem, note). problem: why `directory` cannot be
-    loaded (None if it can); note: a remark for a loadable one (no manifest: not verified)."""
+    loaded (None if it can); note: a remark for a loadable one (no manifest, unverified_ok: not verified)."""
     problem, expected = _precheck(directory)
     problems = [p for p in _gather(problem) if p is not None]
     if problems:
         return problems[0], None
+    if expected is None and not unverified_ok:
+        return (f"no {MANIFEST} (incomplete; a checkpoint written before manifests loads only with "
+                "run.resume_unverified, --resume-unverified)"), None
     if expected is None:
-        return None, f"{directory.name} has no {MANIFEST} (an older checkpoint): loaded without verification"
+        return None, f"{directory.name} has no {MANIFEST}: loaded without verification (run.resume_unverified)"
     got = _hash_share(directory, sorted(expected))
     bad = [n for n in sorted(expected) if got[n]["sha256"] != expected[n][1]]
     if bad:
@@ -152,9 +167,10 @@ def verify(directory: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
-def find_checkpoint(out: str | Path) -> tuple[int | None, list[str]]:
+def find_checkpoint(out: str | Path, unverified_ok: bool = False) -> tuple[int | None, list[str]]:
     """Collective: (step of the newest checkpoint under OUT/checkpoints that verifies, or None; warnings naming
-    what was skipped). Raises CheckpointError when checkpoints exist but none loads."""
+    what was skipped). Raises CheckpointError when checkpoints exist but none loads. unverified_ok: one
+    without a manifest loads too (see verify)."""
     root = Path(out) / "checkpoints"
     if not root.is_dir():
         return None, []
@@ -167,7 +183,7 @@ def find_checkpoint(out: str | Path) -> tuple[int | None, list[str]]:
     steps = sorted((int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))),
                    reverse=True)
     for step in steps:
-        problem, note = verify(_step_dir(root, step))
+        problem, note = verify(_step_dir(root, step), unverified_ok)
         if problem is None:
             return step, warnings + ([note] if note else [])
         warnings.append(f"skipped checkpoint {_step_dir(root, step)}: {problem}")
@@ -176,9 +192,9 @@ def find_checkpoint(out: str | Path) -> tuple[int | None, list[str]]:
     return None, warnings
 
 
-def resume_step(out: str | Path, warn: bool = True) -> int | None:
+def resume_step(out: str | Path, warn: bool = True, unverified_ok: bool = False) -> int | None:
     """Collective: find_checkpoint, printing its warnings (and "no checkpoint: starting fresh") on stderr."""
-    step, warnings = find_checkpoint(out)
+    step, warnings = find_checkpoint(out, unverified_ok)
     if step is None:
         warnings.append(f"--resume: no checkpoint under {Path(out) / 'checkpoints'}; starting a fresh run")
     if warn:
@@ -187,31 +203,93 @@ def resume_step(out: str | Path, warn: bool = True) -> int | None:
     return step
 
 
+NEARLY_FULL = 2**20  # bytes: a write that fails with less than this left on its file system ran out of space
+
+
+def _full_errno(e: BaseException) -> bool:
+    """e is an ENOSPC/EDQUOT OSError, or DCP's CheckpointException (or an exception chain) around one."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    inner = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else []
+    return any(_full_errno(x) for x in inner + [c for c in (e.__cause__, e.__context__) if c is not None])
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _no_space(e: BaseException, partial: Path) -> bool:
+    """e (raised writing `partial`) means a full disk: it carries ENOSPC/EDQUOT, or it is any write error with
+    less than NEARLY_FULL bytes left (torch's own file writer, which DCP uses for the shards, reports a write cut
+    short by a full disk as a RuntimeError without errno)."""
+    return _full_errno(e) or _free_bytes(partial) < NEARLY_FULL
+
+
+_OLDER_INTACT = "the checkpoints saved before are intact (--resume continues from the newest)"
+
+
+def _save_part(partial: Path, write, note: str = _OLDER_INTACT) -> None:
+    """Collective: this rank's part of a save, `write()`, then a gather of every rank's outcome. If any
+    rank runs out of disk space, rank 0 removes `partial` (what is being written) and every rank raises
+    DiskFullError naming it, the free space and `note` (also the ranks whose own disk is not the full one, as
+    DCP raises the same CheckpointException everywhere); another write error is raised after the gather."""
+    error = problem = None
+    try:
+        write()
+    except (OSError, RuntimeError, CheckpointException) as e:
+        error = e
+        if _no_space(e, partial):
+            problem = f"no space left on device writing {partial} ({_free_bytes(partial) / 2**20:.1f} MiB free)"
+    problems = [p for p in _gather(problem) if p is not None]  # every rank's answer: also the barrier
+    if problems:
+        if _rank_world()[0] == 0:
+            shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+        raise DiskFullError(f"{problems[0]}; removed it, {note}")
+    if error is not None:
+        raise error
+
+
+def _write_rank_file(path: Path, state: dict) -> None:
+    """torch.save through memory, so that a full disk raises OSError ENOSPC (torch's own file writer reports it
+    as a RuntimeError without errno)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path.write_bytes(buf.getvalue())
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Rank 0: rename the complete `tmp` to `final`, point `latest` at it, prune all but the newest `keep`."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / "latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / "latest")
+    done = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save(out: str | Path, step: int, model, optimizer, extra: dict, keep: int = 2) -> Path:
-    """Collective: every rank calls it. `extra` (picklable, per rank) holds scheduler/trainer/data/RNG state."""
+    """Collective: every rank calls it. `extra` (picklable, per rank) holds scheduler/trainer/data/RNG state.
+    Raises DiskFullError (every rank) when the disk fills up; the checkpoints saved before stay as they were."""
     root = Path(out) / "checkpoints"
     final, tmp = _step_dir(root, step), _step_dir(root, step).with_suffix(".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed mid-save
-        tmp.mkdir(parents=True)
-    _barrier()
+
+    def start():
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed mid-save
+            tmp.mkdir(parents=True)
+
+    _save_part(tmp, start)
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save({**extra, "rng": rng_state()}, tmp / f"rank{rank}.pt")
-    _barrier()
-    write_manifest(tmp)  # last: a directory with a manifest is complete
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-        done = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
-        for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _save_part(tmp, lambda: dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp)))
+    _save_part(tmp, lambda: _write_rank_file(tmp / f"rank{rank}.pt", {**extra, "rng": rng_state()}))
+    _save_part(tmp, lambda: write_manifest(tmp))  # last: a directory with a manifest is complete
+    _save_part(root / "latest.tmp", lambda: _publish(root, tmp, final, keep) if rank == 0 else None,
+               f"{final} is complete (--resume finds the newest checkpoint that verifies without `latest`)")
     return final
 
 

@@ -4,8 +4,9 @@ overrides into a TrainConfig, validate it (before any work), then run the Traine
 Exit status: 0 done; 2 a user error (one line `fastpmd train: error: config FIELD: ...` on stderr, before any
 model is built: bad values and types, a missing device, backend, engine, data file or model directory, an
 unwritable or already used --out); 1 a failure during training (e.g. a non-finite loss or gradient norm, named
-with its step); 128 + signal number (143 SIGTERM, 130 SIGINT) when stopped by a signal after saving a checkpoint
-of the last completed step (see fastpmd.train.faults).
+with its step; a disk that fills up during a checkpoint save, named with its path and free space); 128 + signal
+number (143 SIGTERM, 130 SIGINT) when stopped by a signal after saving a checkpoint of the last completed step
+(see fastpmd.train.faults).
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import argparse
 import ast
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
+
+from fastpmd._cli import ArgumentParser, check_out_dir
 
 from .config import TrainConfig, field_types, type_error, validate
 from .presets import PRESETS, get_preset
@@ -37,14 +39,15 @@ FLAGS = {
     "--mini-batches": ("optim.mini_batches", int), "--micro-batch-seqs": ("optim.micro_batch_seqs", int),
     "--warmup-steps": ("warmup.steps", int),
 }
-SWITCHES = {"--resume": ("run.resume", True), "--tensorboard": ("run.tensorboard", True),
+SWITCHES = {"--resume": ("run.resume", True), "--resume-unverified": ("run.resume_unverified", True),
+            "--tensorboard": ("run.tensorboard", True),
             "--no-plots": ("run.plots", False), "--no-progress": ("run.progress", False),
             "--no-export": ("run.export_hf", False), "--no-activation-checkpointing": ("model.activation_checkpointing",
                                                                                        False)}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastpmd train", description="RL post-training with PMD-mean (and baselines).")
+    p = ArgumentParser(prog="fastpmd train", description="RL post-training with PMD-mean (and baselines).")
     p.add_argument("--preset", default="tiny-arith", help=f"one of {sorted(PRESETS)} (default tiny-arith)")
     for flag, (path, typ) in FLAGS.items():
         p.add_argument(flag, type=typ, default=None, help=f"sets {path}")
@@ -114,15 +117,7 @@ def _looks_local(path: str) -> bool:
 
 def check_out(out: Path, resume: bool) -> None:
     """run.out is (or can be created as) a writable directory and holds no run unless resuming."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"config run.out: {out} exists and is not a directory")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"config run.out: cannot create {out}: {probe} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"config run.out: {probe} is not writable")
+    check_out_dir("config run.out", out)
     ckpt = out / "checkpoints"
     if not resume and ckpt.is_dir() and any(p.name == "latest" or p.name.startswith("step_") for p in ckpt.iterdir()):
         raise ValueError(f"config run.out: {out} already holds a run; pass --resume to continue it or choose another "
@@ -184,9 +179,12 @@ def preflight(cfg: TrainConfig) -> None:
             if not Path(path).is_file():
                 raise ValueError(f"config {name}: no such file {path!r} (prefix hub data sets with 'hf:')")
             try:  # a local file is read twice (here and by the trainer): cheap next to a run
-                load_problems(path, prompt_key=data.prompt_key or None, answer_key=data.answer_key or None)
+                problems = load_problems(path, prompt_key=data.prompt_key or None,
+                                         answer_key=data.answer_key or None)
             except (ValueError, KeyError, TypeError, OSError) as e:
                 raise ValueError(f"config {name}: cannot read problems from {path!r}: {e}") from None
+            if not problems:
+                raise ValueError(f"config {name}: no problems in {path!r} (an empty file?)")
     local_dir = Path(model.name_or_path).expanduser()
     if model.name_or_path and _looks_local(model.name_or_path) and local_dir.is_dir() and not (
             local_dir / "config.json").is_file():
@@ -285,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastpmd train: nothing to do: {cfg.run.out} already finished step {done} of run.max_steps="
                   f"{cfg.run.max_steps} (raise --max-steps to train on)", file=sys.stderr)
         return 0
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, DiskFullError
     from .faults import NonFiniteError, Stopped
     from .task.reward_functions import RewardError
     from .distributed import init_distributed, shutdown_distributed
@@ -308,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
     except CheckpointError as e:  # --resume: checkpoints exist but none verifies
         return _error(e, 2)
-    except (NonFiniteError, RewardError) as e:
+    except (NonFiniteError, RewardError, DiskFullError) as e:
         return _error(e, 1)
     except Stopped as e:
         if d.is_main:

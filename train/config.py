@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 
 from fastpmd.objectives import LossConfig
+from fastpmd.tau_schedule import reference_logodds_step
 
 from .rollout import ENGINES
 from .rollout.groups import check_tensor_parallel
@@ -116,6 +117,8 @@ class RunConfig:
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     eval_every: int = 0  # eval every N steps (0 = only before the first and after the last step)
     resume: bool = False  # resume from OUT/checkpoints/latest
+    resume_unverified: bool = False  # with resume: a checkpoint without manifest.json may load, unverified (a
+    #   run written before manifests); by default it is skipped like a corrupted one (docs/training.md)
     export_hf: bool = True  # save_pretrained the final policy to OUT/hf
     export_dtype: str = "auto"  # dtype of the export: "auto" = model.param_dtype (bf16), or float32/float16
     tensorboard: bool = False
@@ -218,6 +221,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
          f"task {data.task!r} reads no file (set data.task=math)")
     need(warmup.steps == 0 or data.task == "arithmetic", "warmup.steps",
          "the supervised warm-up is implemented for task 'arithmetic' only; set --warmup-steps 0")
+    need(data.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1 (prompts longer than this are dropped)")
     need(rollout.engine in ENGINES, "rollout.engine", f"must be one of {sorted(ENGINES)}, got {rollout.engine!r}")
     need(rollout.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
     need(rollout.group_size >= 2, "rollout.group_size", "group-relative losses need at least 2 responses per prompt")
@@ -231,6 +235,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     # what it cannot see on its own
     need(loss.tau_schedule == "none" or cfg.reward.correct > cfg.reward.incorrect, "loss.tau_schedule",
          "'mean-reward' needs binary rewards with reward.correct > reward.incorrect")
+    if loss.tau_schedule == "mean-reward":
+        try:  # the step the schedule solves for once, at the first update: a tau outside its range fails there
+            reference_logodds_step(loss.tau, cfg.reward.correct - cfg.reward.incorrect)
+        except ValueError as e:
+            raise ValueError(f"config loss.tau: {e}") from None
+    need(loss.beta == 0, "loss.beta", "the trainer keeps no reference model for a KL term: set loss.beta=0")
     need(optim.lr > 0, "optim.lr", "must be > 0")
     need(len(optim.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in optim.betas), "optim.betas",
          f"must be two numbers in [0, 1), got {optim.betas!r}")
@@ -247,7 +257,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(run.eval_every >= 0, "run.eval_every", "must be >= 0")
     need(run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto|cpu|cuda, got {run.device!r}")
     need(run.threads >= 0, "run.threads", "must be >= 0")
-    need(run.timeout_min > 0, "run.timeout_min", "must be > 0")
+    need(1 / 60 <= run.timeout_min <= 525600, "run.timeout_min",
+         f"must be between 1/60 (one second) and 525600 (a year) minutes, got {run.timeout_min!r}")
+    need(run.resume or not run.resume_unverified, "run.resume_unverified", "applies only with run.resume (--resume)")
     need(run.export_dtype in ("auto", "bfloat16", "float32", "float16"), "run.export_dtype",
          f"must be auto|bfloat16|float32|float16, got {run.export_dtype!r}")
     need(not run.tensorboard or importlib.util.find_spec("tensorboard") is not None, "run.tensorboard",

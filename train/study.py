@@ -24,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fastpmd._cli import ArgumentParser
+
 VARIANTS = {  # name -> `fastpmd train` flags
     "pmd-mean": ["--loss", "pmd-mean", "--estimator", "loo"],
     "pmd-part": ["--loss", "pmd-part", "--estimator", "partition_loo"],
@@ -160,7 +162,7 @@ def figures(summaries: list[dict], out: Path) -> list[Path]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastpmd study", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="fastpmd study", description=__doc__.split("\n\n")[0])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p.add_argument("--out", default="runs/study")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")

@@ -285,7 +285,8 @@ class Trainer:
         return checkpoint.save(self.out, self.step, self.policy, self.optimizer, extra)
 
     def _resume(self) -> int:
-        step = checkpoint.resume_step(self.out, warn=self.d.is_main) if self.cfg.run.resume else None
+        run = self.cfg.run
+        step = checkpoint.resume_step(self.out, self.d.is_main, run.resume_unverified) if run.resume else None
         if step is None:
             return 0
         extra = checkpoint.load(self.out, step, self.policy, self.optimizer)

@@ -11,7 +11,6 @@ and prints the key numbers (``--json PATH`` writes all of them; ``--sweep`` prin
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ import time
 
 import numpy as np
 
+from fastpmd._cli import ArgumentParser
 from fastpmd.theory import (
     binary_baseline_errors,
     pmd_mean_update,
@@ -246,7 +246,7 @@ def tabular_sweep(base: TabularConfig) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="fastpmd theory-figures", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="fastpmd theory-figures", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/img", help="directory for the PNGs (created)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, seconds)")
     ap.add_argument("--seeds", type=int, default=100, help="seeds for the estimation-error figure")
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
                     help="only print the tabular robustness table (final E[r] / collapsed fraction; ~1 min)")
     args = ap.parse_args(argv)
     if args.seeds < 1:
-        print(f"fastpmd theory-figures: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
+        print(f"fastpmd theory-figures: error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
         return 2
     if args.sweep:
         print("| setting | " + " | ".join(SWEEP_METHODS) + " |\n|---|" + "---|" * len(SWEEP_METHODS))
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as exc:
-        print(f"fastpmd theory-figures: --out {args.out}: cannot create ({exc.strerror or exc})", file=sys.stderr)
+        print(f"fastpmd theory-figures: error: --out {args.out}: cannot create ({exc.strerror or exc})", file=sys.stderr)
         return 2
     plt = _plt()
     t0 = time.time()

@@ -76,6 +76,16 @@ BAD = [  # (argv, field named in the message); {tmp} is replaced by the test's t
     (["--set", "data.task=math", "--data", "{tmp}/a_file"], "data.path"),  # not JSON lines
     (["--set", "model.arch=''", "--model", "{tmp}"], "model.name_or_path"),  # a directory without config.json
     (["--set", "rollout.eval_top_p=inf"], "rollout.eval_top_p"),
+    (["--loss", "grpo", "--set", "loss.beta=0.04"], "loss.beta"),  # no reference model
+    (["--tau-schedule", "mean-reward", "--tau", "1e-8"], "loss.tau"),  # outside the schedule's range
+    (["--set", "run.timeout_min=1e300"], "run.timeout_min"),
+    (["--set", "run.timeout_min=1e-9"], "run.timeout_min"),
+    (["--set", "run.timeout_min=2e9"], "run.timeout_min"),
+    (["--out", "/proc/fastpmd-no-such-dir"], "run.out"),
+    (["--set", "data.max_prompt_len=0"], "data.max_prompt_len"),
+    (["--set", "data.task=math", "--data", "{tmp}/a_file.jsonl", "--eval-data", "{tmp}/empty.jsonl"], "data.eval_path"),
+    (["--set", "data.task=math", "--data", "{tmp}/empty.jsonl"], "data.path"),
+    (["--set", "data.task=math", "--data", "{tmp}/null_answer.jsonl"], "data.path"),
 ]
 
 
@@ -84,6 +94,8 @@ def test_user_error_exits_2_before_work(argv, field, tmp_path, no_work, capsys):
     _used_out(tmp_path)
     _a_file(tmp_path)
     (tmp_path / "a_file.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "null_answer.jsonl").write_text('{"prompt": "1+1", "answer": null}\n')
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "fresh")]

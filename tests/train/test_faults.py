@@ -101,6 +101,8 @@ CORRUPTIONS = {  # name -> (edit of OUT/checkpoints, the checkpoint the resume m
     "garbage-manifest": (lambda c: (c / "step_000003" / "manifest.json").write_text("{oops"), 2, "manifest"),
     "garbage-latest": (lambda c: (c / "latest").write_bytes(b"\x00\xffnot a step\n"), 3, "latest"),
     "latest-to-missing": (lambda c: (c / "latest").write_text("step_000099\n"), 3, "step_000099"),
+    "no-manifest-flipped": (lambda c: ((c / "step_000003" / "manifest.json").unlink(),
+                                       _flip(next((c / "step_000003").glob("*.distcp")))), 2, "no manifest.json"),
 }
 
 
@@ -167,7 +169,9 @@ def test_manifest_detects_flipped_bytes(tmp_path):
     problem, _ = checkpoint.verify(d)
     assert problem == "checksum mismatch in __0_0.distcp (corrupted)"
     (d / "manifest.json").unlink()
-    problem, note = checkpoint.verify(d)  # an old checkpoint: loadable, unverified, with a note
+    problem, _ = checkpoint.verify(d)  # incomplete, or written before manifests: not loaded unless asked for
+    assert problem.startswith("no manifest.json")
+    problem, note = checkpoint.verify(d, unverified_ok=True)
     assert problem is None and "without verification" in note
 
 

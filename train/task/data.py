@@ -89,11 +89,38 @@ def _normalize_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    """One record per non-blank line; an invalid line is an error naming its line number."""
+    records = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    return records
+
+
+def _record_place(name: str, i: int) -> str:
+    """Where record i came from: "FILE line L" for JSON lines (blank lines counted), else "FILE record i+1"."""
+    if name.lower().endswith(".jsonl"):
+        with open(name) as f:
+            return f"{name} line {[n for n, line in enumerate(f, 1) if line.strip()][i]}"
+    return f"{name} record {i + 1}"
+
+
+def _answer_text(value: Any) -> str:
+    """The gold answer of a record: a string or a number (never null, a list or a dict: their str() is no answer)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"answer must be a string or a number, got {value!r:.80}")
+    return str(value).strip()
+
+
 def _read_records(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return _read_jsonl(path)
     if suffix == ".json":
         data = json.loads(path.read_text())
         if isinstance(data, dict):  # column-oriented {"problem": [...], "answer": [...]} or {"data": [...]}
@@ -184,13 +211,18 @@ def load_problems(
     seen: set[str] = set()
     problems: list[Problem] = []
     for i, rec in enumerate(records):
-        question = _question_text(_get(rec, pk))
-        key = _normalize_prompt(question)
-        if key in seen:
-            continue
+        try:
+            question = _question_text(_get(rec, pk))
+            key = _normalize_prompt(question)
+            if key in seen:
+                continue
+            answer = _answer_text(_get(rec, ak))
+            pid = str(_get(rec, ik)) if ik is not None else hashlib.sha1(key.encode()).hexdigest()[:12]
+        except KeyError as e:
+            raise ValueError(f"{_record_place(name, i)}: no field {e.args[0]!r}") from None
+        except ValueError as e:
+            raise ValueError(f"{_record_place(name, i)}: {e}") from None
         seen.add(key)
-        answer = str(_get(rec, ak)).strip()
-        pid = str(_get(rec, ik)) if ik is not None else hashlib.sha1(key.encode()).hexdigest()[:12]
         used = {pk.split(".")[0] if pk not in rec else pk, ak.split(".")[0] if ak not in rec else ak}
         problems.append(Problem(prompt=question, answer=answer, id=pid,
                                 columns={k: v for k, v in rec.items() if k not in used}))

@@ -7,7 +7,7 @@ import torch
 import fastpmd
 from fastpmd.losses_trl import cispo_loss, luspo_loss, sapo_loss
 
-from test_core_grpo_trl import random_batch, trl_loss
+from test_losses_vs_trl import random_batch, trl_loss
 
 OPTIONS = ["none", "is_weights", "entropy_mask"]
 CASES = [("cispo", "token"), ("sapo", "token"), ("sapo", "sequence"), ("luspo", "sequence"), ("luspo", "token")]
