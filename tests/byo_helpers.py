@@ -3,19 +3,26 @@ BPE tokenizer trained in memory), a JSONL with the user's own keys, and reward f
 import json
 
 
-def tiny_model_dir(path, chat_template: str | None = None):
-    """A local HF model folder: config.json, model.safetensors and a tokenizer (optionally with a chat template)."""
-    import torch
+def bpe_tokenizer(corpus: list[str], vocab_size: int):
+    """A small byte-level BPE Hugging Face tokenizer trained in memory on `corpus` (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["What is the capital of France? Paris", "Translate: hello -> bonjour"] * 10, trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    tok.train_from_iterator(corpus * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def tiny_model_dir(path, chat_template: str | None = None):
+    """A local HF model folder: config.json, model.safetensors and a tokenizer (optionally with a chat template)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hf_tok = bpe_tokenizer(["What is the capital of France? Paris", "Translate: hello -> bonjour"], 300)
     if chat_template is not None:
         hf_tok.chat_template = chat_template
     hf_tok.save_pretrained(path)

@@ -139,16 +139,9 @@ def test_torchrun_two_processes_checkpoint(tmp_path):
 
 def _local_hf_tokenizer(path):
     """A small byte-level BPE tokenizer trained in memory and saved as a Hugging Face tokenizer (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from byo_helpers import bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["Solve the following math problem step by step. Answer: 42", "What is 1+1?"] * 10, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(path)
+    bpe_tokenizer(["Solve the following math problem step by step. Answer: 42", "What is 1+1?"], 400).save_pretrained(path)
 
 
 def test_math_task_with_hf_tokenizer(tmp_path, world_of_one):
