@@ -86,6 +86,15 @@ class OptimConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The GPUs a run is planned for (`fastpmd train ... --plan`; train/config_plan.py); the world size itself
+    comes from torchrun."""
+
+    gpus: int = 0  # GPUs the preset is planned for (0 = not planned: --plan then needs --gpus)
+    gpu_gb: float = 80.0  # memory of one GPU, GB (10^9 bytes), for --plan; on CUDA the trainer reads the device's
+
+
+@dataclass
 class WarmupConfig:
     """Optional supervised warm-up before RL (training problems only; used by the CPU demo)."""
 
@@ -127,6 +136,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,8 +184,9 @@ def check_types(cfg: TrainConfig) -> None:
                 raise ValueError(f"config {sec.name}.{name}: {err}")
 
 
-def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Raise ValueError naming the first bad field; called before any model or data is touched."""
+def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Raise ValueError naming the first bad field; called before any model or data is touched. world_size None:
+    only the checks that hold for every world size (the CLI, before torchrun's world exists)."""
     check_types(cfg)
 
     def need(ok: bool, name: str, msg: str) -> None:
@@ -221,6 +232,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(optim.micro_batch_tokens >= 0, "optim.micro_batch_tokens", "must be >= 0 (0 = micro_batch_seqs)")
     need(warmup.steps >= 0 and warmup.batch_size > 0 and warmup.lr > 0, "warmup", "steps >= 0, batch_size > 0, lr > 0")
     need(0.0 <= warmup.noise < 1.0 and warmup.noise_span >= 1, "warmup.noise", "noise in [0, 1), noise_span >= 1")
+    need(cfg.parallel.gpus >= 0, "parallel.gpus", "must be >= 0 (0 = not planned)")
+    need(cfg.parallel.gpu_gb > 0, "parallel.gpu_gb", "must be > 0")
     need(run.max_steps >= 0, "run.max_steps", "must be >= 0")
     need(run.save_every >= 0, "run.save_every", "must be >= 0")
     need(run.eval_every >= 0, "run.eval_every", "must be >= 0")
@@ -232,14 +245,16 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(not run.tensorboard or importlib.util.find_spec("tensorboard") is not None, "run.tensorboard",
          "needs the tensorboard package (pip install tensorboard)")
     need(bool(run.out), "run.out", "output directory must be set")
+    need(isinstance(rollout.tensor_parallel_size, int) and rollout.tensor_parallel_size >= 1,
+         "rollout.tensor_parallel_size", "must be an int >= 1")
+    need(rollout.tensor_parallel_size == 1 or rollout.engine == "vllm", "rollout.tensor_parallel_size",
+         "tensor parallelism needs rollout.engine=vllm")
+    tp_world = world_size  # None: whatever divides holds at world size 1 too; only TP needs the real one
+    world_size = world_size or 1
     need(rollout.prompts_per_step % world_size == 0, "rollout.prompts_per_step",
          f"{rollout.prompts_per_step} prompts do not split over {world_size} ranks")
     local = rollout.prompts_per_step // world_size
     need(local % optim.mini_batches == 0, "optim.mini_batches",
          f"{local} prompts per rank do not split into {optim.mini_batches} mini-batches of whole prompt groups")
-    need(isinstance(rollout.tensor_parallel_size, int) and rollout.tensor_parallel_size >= 1,
-         "rollout.tensor_parallel_size", "must be an int >= 1")
-    need(rollout.tensor_parallel_size == 1 or rollout.engine == "vllm", "rollout.tensor_parallel_size",
-         "tensor parallelism needs rollout.engine=vllm")
-    need(world_size % rollout.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
+    need(tp_world is None or tp_world % rollout.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
          f"{rollout.tensor_parallel_size} does not divide the world size {world_size}")

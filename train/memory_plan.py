@@ -46,6 +46,7 @@ class Spec:
     expert_intermediate: int = 0
     qkv_bias: bool = False
     qk_norm: bool = False
+    tied: bool = False  # LM head shares the embedding matrix
 
     def attn_params(self) -> int:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -60,7 +61,7 @@ class Spec:
         return self.attn_params() + mlp + 2 * self.hidden
 
     def root_params(self) -> int:
-        return 2 * self.vocab * self.hidden + self.hidden  # untied embeddings + LM head, final norm
+        return (1 if self.tied else 2) * self.vocab * self.hidden + self.hidden  # embeddings (+ LM head), norm
 
     def total_params(self) -> int:
         return self.layers * self.block_params() + self.root_params()
@@ -95,6 +96,20 @@ QWEN25_7B = Spec("Qwen2.5-7B", layers=28, hidden=3584, heads=28, kv_heads=4, hea
 QWEN3_30B_A3B = Spec("Qwen3-30B-A3B", layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128, vocab=151936,
                      experts=128, top_k=8, expert_intermediate=768, qk_norm=True)
 PRESET_SPECS = {"qwen2.5-7b-dapo": QWEN25_7B, "qwen3-30b-a3b-dapo": QWEN3_30B_A3B}
+KNOWN_MODELS = {"Qwen/Qwen2.5-7B": QWEN25_7B, "Qwen/Qwen3-30B-A3B-Base": QWEN3_30B_A3B}
+
+
+def spec_from_hf_config(c) -> Spec:
+    """The shapes of a Qwen2/Qwen3/Qwen3-MoE (or Llama-like) transformers config."""
+    heads = c.num_attention_heads
+    return Spec(getattr(c, "name_or_path", "") or c.model_type, layers=c.num_hidden_layers, hidden=c.hidden_size,
+                heads=heads, kv_heads=c.num_key_value_heads or heads,
+                head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, vocab=c.vocab_size,
+                intermediate=c.intermediate_size, experts=getattr(c, "num_experts", 0) or 0,
+                top_k=getattr(c, "num_experts_per_tok", 0) or 0,
+                expert_intermediate=getattr(c, "moe_intermediate_size", 0) or 0,
+                qkv_bias=c.model_type == "qwen2" or bool(getattr(c, "attention_bias", False)),
+                qk_norm=c.model_type in ("qwen3", "qwen3_moe"), tied=bool(c.tie_word_embeddings))
 
 
 def update_plan(spec: Spec, n_gpus: int, tokens: int, *, fused: bool = True, cpu_offload: bool = False,

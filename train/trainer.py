@@ -6,7 +6,8 @@
 4. take k optimizer steps over mini-batches of whole prompt groups, the loss chosen by name; the model's final
    hidden states and the LM head weight go straight into the fused loss (no logits); with token-budget
    micro-batches the sequences first move between ranks so each rank trains about as many tokens (steps 3-4);
-5. push the new weights into the rollout engine.
+5. push the new weights into the rollout engine (at the start of the next rollout phase, one FSDP unit at a time
+   in the compute dtype, after the AdamW state has left the GPU with `model.offload_during_rollout`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .metrics import MetricsLogger, plot_curves
 from .step_metrics import step_metrics
 from .microbatch import pack_micro_batches
 from .micro_loss import micro_batch_loss
-from .model import Policy, build_hf_model, hf_state_key, reset_rotary
+from .model import Policy, build_hf_model, decoder_blocks, hf_state_key, reset_rotary
 from .distributed import Dist
 from .parallelize import DTYPES, apply_activation_checkpointing, apply_fsdp
 from .prompts import Task
@@ -69,6 +70,12 @@ class Trainer:
         if not cfg.run.resume and (self.out / "checkpoints" / "latest").exists():
             raise ValueError(f"run.out: {self.out} already holds a run; pass --resume or choose another --out")
         self.tok = make_tokenizer(cfg)
+        if d.device.type == "cuda":  # the memory plan of this config on this GPU, before any model exists
+            from .config_plan import check, spec_for
+
+            gb = torch.cuda.get_device_properties(d.device).total_memory / 1e9
+            check(cfg, d.world_size, gb, spec_for(cfg, self.tok.vocab_size))
+        self.weights_stale = False  # the engine waits for the last update's weights (sent by rollout_phase)
         self.task = Task(cfg, self.tok, d.rank, d.world_size)
         self.policy, self.hf = self._build_policy()
         self.engine = self._build_engine()
@@ -136,27 +143,51 @@ class Trainer:
             dist.barrier()
         max_len = self.cfg.data.max_prompt_len + r.max_new_tokens
         max_len = min(max_len, getattr(self.hf.config, "max_position_embeddings", max_len))
+        kv_bytes = None
+        if dev.type == "cuda":  # the plan's fixed KV budget (no profiling of memory the trainer holds)
+            from .config_plan import spec_for, vllm_kv_cache_bytes
+
+            total = torch.cuda.get_device_properties(dev).total_memory
+            kv_bytes = vllm_kv_cache_bytes(spec_for(self.cfg, self.tok.vocab_size), total, r.gpu_memory_utilization,
+                                           r.tensor_parallel_size)
+        if m.offload_during_rollout:  # vLLM wants utilization x GPU free at start-up (vllm/v1/worker/utils.py)
+            self.policy.to("cpu")
         engine = VLLMEngine(model_dir, eos_id=self.tok.eos_id, seed=m.seed, dtype=m.param_dtype,
                             gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=dev.type == "cuda",
                             max_model_len=max_len, tensor_parallel_size=r.tensor_parallel_size,
-                            load_format="dummy")
+                            load_format="dummy", kv_cache_memory_bytes=kv_bytes)
+        if m.offload_during_rollout:
+            self.policy.to(dev)
         if r.tensor_parallel_size > 1:
             pg, _ = dist.new_subgroups_by_enumeration(engine_groups(self.d.world_size, r.tensor_parallel_size))
             engine = GroupedEngine(engine, EngineGroup(self.d.rank, self.d.world_size, r.tensor_parallel_size), pg)
         self._sync_weights(engine)
         return engine
 
-    def _sync_weights(self, engine=None) -> None:
-        """Step 5: stream full (all-gathered) parameters, one at a time, into the rollout engine."""
+    def _sync_weights(self, engine=None) -> dict:
+        """Step 5: stream the full parameters into the rollout engine one FSDP unit at a time (each decoder
+        block, then the root): one all-gather per unit, in FSDP's compute dtype (`model.param_dtype`); each
+        tensor is handed over as a copy, so the unit is resharded before the next one is gathered and the engine
+        may keep what it receives. Returns {"gathers", "bytes"} sent by this rank."""
         engine = engine or self.engine
+        blocks = decoder_blocks(self.hf)
+        units = [(b, f"hf.model.layers.{i}.") for i, b in enumerate(blocks)] + [(self.policy, "")]
+        stats = {"gathers": 0, "bytes": 0}
 
         def named():
-            for name, p in self.policy.named_parameters():
-                p = p.to(self.d.device)  # cpu_offload: the shard is gathered on the device
-                yield hf_state_key(name), p.full_tensor() if hasattr(p, "full_tensor") else p
+            for unit, prefix in units:
+                unit.unshard()  # cpu_offload: FSDP copies the shard to the device first
+                stats["gathers"] += 1
+                for name, p in unit.named_parameters(prefix=prefix[:-1] if prefix else ""):
+                    if unit is self.policy and name.startswith("hf.model.layers."):
+                        continue  # the blocks' own units
+                    stats["bytes"] += p.numel() * p.element_size()
+                    yield hf_state_key(name), p.detach().clone()
+                unit.reshard()
 
         with torch.no_grad():
             engine.update_weights(named())
+        return stats
 
     def sampling(self, step: int) -> SamplingConfig:
         r = self.cfg.rollout  # a distinct, reproducible seed per (run, step, rank)
@@ -194,15 +225,22 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_update = time.perf_counter() - t1
-        self._sync_weights()  # 5.
+        self.weights_stale = True  # 5. at the start of the next rollout phase
         return step_metrics(batch, rewards, entropy, stats, loss_cfg=self.loss_cfg, device=dev, step=self.step,
                             lr=self.scheduler.get_last_lr()[0], t_gen=t_gen, t_update=t_update)
 
     @contextlib.contextmanager
     def rollout_phase(self):
-        """The engine awake around generation: with `model.offload_during_rollout` the trainer's sharded params
-        and optimizer state wait in host memory; the allocator's cached blocks are released before it wakes."""
-        moved = offload.offload_to_host(self.policy, self.optimizer) if self.cfg.model.offload_during_rollout else None
+        """The engine awake around generation: with `model.offload_during_rollout` the AdamW state leaves the GPU,
+        the last update's weights go to the engine (step 5), then the sharded params follow the AdamW state to
+        host memory; the allocator's cached blocks are released before the engine wakes."""
+        off = self.cfg.model.offload_during_rollout
+        moved = offload.optimizer_to_host(self.optimizer) if off else None
+        if self.weights_stale:
+            self._sync_weights()
+            self.weights_stale = False
+        if off:
+            self.policy.to("cpu")
         if self.d.device.type == "cuda":
             torch.cuda.empty_cache()
         self.engine.wake()
@@ -347,7 +385,7 @@ class Trainer:
         extra = checkpoint.load(self.out, step, self.policy, self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.task.load_state_dict(extra["task"])
-        self._sync_weights()
+        self.weights_stale = True
         return step
 
     def fit(self) -> list[dict]:
@@ -368,7 +406,7 @@ class Trainer:
                 from .warmup import supervised_warmup
 
                 log.log({"kind": "warmup", "step": 0, **supervised_warmup(self)})
-                self._sync_weights()
+                self.weights_stale = True
             if (res := self.evaluate()) is not None:
                 log.log({"kind": "eval", "step": 0, **res})
         try:
