@@ -157,9 +157,14 @@ def _fixes(cfg, gpus: int, gpu_gb: float, spec: Spec, moment: str):
             yield "model.cpu_offload", True, with_("model", cpu_offload=True, offload_during_rollout=False)
 
 
+def moment_fits(p: Plan, moment: str) -> bool:
+    """Under the 90% line; the rollout's vLLM share also holds at least one full-length sequence of KV cache."""
+    kv_ok = moment != "rollout" or "vLLM KV cache (fixed budget)" not in p.moments[moment] or p.kv_sequences >= 1
+    return p.peak(moment) <= p.line and kv_ok
+
+
 def fits(p: Plan) -> bool:
-    return all(p.peak(k) <= p.line for k in p.moments) and (not p.kv_sequences or p.kv_sequences >= 1) and \
-        p.moments["rollout"].get("vLLM KV cache (fixed budget)", 1) > 0
+    return all(moment_fits(p, k) for k in p.moments)
 
 
 def check(cfg, gpus: int, gpu_gb: float, spec: Spec | None = None) -> Plan:
@@ -168,8 +173,8 @@ def check(cfg, gpus: int, gpu_gb: float, spec: Spec | None = None) -> Plan:
     p = plan(cfg, gpus, gpu_gb, spec)
     if fits(p):
         return p
-    bad = next((k for k in p.moments if p.peak(k) > p.line), "rollout")
-    if bad == "rollout" and p.peak(bad) <= p.line:
+    bad = next(k for k in p.moments if not moment_fits(p, k))
+    if p.peak(bad) <= p.line:
         what = (f"vLLM's share ({cfg.rollout.gpu_memory_utilization} x {gpu_gb:g} GB) holds its bf16 weights "
                 f"({p.moments['rollout']['vLLM weights bf16 (1/TP)']:.1f} GB at TP {cfg.rollout.tensor_parallel_size})"
                 f" and workspace but not one full-length sequence of KV cache")
@@ -177,7 +182,7 @@ def check(cfg, gpus: int, gpu_gb: float, spec: Spec | None = None) -> Plan:
         what = f"{bad} needs {p.peak(bad):.1f} GB per GPU, over {p.line:.1f} GB (90% of {gpu_gb:g} GB)"
     for name, value, c in _fixes(cfg, gpus, gpu_gb, spec, bad):
         trial = plan(cfg, value, gpu_gb, spec) if c is None else plan(c, gpus, gpu_gb, spec)
-        if fits(trial):
+        if moment_fits(trial, bad):  # this moment; a remaining one gets its own message on the next --plan
             raise ValueError(f"config {name}: {what} on {gpus} GPUs; {name}={value} would fit")
     field_ = "rollout.tensor_parallel_size" if bad == "rollout" else "model.cpu_offload"
     raise ValueError(f"config {field_}: {what} on {gpus} GPUs; no single change of the plan's fields fits")
