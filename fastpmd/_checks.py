@@ -175,8 +175,14 @@ def check_mask(mask, shape, device, ref_name: str = "targets", required: bool = 
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def check_lm_head(hidden, weight, targets, bias) -> None:
-    """hidden [..., H], weight [V, H], targets [...] integer, bias [V] or None."""
+def is_packed(hidden, targets, mask) -> bool:
+    """hidden [n, H] with targets and mask [B, T]: hidden holds the rows of mask's True entries, row-major."""
+    return hidden.dim() == 2 and targets.dim() == 2 and mask is not None
+
+
+def check_lm_head(hidden, weight, targets, bias, packed: bool = False) -> None:
+    """hidden [..., H] (packed: [n, H], the rows of the mask), weight [V, H], targets [...] integer, bias [V]
+    or None."""
     check_tensor("hidden", hidden, floating=True)
     check_tensor("weight", weight, dims=2, floating=True)
     check_tensor("targets", targets, floating=False)
@@ -184,7 +190,7 @@ def check_lm_head(hidden, weight, targets, bias) -> None:
         raise ValueError("hidden must have at least one dimension [..., H]")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden width {hidden.shape[-1]} does not match weight [V, H] = {tuple(weight.shape)}")
-    if tuple(hidden.shape[:-1]) != tuple(targets.shape):
+    if not packed and tuple(hidden.shape[:-1]) != tuple(targets.shape):
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
@@ -263,8 +269,9 @@ def check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, 
                        chunk_size, length_norm):
     """fused_linear_pmd_loss's arguments (see check_lm_head and check_policy_inputs); returns (bool mask, tau,
     temperature)."""
-    check_tensor("hidden", hidden, dims=3, floating=True)
-    check_lm_head(hidden, weight, targets, bias)
+    packed = is_packed(hidden, targets, mask)
+    check_tensor("hidden", hidden, dims=2 if packed else 3, floating=True)
+    check_lm_head(hidden, weight, targets, bias, packed)
     mask = check_mask(mask, targets.shape, hidden.device, "targets", required=True)
     check_tensor("old_logprobs", old_logprobs, dims=2, floating=True)
     check_same_shape("old_logprobs", old_logprobs, "targets", targets.shape)
@@ -276,7 +283,7 @@ def check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, 
     tau, temperature = check_sequence_tau(tau, targets.shape[0]), check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
     check_length_norm(length_norm)
-    check_head_finite(hidden, weight, bias, mask)
+    check_head_finite(hidden, weight, bias, None if packed else mask)
     if finite_checks_enabled():
         check_finite("old_logprobs", old_logprobs, mask)
         check_finite("advantages", advantages, mask.any(-1))

@@ -81,6 +81,8 @@ class OptimConfig:
     micro_batch_seqs: int = 64  # sequences per forward/backward (gradient accumulation inside a mini-batch)
     micro_batch_tokens: int = 0  # > 0: micro-batches of at most this many tokens (prompt + response), the same
     #   count on every rank, lengths balanced (train/microbatch.py); micro_batch_seqs is then unused
+    logprob_micro_batch_tokens: int = 0  # > 0: token budget of the no-gradient pass (old log-probs; no activations
+    #   kept, so 2-3x the training budget fits, as verl does); 0 = the training micro-batches
     balance_ranks: bool = True  # with micro_batch_tokens > 0 on > 1 rank: sequences move between ranks so each
     #   trains about the same tokens per mini-batch (train/rank_balance.py); False keeps each rank's own
 
@@ -92,6 +94,7 @@ class ParallelConfig:
 
     gpus: int = 0  # GPUs the preset is planned for (0 = not planned: --plan then needs --gpus)
     gpu_gb: float = 80.0  # memory of one GPU, GB (10^9 bytes), for --plan; on CUDA the trainer reads the device's
+    dp_replicate: int = 1  # HSDP: replicas of the model; each shards it over world / dp_replicate ranks (a node)
 
 
 @dataclass
@@ -230,10 +233,13 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     need(optim.mini_batches >= 1, "optim.mini_batches", "must be >= 1")
     need(optim.micro_batch_seqs >= 1, "optim.micro_batch_seqs", "must be >= 1")
     need(optim.micro_batch_tokens >= 0, "optim.micro_batch_tokens", "must be >= 0 (0 = micro_batch_seqs)")
+    need(optim.logprob_micro_batch_tokens >= 0, "optim.logprob_micro_batch_tokens",
+         "must be >= 0 (0 = the training micro-batches)")
     need(warmup.steps >= 0 and warmup.batch_size > 0 and warmup.lr > 0, "warmup", "steps >= 0, batch_size > 0, lr > 0")
     need(0.0 <= warmup.noise < 1.0 and warmup.noise_span >= 1, "warmup.noise", "noise in [0, 1), noise_span >= 1")
     need(cfg.parallel.gpus >= 0, "parallel.gpus", "must be >= 0 (0 = not planned)")
     need(cfg.parallel.gpu_gb > 0, "parallel.gpu_gb", "must be > 0")
+    need(cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
     need(run.max_steps >= 0, "run.max_steps", "must be >= 0")
     need(run.save_every >= 0, "run.save_every", "must be >= 0")
     need(run.eval_every >= 0, "run.eval_every", "must be >= 0")
@@ -256,5 +262,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     local = rollout.prompts_per_step // world_size
     need(local % optim.mini_batches == 0, "optim.mini_batches",
          f"{local} prompts per rank do not split into {optim.mini_batches} mini-batches of whole prompt groups")
+    need(tp_world is None or tp_world % cfg.parallel.dp_replicate == 0, "parallel.dp_replicate",
+         f"{cfg.parallel.dp_replicate} does not divide the world size {world_size}")
     need(tp_world is None or tp_world % rollout.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
          f"{rollout.tensor_parallel_size} does not divide the world size {world_size}")

@@ -2,8 +2,9 @@
 weight-sync moment, each part named (`fastpmd train ... --plan`; the trainer runs `check` on CUDA before it builds
 the model; docs/memory_plan.md is `python -m fastpmd.train.memory_plan`).
 
-The three moments (train/memory_plan.py has the arithmetic of each part):
+The moments (train/memory_plan.py has the arithmetic of each part):
 - update: FSDP2 forward/backward/AdamW over micro-batches of T tokens (vLLM asleep at level 2: it holds nothing);
+- old log-probs: the no-gradient pass over micro-batches of `optim.logprob_micro_batch_tokens` (0: T) tokens;
 - sync: the step's weights go to the engine one FSDP unit at a time, gathered in the compute dtype
   (`Trainer._sync_weights`), at the start of the rollout phase: with `model.offload_during_rollout` the AdamW
   state is already in host memory; the engine's weights are awake, its KV cache not yet;
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .memory_plan import FIT, GB, KNOWN_MODELS, Spec, rollout_plan, spec_from_hf_config, update_plan
+from .memory_plan import FIT, GB, KNOWN_MODELS, Spec, logprob_plan, rollout_plan, spec_from_hf_config, update_plan
 
 VLLM_WORKSPACE_GB = 2.0  # an allowance for vLLM's activations and CUDA graphs inside its share (not measured)
 
@@ -89,7 +90,7 @@ def plan(cfg, gpus: int, gpu_gb: float, spec: Spec | None = None) -> Plan:
     spec = spec or spec_for(cfg)
     m, r = cfg.model, cfg.rollout
     P, T = spec.total_params(), micro_batch_tokens(cfg)
-    shard = gpus  # FSDP shards over every GPU
+    shard = gpus // cfg.parallel.dp_replicate  # FSDP shards over every GPU; HSDP within a replica group
     out = Plan(gpus, gpu_gb, spec, T)
     up = update_plan(spec, shard, T, fused=cfg.loss.backend != "naive", cpu_offload=m.cpu_offload)
     state = [k for k in up if k.startswith(("params", "grads", "AdamW"))]
@@ -97,6 +98,8 @@ def plan(cfg, gpus: int, gpu_gb: float, spec: Spec | None = None) -> Plan:
     temp = [k for k in moment if k.startswith("foreach")]  # the optimizer step's moment: state + this
     work = [k for k in moment if k not in temp]  # the backward's: state + this
     out.moments["update"] = {k: up[k] for k in state + (work if up["backward"] >= up["optimizer step"] else temp)}
+    lp_tokens = cfg.optim.logprob_micro_batch_tokens or T
+    out.moments["old log-probs"] = logprob_plan(spec, shard, lp_tokens, cpu_offload=m.cpu_offload)
     on_gpu = not m.cpu_offload
     awake_adam = on_gpu and not m.offload_during_rollout
     max_len = cfg.data.max_prompt_len + r.max_new_tokens
@@ -147,6 +150,11 @@ def _fixes(cfg, gpus: int, gpu_gb: float, spec: Spec, moment: str):
     if moment == "rollout" and r.engine == "vllm":
         for u in [x / 20 for x in range(18, 3, -1)]:
             yield "rollout.gpu_memory_utilization", u, with_("rollout", gpu_memory_utilization=u)
+    if moment == "old log-probs":
+        t = cfg.optim.logprob_micro_batch_tokens or micro_batch_tokens(cfg)
+        while t > 1024:
+            t //= 2
+            yield "optim.logprob_micro_batch_tokens", t, with_("optim", logprob_micro_batch_tokens=t)
     if moment == "update":
         from .memory_plan import accepted_gpu_counts
 

@@ -137,6 +137,24 @@ def update_plan(spec: Spec, n_gpus: int, tokens: int, *, fused: bool = True, cpu
     return out
 
 
+def logprob_plan(spec: Spec, n_gpus: int, tokens: int, *, cpu_offload: bool = False,
+                 chunk_bytes: float = 64 * 2**20) -> dict[str, float]:
+    """GB per GPU of the old-log-prob pass (no gradient) over micro-batches of `tokens` tokens: the sharded
+    params and AdamW state (grads are freed), the gathered root + 2 blocks, one block's forward tensors, the
+    hidden states in and out of a block, and one fp32 logits chunk."""
+    P, T, H, N = spec.total_params(), tokens, spec.hidden, n_gpus
+    on_gpu = 0.0 if cpu_offload else 1.0
+    parts = {
+        "params fp32 (sharded)": on_gpu * 4 * P / N,
+        "AdamW m, v fp32 (sharded)": on_gpu * 8 * P / N,
+        "gathered bf16: root + 2 blocks": 2 * (spec.root_params() + 2 * spec.block_params()),
+        "one block's forward tensors": spec.block_activation_bytes(T),
+        "hidden states in and out [T, H] bf16": 2 * T * H * 2,
+        "logits chunk fp32": chunk_bytes,
+    }
+    return {k: v / GB for k, v in parts.items()}
+
+
 def rollout_plan(spec: Spec, n_gpus: int, gpu_gb: float, *, tp: int = 1, utilization: float = 0.5,
                  max_len: int = 10240, offload_during_rollout: bool = False,
                  cpu_offload: bool = False) -> dict[str, float]:

@@ -13,7 +13,8 @@ import fastpmd
 def micro_batch_loss(lo: fastpmd.LossConfig, temperature: float, mb: dict, hidden: torch.Tensor,
                      weight: torch.Tensor, n_seq: float, n_items: float, micro_seqs: int):
     """(loss, metrics) of loss `lo` on micro-batch `mb` (packed fields, old log-probs, advantages [, tau,
-    rollout log-probs]): hidden [b, L, H], LM head weight [V, H]; n_seq, n_items: the mini-batch's sequences and
+    rollout log-probs]): hidden [n, H] (the rows of mb["loss_mask"], packed) or [b, L, H], LM head weight
+    [V, H]; n_seq, n_items: the mini-batch's sequences and
     response tokens over all ranks / world size; micro_seqs: this micro-batch's sequences."""
     T = temperature
     tgt, mask, old, adv = mb["targets"], mb["loss_mask"], mb["old_logprobs"], mb["advantages"]

@@ -62,8 +62,9 @@ def _dapo(model: str) -> TrainConfig:
         reward=RewardConfig(correct=1.0, incorrect=-1.0),
         loss=LossConfig(name="pmd-mean", tau=0.01, estimator="loo", length_norm=True),  # rloo, seq-mean-token-mean
         # micro-batches of at most 16k tokens per GPU (a 2k-prompt + 8k-response sequence fits; the memory plan's T)
+        # the old-log-prob pass (no gradient, no activations kept) takes twice the budget (verl: 2-3x)
         optim=OptimConfig(lr=1e-6, weight_decay=0.01, mini_batches=16, micro_batch_seqs=8,
-                          micro_batch_tokens=16384),
+                          micro_batch_tokens=16384, logprob_micro_batch_tokens=32768),
         # the scripts: total_epochs=15, total_training_steps=3000, test_freq=5, save_freq=100; verl stops at whichever
         # comes first: 15 epochs of ~17.4k prompts at 512 per step, ~34 steps each
         run=RunConfig(out=f"runs/{model.split('/')[-1].lower()}-pmd", max_steps=510, save_every=100, eval_every=5,

@@ -101,7 +101,7 @@ class Trainer:
             apply_activation_checkpointing(hf)
         varlen = hf.config._attn_implementation == "flash_attention_2"
         policy = apply_fsdp(Policy(hf, row_tokens=None if varlen or not m.pack_row_tokens else m.pack_row_tokens),
-                            m, dev)
+                            m, dev, self.cfg.parallel.dp_replicate)
         # cpu_offload: FSDP2 wants the sharded params materialised on the host; the rotary buffers go to dev
         policy.to_empty(device="cpu" if m.cpu_offload else dev)
         reset_rotary(hf, dev)
@@ -259,9 +259,10 @@ class Trainer:
         ent = torch.zeros(B, L)
         lo = self.cfg.loss
         all_idx = torch.arange(B)
-        for idx in self.micro_batches(batch, all_idx):
+        for idx in self.micro_batches(batch, all_idx, self.cfg.optim.logprob_micro_batch_tokens or None):
             mb = _to(_slice(batch, idx if idx.numel() else all_idx[:1]), self.d.device)  # empty: run, discard
-            hidden, weight = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool())
+            hidden, weight = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(),
+                                         mb["loss_mask"])  # [n, H]: the loss mask's rows
             lp, e = fastpmd.linear_logprobs(hidden, weight, mb["targets"], mask=mb["loss_mask"], return_entropy=True,
                                             temperature=self.temperature, chunk_size=lo.chunk_size, backend=lo.backend)
             if not idx.numel():
@@ -278,11 +279,12 @@ class Trainer:
         for chunk in prompts.chunk(k):
             yield (chunk[:, None] * n + torch.arange(n)).reshape(-1)  # sequence indices
 
-    def micro_batches(self, batch: dict, idx: torch.Tensor) -> list[torch.Tensor]:
+    def micro_batches(self, batch: dict, idx: torch.Tensor, budget: int | None = None) -> list[torch.Tensor]:
         """Micro-batches of the sequences idx, the same number on every rank (FSDP's collectives pair up):
-        `optim.micro_batch_seqs` sequences each, or with `optim.micro_batch_tokens` at most that many tokens each
-        (train/microbatch.py; an over-long sequence alone; a micro-batch may be empty)."""
-        budget = self.cfg.optim.micro_batch_tokens
+        `optim.micro_batch_seqs` sequences each, or with a token budget (`budget`, default
+        `optim.micro_batch_tokens`) at most that many tokens each (train/microbatch.py; an over-long sequence
+        alone; a micro-batch may be empty)."""
+        budget = budget or self.cfg.optim.micro_batch_tokens
         if not budget:
             return list(idx.split(self.cfg.optim.micro_batch_seqs))
         lengths = _lengths(batch, idx)
@@ -326,7 +328,8 @@ class Trainer:
             self.policy.set_reshard_after_backward(last, recurse=False)
             empty = micro.numel() == 0  # this rank has fewer micro-batches: one sequence at zero weight
             mb = _to(_slice(batch, idx[:1] if empty else micro), dev)
-            hidden, weight = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool())
+            hidden, weight = self.policy(mb["input_ids"], mb["position_ids"], mb["attention_mask"].bool(),
+                                         mb["loss_mask"])  # [n, H]: the loss mask's rows, no [b, L, H] grid
             loss, metrics = micro_batch_loss(self.loss_cfg, self.temperature, mb, hidden, weight, n_seq, n_items,
                                              max(micro.numel(), 1))
             if empty:
