@@ -1,7 +1,10 @@
-"""Checkpoints: torch.distributed.checkpoint (sharded model + optimizer) plus a small per-rank file (scheduler,
-trainer state, data position, RNG states), written atomically; and the Hugging Face export.
+"""Checkpoints: torch.distributed.checkpoint (sharded model + optimizer, resharded by DCP on load), one
+`trainer.pt` (scheduler, trainer state, data position: the same on every rank, so independent of the world size)
+and a small per-rank file of RNG states, written atomically; and the Hugging Face export. A checkpoint loads on
+another world size: DCP reshards the model and optimizer, `trainer.pt` is shared, and the per-rank RNG states are
+restored only on the world size that wrote them (the trainer seeds its sampling, shuffles and draws per step).
 
-Layout: OUT/checkpoints/step_000012/{.metadata, *.distcp, rank0.pt, rank1.pt, ..., manifest.json} and
+Layout: OUT/checkpoints/step_000012/{.metadata, *.distcp, trainer.pt, rank0.pt, rank1.pt, ..., manifest.json} and
 OUT/checkpoints/latest (a one-line file naming the newest complete checkpoint). A checkpoint is written to
 `step_N.tmp`; its manifest (size and sha256 of every file, hashed in parallel: each rank hashes a share) is
 written last, then the directory is renamed, then `latest` is replaced (os.replace): a run killed at any moment
@@ -58,6 +61,7 @@ def _step_dir(root: Path, step: int) -> Path:
 
 
 MANIFEST = "manifest.json"
+TRAINER_FILE = "trainer.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -117,8 +121,8 @@ def _precheck(directory: Path) -> tuple[str | None, dict | None]:
     rank, _ = _rank_world()
     if not (directory / ".metadata").is_file():
         return "missing .metadata", None
-    if not (directory / f"rank{rank}.pt").is_file():
-        return f"missing rank{rank}.pt (was it written with another world size?)", None
+    if not (directory / TRAINER_FILE).is_file() and not (directory / f"rank{rank}.pt").is_file():
+        return f"missing rank{rank}.pt (an older checkpoint without {TRAINER_FILE}: same world size only)", None
     mf = directory / MANIFEST
     if not mf.is_file():
         return None, None
@@ -193,7 +197,8 @@ def latest_step(out: str | Path) -> int | None:
 
 
 def save(out: str | Path, step: int, model, optimizer, extra: dict, keep: int = 2) -> Path:
-    """Collective: every rank calls it. `extra` (picklable, per rank) holds scheduler/trainer/data/RNG state."""
+    """Collective: every rank calls it. `extra` (picklable, the same on every rank: scheduler, trainer and data
+    state) is written once; each rank writes its RNG states."""
     root = Path(out) / "checkpoints"
     final, tmp = _step_dir(root, step), _step_dir(root, step).with_suffix(".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -203,7 +208,9 @@ def save(out: str | Path, step: int, model, optimizer, extra: dict, keep: int = 
     _barrier()
     msd, osd = get_state_dict(model, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save({**extra, "rng": rng_state()}, tmp / f"rank{rank}.pt")
+    if rank == 0:
+        torch.save({**extra, "world_size": _rank_world()[1]}, tmp / TRAINER_FILE)
+    torch.save({"rng": rng_state()}, tmp / f"rank{rank}.pt")
     _barrier()
     write_manifest(tmp)  # last: a directory with a manifest is complete
     _barrier()
@@ -221,18 +228,25 @@ def save(out: str | Path, step: int, model, optimizer, extra: dict, keep: int = 
 
 
 def load(out: str | Path, step: int, model, optimizer) -> dict:
-    """Collective: restore model, optimizer and RNG in place; returns this rank's `extra` dict."""
+    """Collective: restore model and optimizer in place (resharded to this world size), and the RNG states when
+    the world size is the one that wrote them; returns the `extra` dict."""
     path = _step_dir(Path(out) / "checkpoints", step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra_file = path / f"rank{rank}.pt"
-    if not extra_file.is_file():
-        raise ValueError(f"run.resume: {extra_file} missing (was the checkpoint written with another world size?)")
-    extra = torch.load(extra_file, weights_only=False)
-    set_rng_state(extra.pop("rng"))
+    rank_file = path / f"rank{rank}.pt"
+    if not (path / TRAINER_FILE).is_file():  # older layout: everything in the per-rank files
+        if not rank_file.is_file():
+            raise ValueError(f"run.resume: {rank_file} missing (a checkpoint without {TRAINER_FILE} loads on the "
+                             "world size that wrote it only)")
+        extra = torch.load(rank_file, weights_only=False)
+        set_rng_state(extra.pop("rng"))
+        return extra
+    extra = torch.load(path / TRAINER_FILE, weights_only=False)
+    if extra.pop("world_size") == _rank_world()[1]:
+        set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
     return extra
 
 
