@@ -88,3 +88,13 @@ def test_spec_from_hf_config_matches_the_preset_specs():
                                                      mp.QWEN3_30B_A3B.active_params())
     tied = mp.spec_from_hf_config(transformers.Qwen2Config(**{**q7.to_dict(), "tie_word_embeddings": True}))
     assert tied.total_params() == mp.QWEN25_7B.total_params() - 152064 * 3584
+
+
+def test_hsdp_shards_within_a_replica_group(capsys):
+    cfg = get_preset("qwen3-30b-a3b-dapo")
+    flat = cp.plan(cfg, 8, 80.0)
+    cfg.parallel.dp_replicate = 2  # 16 GPUs as 2 replicas of 8: the update of FSDP over 8
+    hsdp = cp.plan(cfg, 16, 80.0)
+    assert hsdp.shard == 8 and hsdp.moments["update"] == flat.moments["update"]
+    status, _, err = run_plan(capsys, "--preset", "qwen3-30b-a3b-dapo", "--set", "parallel.dp_replicate=2")
+    assert status == 2 and err.startswith("fastpmd train: error: config parallel.dp_replicate:") and "=1 would" in err

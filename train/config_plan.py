@@ -29,6 +29,7 @@ class Plan:
     gpu_gb: float
     spec: Spec
     tokens: int
+    shard: int  # GPUs one copy of the model is sharded over (gpus / parallel.dp_replicate)
     moments: dict = field(default_factory=dict)  # moment -> {part: GB}
     kv_sequences: float = 0.0  # full-length sequences the vLLM KV budget holds (vLLM engine only)
 
@@ -41,7 +42,8 @@ class Plan:
 
     def render(self) -> str:
         lines = [f"memory plan: {self.spec.name}, {self.spec.total_params() / 1e9:.2f}B parameters, {self.gpus} GPUs "
-                 f"x {self.gpu_gb:g} GB (fits at <= {self.line:.1f} GB), {self.tokens} tokens per micro-batch"]
+                 f"x {self.gpu_gb:g} GB, sharded over {self.shard} (fits at <= {self.line:.1f} GB), {self.tokens} "
+                 "tokens per micro-batch"]
         for moment, parts in self.moments.items():
             ok = "fits" if self.peak(moment) <= self.line else "DOES NOT FIT"
             lines.append(f"{moment}: {self.peak(moment):.1f} GB per GPU ({ok})")
@@ -91,7 +93,7 @@ def plan(cfg, gpus: int, gpu_gb: float, spec: Spec | None = None) -> Plan:
     m, r = cfg.model, cfg.rollout
     P, T = spec.total_params(), micro_batch_tokens(cfg)
     shard = gpus // cfg.parallel.dp_replicate  # FSDP shards over every GPU; HSDP within a replica group
-    out = Plan(gpus, gpu_gb, spec, T)
+    out = Plan(gpus, gpu_gb, spec, T, shard)
     up = update_plan(spec, shard, T, fused=cfg.loss.backend != "naive", cpu_offload=m.cpu_offload)
     state = [k for k in up if k.startswith(("params", "grads", "AdamW"))]
     moment = [k for k in up if k not in state and k not in ("backward", "optimizer step", "peak")]
@@ -155,6 +157,8 @@ def _fixes(cfg, gpus: int, gpu_gb: float, spec: Spec, moment: str):
         while t > 1024:
             t //= 2
             yield "optim.logprob_micro_batch_tokens", t, with_("optim", logprob_micro_batch_tokens=t)
+    if cfg.parallel.dp_replicate > 1:
+        yield "parallel.dp_replicate", 1, with_("parallel", dp_replicate=1)  # shard over every GPU
     if moment == "update":
         from .memory_plan import accepted_gpu_counts
 
