@@ -112,10 +112,11 @@ def plan(cfg, gpus: int, gpu_gb: float, spec: Spec | None = None) -> Plan:
         gen = {**engine_w, "vLLM workspace (allowance)": VLLM_WORKSPACE_GB,
                "vLLM KV cache (fixed budget)": max(kv, 0) / GB}
         out.kv_sequences = max(kv, 0) / (spec.kv_bytes_per_token(tp) * max_len)
-    else:  # the HF engine: a full bf16 copy, a dense KV cache for this rank's sequences
+    else:  # the HF engine: a full bf16 copy (in host memory until it wakes), a dense KV cache for this rank
         seqs = r.prompts_per_step // gpus * r.group_size
-        engine_w = {"HF generation copy bf16": 2 * P / GB}
-        gen = {**engine_w, "HF KV cache (this rank's sequences)": seqs * max_len * spec.kv_bytes_per_token() / GB}
+        engine_w = {}
+        gen = {"HF generation copy bf16": 2 * P / GB,
+               "HF KV cache (this rank's sequences)": seqs * max_len * spec.kv_bytes_per_token() / GB}
     out.moments["sync"] = {
         "trainer: fp32 params (sharded)": on_gpu * 4 * P / shard / GB,
         "trainer: AdamW m, v (sharded)": awake_adam * 8 * P / shard / GB,
