@@ -22,18 +22,19 @@ import torch.distributed as dist
 
 import fastpmd
 
-from . import checkpoint, faults, offload, rank_balance
+from . import checkpoint, config_plan, faults, offload, rank_balance
 from .config import TrainConfig, validate
 from .packing import pack_batch
 from .metrics import MetricsLogger, plot_curves
 from .step_metrics import step_metrics
 from .microbatch import pack_micro_batches
 from .micro_loss import micro_batch_loss
-from .model import Policy, build_hf_model, decoder_blocks, hf_state_key, reset_rotary
+from .model import Policy, build_hf_model, reset_rotary
 from .distributed import Dist
 from .parallelize import DTYPES, apply_activation_checkpointing, apply_fsdp
 from .prompts import Task
 from .tokenizer import make_tokenizer
+from .weight_sync import sync_weights
 from .rollout import HFEngine, SamplingConfig, logprobs_on_grid
 
 
@@ -71,10 +72,8 @@ class Trainer:
             raise ValueError(f"run.out: {self.out} already holds a run; pass --resume or choose another --out")
         self.tok = make_tokenizer(cfg)
         if d.device.type == "cuda":  # the memory plan of this config on this GPU, before any model exists
-            from .config_plan import check, spec_for
-
-            gb = torch.cuda.get_device_properties(d.device).total_memory / 1e9
-            check(cfg, d.world_size, gb, spec_for(cfg, self.tok.vocab_size))
+            config_plan.check(cfg, d.world_size, torch.cuda.get_device_properties(d.device).total_memory / 1e9,
+                              config_plan.spec_for(cfg, self.tok.vocab_size))
         self.weights_stale = False  # the engine waits for the last update's weights (sent by rollout_phase)
         self.task = Task(cfg, self.tok, d.rank, d.world_size)
         self.policy, self.hf = self._build_policy()
@@ -143,13 +142,11 @@ class Trainer:
             dist.barrier()
         max_len = self.cfg.data.max_prompt_len + r.max_new_tokens
         max_len = min(max_len, getattr(self.hf.config, "max_position_embeddings", max_len))
-        kv_bytes = None
-        if dev.type == "cuda":  # the plan's fixed KV budget (no profiling of memory the trainer holds)
-            from .config_plan import spec_for, vllm_kv_cache_bytes
-
-            total = torch.cuda.get_device_properties(dev).total_memory
-            kv_bytes = vllm_kv_cache_bytes(spec_for(self.cfg, self.tok.vocab_size), total, r.gpu_memory_utilization,
-                                           r.tensor_parallel_size)
+        kv_bytes = None  # on CUDA the plan's fixed KV budget (no profiling of memory the trainer holds)
+        if dev.type == "cuda":
+            kv_bytes = config_plan.vllm_kv_cache_bytes(config_plan.spec_for(self.cfg, self.tok.vocab_size),
+                                                       torch.cuda.get_device_properties(dev).total_memory,
+                                                       r.gpu_memory_utilization, r.tensor_parallel_size)
         if m.offload_during_rollout:  # vLLM wants utilization x GPU free at start-up (vllm/v1/worker/utils.py)
             self.policy.to("cpu")
         engine = VLLMEngine(model_dir, eos_id=self.tok.eos_id, seed=m.seed, dtype=m.param_dtype,
@@ -165,29 +162,9 @@ class Trainer:
         return engine
 
     def _sync_weights(self, engine=None) -> dict:
-        """Step 5: stream the full parameters into the rollout engine one FSDP unit at a time (each decoder
-        block, then the root): one all-gather per unit, in FSDP's compute dtype (`model.param_dtype`); each
-        tensor is handed over as a copy, so the unit is resharded before the next one is gathered and the engine
-        may keep what it receives. Returns {"gathers", "bytes"} sent by this rank."""
-        engine = engine or self.engine
-        blocks = decoder_blocks(self.hf)
-        units = [(b, f"hf.model.layers.{i}.") for i, b in enumerate(blocks)] + [(self.policy, "")]
-        stats = {"gathers": 0, "bytes": 0}
-
-        def named():
-            for unit, prefix in units:
-                unit.unshard()  # cpu_offload: FSDP copies the shard to the device first
-                stats["gathers"] += 1
-                for name, p in unit.named_parameters(prefix=prefix[:-1] if prefix else ""):
-                    if unit is self.policy and name.startswith("hf.model.layers."):
-                        continue  # the blocks' own units
-                    stats["bytes"] += p.numel() * p.element_size()
-                    yield hf_state_key(name), p.detach().clone()
-                unit.reshard()
-
-        with torch.no_grad():
-            engine.update_weights(named())
-        return stats
+        """Step 5: every weight into the rollout engine, one FSDP unit at a time in the compute dtype
+        (train/weight_sync.py); returns {"gathers", "bytes"} sent by this rank."""
+        return sync_weights(self.policy, self.hf, engine or self.engine)
 
     def sampling(self, step: int) -> SamplingConfig:
         r = self.cfg.rollout  # a distinct, reproducible seed per (run, step, rank)
