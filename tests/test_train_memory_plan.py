@@ -27,6 +27,8 @@ def test_update_plan_by_hand():
     assert TINY.mlp_saved_bytes(3) == 216 and TINY.block_activation_bytes(3) == 384
     act = [v for k, v in p.items() if k.startswith("activations")]
     assert act == [pytest.approx(48 + 2 * 384 + 48)]  # 864
+    full = {k: v * mp.GB for k, v in mp.update_plan(TINY, 2, 3, chunk_bytes=100, checkpointing=False).items()}
+    assert [v for k, v in full.items() if k.startswith("activations")] == [pytest.approx(3 * 384 + 48)]
     assert p["loss (fused, chunked)"] == pytest.approx(2 * 100 + 4 * 10 * 4)  # 360
     assert p["foreach-AdamW temporary (optimizer step)"] == pytest.approx(4 * 388 / 2)
     assert p["backward"] == pytest.approx(3104 + 776 + 944 + 864 + 360)  # 6048

@@ -94,7 +94,8 @@ def plan(cfg, gpus: int, gpu_gb: float, spec: Spec | None = None) -> Plan:
     P, T = spec.total_params(), micro_batch_tokens(cfg)
     shard = gpus // cfg.parallel.dp_replicate  # FSDP shards over every GPU; HSDP within a replica group
     out = Plan(gpus, gpu_gb, spec, T, shard)
-    up = update_plan(spec, shard, T, fused=cfg.loss.backend != "naive", cpu_offload=m.cpu_offload)
+    up = update_plan(spec, shard, T, fused=cfg.loss.backend != "naive", cpu_offload=m.cpu_offload,
+                     checkpointing=m.activation_checkpointing)
     state = [k for k in up if k.startswith(("params", "grads", "AdamW"))]
     moment = [k for k in up if k not in state and k not in ("backward", "optimizer step", "peak")]
     temp = [k for k in moment if k.startswith("foreach")]  # the optimizer step's moment: state + this

@@ -111,9 +111,9 @@ def spec_from_hf_config(c) -> Spec:
 
 
 def update_plan(spec: Spec, n_gpus: int, tokens: int, *, fused: bool = True, cpu_offload: bool = False,
-                chunk_bytes: float = 64 * 2**20) -> dict[str, float]:
+                chunk_bytes: float = 64 * 2**20, checkpointing: bool = True) -> dict[str, float]:
     """GB per GPU of each part of the update phase; 'backward' and 'optimizer step' are the two moments'
-    sums, 'peak' their maximum."""
+    sums, 'peak' their maximum. checkpointing False: every block keeps its saved tensors through the backward."""
     P, T, H, V, N = spec.total_params(), tokens, spec.hidden, spec.vocab, n_gpus
     on_gpu = 0.0 if cpu_offload else 1.0
     state = {
@@ -121,11 +121,14 @@ def update_plan(spec: Spec, n_gpus: int, tokens: int, *, fused: bool = True, cpu
         "grads fp32 (sharded)": on_gpu * 4 * P / N,
         "AdamW m, v fp32 (sharded)": on_gpu * 8 * P / N,
     }
+    act = ({"activations (checkpointed; block inputs, 1 block recomputed x2, final hidden + grad)":
+            spec.layers * T * H * 2 + 2 * spec.block_activation_bytes(T) + 2 * T * H * 2} if checkpointing else
+           {"activations (no checkpointing; every block's saved tensors, 1 block's grads, final hidden + grad)":
+            (spec.layers + 1) * spec.block_activation_bytes(T) + 2 * T * H * 2})
     work = {
         "gathered bf16: root + 2 blocks": 2 * (spec.root_params() + 2 * spec.block_params()),
         "unsharded fp32 grads: root + 1 block": 4 * (spec.root_params() + spec.block_params()),
-        "activations (checkpointed; block inputs, 1 block recomputed x2, final hidden + grad)":
-            spec.layers * T * H * 2 + 2 * spec.block_activation_bytes(T) + 2 * T * H * 2,
+        **act,
         ("loss (fused, chunked)" if fused else "loss (naive logits)"):
             (2 * chunk_bytes + 4 * V * H) if fused else T * V * (2 + 4 + 4),
     }
