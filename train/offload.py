@@ -24,7 +24,8 @@ def optimizer_to_host(optimizer: torch.optim.Optimizer) -> list:
 
 
 def reload(model: nn.Module, device: torch.device, moved: list) -> None:
-    """Undo `optimizer_to_host` and `model.to("cpu")`: model on `device`, each moved optimizer tensor on its own device again."""
+    """Undo `optimizer_to_host` and `model.to("cpu")`: model on `device`, each moved optimizer tensor on its own
+    device again."""
     model.to(device)
     for state, key, dev in moved:
         state[key] = state[key].to(dev, non_blocking=True)
