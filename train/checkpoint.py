@@ -11,9 +11,9 @@ written last, then the directory is renamed, then `latest` is replaced (os.repla
 leaves complete checkpoints only.
 
 Resume (`find_checkpoint`) takes the newest `step_*` directory that verifies: `.metadata`, the manifest, every
-file's size and checksum, and `trainer.pt` (older layout: this rank's `rank{r}.pt`). Anything that does not (a truncated or altered
-`.distcp`, a missing file, a garbage `latest`) is skipped with a warning naming it, and the next older one is
-tried. A checkpoint without a manifest (written before manifests existed) is loaded unverified, with a warning.
+file's size and checksum, and `trainer.pt` (older layout: this rank's `rank{r}.pt`). Anything that does not (a
+truncated or altered `.distcp`, a missing file, a garbage `latest`) is skipped with a warning naming it, and the
+next older one is tried. A checkpoint without a manifest (written before manifests existed) is loaded unverified, with a warning.
 """
 from __future__ import annotations
 
