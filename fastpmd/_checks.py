@@ -208,8 +208,14 @@ def check_mask(mask, shape, device, ref_name: str = "targets", required: bool = 
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def check_lm_head(hidden, weight, targets, bias) -> None:
-    """hidden [..., H], weight [V, H], targets [...] integer, bias [V] or None."""
+def is_packed(hidden, targets, mask) -> bool:
+    """hidden [n, H] with targets and mask [B, T]: hidden holds the rows of mask's True entries, row-major."""
+    return hidden.dim() == 2 and targets.dim() == 2 and mask is not None
+
+
+def check_lm_head(hidden, weight, targets, bias, packed: bool = False) -> None:
+    """hidden [..., H] (packed: [n, H], the rows of the mask), weight [V, H], targets [...] integer, bias [V]
+    or None."""
     check_tensor("hidden", hidden, floating=True)
     check_tensor("weight", weight, dims=2, floating=True)
     check_tensor("targets", targets, floating=False)
@@ -217,7 +223,7 @@ def check_lm_head(hidden, weight, targets, bias) -> None:
         raise ValueError("hidden must have at least one dimension [..., H]")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden width {hidden.shape[-1]} does not match weight [V, H] = {tuple(weight.shape)}")
-    if tuple(hidden.shape[:-1]) != tuple(targets.shape):
+    if not packed and tuple(hidden.shape[:-1]) != tuple(targets.shape):
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
@@ -303,15 +309,17 @@ def check_head_finite(hidden, weight, bias, mask) -> None:
 def check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, bias, tau, temperature,
                        chunk_size, length_norm):
     """fused_linear_pmd_loss's arguments (check_lm_head, then check_sequence_inputs against targets); returns
-    (bool mask, tau, temperature)."""
-    check_tensor("hidden", hidden, dims=3, floating=True)
-    check_lm_head(hidden, weight, targets, bias)
+    (bool mask, tau, temperature). hidden is [B, T, H], or packed [n, H] (the rows of the mask, row-major)."""
+    packed = is_packed(hidden, targets, mask)
+    check_tensor("hidden", hidden, dims=2 if packed else 3, floating=True)
+    check_lm_head(hidden, weight, targets, bias, packed)
     check_tensor("old_logprobs", old_logprobs, dims=2, floating=True)
     mask = check_sequence_inputs("targets", targets.shape, hidden.device, mask, advantages, old_logprobs=old_logprobs)
-    tau, temperature = check_sequence_tau(tau, targets.shape[0], hidden.device), check_positive("temperature", temperature)
+    tau = check_sequence_tau(tau, targets.shape[0], hidden.device)
+    temperature = check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
     check_length_norm(length_norm)
-    check_head_finite(hidden, weight, bias, mask)
+    check_head_finite(hidden, weight, bias, None if packed else mask)
     return mask, tau, temperature
 
 

@@ -35,12 +35,17 @@ def _triton_available(device: torch.device) -> bool:
 
 
 def compact_rows(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None):
-    """Flatten to rows and keep the valid ones. Returns (h [n, H], t [n] int64, idx [n] or None)."""
+    """Flatten to rows and keep the valid ones. Returns (h [n, H], t [n] int64, idx [n] or None). hidden may
+    already be packed: [n, H], the rows of mask's True entries in row-major order (targets, mask [B, T])."""
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t2 = targets.reshape(-1)
     if mask is None:
         return h2, t2.long(), None
     idx = mask.reshape(-1).nonzero().squeeze(1)  # one host sync (the row count)
+    if hidden.dim() == 2 and targets.dim() == 2:  # packed rows
+        if idx.numel() != hidden.shape[0]:
+            raise ValueError(f"hidden has {hidden.shape[0]} packed rows but mask selects {idx.numel()}")
+        return hidden, t2.index_select(0, idx).long(), idx
     return h2.index_select(0, idx), t2.index_select(0, idx).long(), idx
 
 

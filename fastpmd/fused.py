@@ -96,7 +96,7 @@ class SequenceChunkedPMD(torch.autograd.Function):
 
 
 def fused_linear_pmd_loss(
-    hidden: torch.Tensor,  # [B, T, H]
+    hidden: torch.Tensor,  # [B, T, H], or packed [n, H]: the rows of mask's True entries, row-major
     weight: torch.Tensor,  # [V, H]
     targets: torch.Tensor,  # [B, T]
     mask: torch.Tensor,  # [B, T]

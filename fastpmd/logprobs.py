@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_chunk_size, check_head_finite, check_lm_head, check_mask, check_positive
-from ._checks import check_targets_in_range
+from ._checks import check_targets_in_range, is_packed
 from .dispatch import compact_rows, resolve_backend, rows_logprobs, scatter_rows
 
 
 def linear_logprobs(
-    hidden: torch.Tensor,  # [..., H]
+    hidden: torch.Tensor,  # [..., H], or packed [n, H]: the rows of mask's True entries (targets, mask [B, T])
     weight: torch.Tensor,  # [V, H]
     targets: torch.Tensor,  # [...] int, in [0, V) where mask is True
     *,
@@ -30,11 +30,12 @@ def linear_logprobs(
     CUDA), "auto" (triton on CUDA, torch elsewhere). Masked rows are compacted away: no matrix work, no gradient.
     The backward takes any upstream gradient on logp and entropy; grad_weight accumulates in float32.
     """
-    check_lm_head(hidden, weight, targets, bias)
+    packed = is_packed(hidden, targets, mask)
+    check_lm_head(hidden, weight, targets, bias, packed)
     temperature = check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
     mask = check_mask(mask, targets.shape, hidden.device)
-    check_head_finite(hidden, weight, bias, mask)
+    check_head_finite(hidden, weight, bias, None if packed else mask)
     backend = resolve_backend(backend, hidden.device)
 
     h, t, idx = compact_rows(hidden, targets, mask)

@@ -5,7 +5,8 @@
 # 100 supervised warm-up steps so that some rewards differ and the PMD gradient is not zero, 16 eval problems)
 # on CUDA in bf16 with the HF engine, backend=auto (Triton on CUDA), activation checkpointing and token-budget
 # micro-batches (optim.micro_batch_tokens, when this trainer knows the option),
-# for STEPS steps (default 3) with a checkpoint at the end; then a second torchrun resumes for one more step.
+# for STEPS steps (default 3) with a checkpoint at the end; then a second torchrun resumes for one more step;
+# then, where vllm imports, two steps with --engine vllm (sleep/wake, sync, vLLM's memory fraction).
 # PASS/FAIL per phase; logs, metrics.jsonl and checkpoints in OUT_DIR. Needs transformers on the device: bring
 # it as wheels with `bash bench/gpu_env.sh download train` (carry .whl; see bench/gpu_env.sh).
 # CPU run of the same command line (gloo, float32), as tests/bench/test_gpu_scripts.py does:
@@ -86,6 +87,41 @@ torchrun_ "$OUT_DIR/resume.log" "${ARGS[@]}" --max-steps $((STEPS + 1)) --save-e
 rc=$? ok=1
 if [[ $rc -eq 0 ]] && check $((STEPS + 1)); then ok=0; fi
 phase_verdict "resume for step $((STEPS + 1)) (rc $rc, log $OUT_DIR/resume.log)" $ok
+# vLLM in the trainer's process (only where vllm imports; its wheel is too large to carry): sleep during the
+# update, wake, bf16 sync per FSDP unit; vLLM's extensible KV cache stays off and torch's memory fraction stays 1
+if [[ $DEVICE == cuda ]] && "$PYTHON" -c "import vllm" 2>/dev/null; then
+    VRUN="$OUT_DIR/vllm_run"
+    rm -rf "$VRUN"
+    cat >"$OUT_DIR/vllm_check.py" <<'EOF'
+import sys, torch
+from fastpmd.train.cli import build_config
+from fastpmd.train.distributed import init_distributed
+from fastpmd.train.trainer import Trainer
+cfg, _ = build_config(sys.argv[1:])
+d = init_distributed("cuda")
+t = Trainer(cfg, d)
+cc = t.engine.llm.llm_engine.vllm_config.cache_config
+frac = [torch.cuda.get_per_process_memory_fraction(d.device)]
+rows = t.fit()
+frac.append(torch.cuda.get_per_process_memory_fraction(d.device))
+print(f"gpu_check_train vllm: extensible {cc.enable_extensible_kv_cache}, kv_cache_memory_bytes "
+      f"{cc.kv_cache_memory_bytes}, memory fraction {frac}, steps {[r['step'] for r in rows]}, "
+      f"rollout_logp_diff_mean {[r.get('rollout_logp_diff_mean') for r in rows]}, "
+      f"peak GB {torch.cuda.max_memory_allocated(d.device) / 1e9:.2f}")
+t.engine.close()
+sys.exit(0 if not cc.enable_extensible_kv_cache and frac == [1.0, 1.0] and len(rows) == 2 else 1)
+EOF
+    # one attention head of width 64 (vLLM's attention backends want head_dim >= 32), as tiny-arith-vllm
+    timeout -k 10 "$CAP_S" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 "$OUT_DIR/vllm_check.py" \
+        "${ARGS[@]}" --engine vllm --max-steps 2 --no-export --out "$VRUN" --set "model.arch_kwargs={'hidden_size': 64, \
+'intermediate_size': 256, 'num_hidden_layers': 2, 'num_attention_heads': 1, 'num_key_value_heads': 1}" \
+        >"$OUT_DIR/vllm.log" 2>&1
+    rc=$?
+    grep "gpu_check_train vllm" "$OUT_DIR/vllm.log" | tee -a "$summary"
+    phase_verdict "vLLM engine: sleep, update, wake, bf16 sync, memory fraction (rc $rc, log $OUT_DIR/vllm.log)" $rc
+else
+    say "SKIP  vLLM engine phase: vllm does not import here (or device $DEVICE)"
+fi
 if [[ -f "$RUN/hf/config.json" ]]; then
     say "hf export dtype: $(grep -oE '"(torch_)?dtype": *"[a-z0-9]+"' "$RUN/hf/config.json" | head -n 1)"
 fi

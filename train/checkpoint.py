@@ -1,17 +1,21 @@
-"""Checkpoints: torch.distributed.checkpoint (sharded model + optimizer) plus a small per-rank file (scheduler,
-trainer state, data position, RNG states), written atomically; and the Hugging Face export.
+"""Checkpoints: torch.distributed.checkpoint (sharded model + optimizer, resharded by DCP on load), one
+`trainer.pt` (scheduler, trainer state, data position: the same on every rank, so independent of the world size)
+and a small per-rank file of RNG states, written atomically; and the Hugging Face export. A checkpoint loads on
+another world size: DCP reshards the model and optimizer, `trainer.pt` is shared, and the per-rank RNG states are
+restored only on the world size that wrote them (the trainer seeds its sampling, shuffles and draws per step).
 
-Layout: OUT/checkpoints/step_000012/{.metadata, *.distcp, rank0.pt, rank1.pt, ..., manifest.json} and
+Layout: OUT/checkpoints/step_000012/{.metadata, *.distcp, trainer.pt, rank0.pt, rank1.pt, ..., manifest.json} and
 OUT/checkpoints/latest (a one-line file naming the newest complete checkpoint). A checkpoint is written to
 `step_N.tmp`; its manifest (size and sha256 of every file, hashed in parallel: each rank hashes a share) is
 written last, then the directory is renamed, then `latest` is replaced (os.replace): a run killed at any moment
 leaves complete checkpoints only.
 
 Resume (`find_checkpoint`) takes the newest `step_*` directory that verifies: `.metadata`, the manifest, every
-file's size and checksum, and this rank's `rank{r}.pt`. Anything that does not (a truncated or altered
-`.distcp`, a missing file, a garbage `latest`) is skipped with a warning naming it, and the next older one is
-tried. A checkpoint without a manifest (incomplete, or written before manifests existed) is skipped the same way,
-unless the user asks for it (`unverified_ok`, run.resume_unverified): then it loads unverified, with a warning.
+file's size and checksum, and `trainer.pt` (older layout: this rank's `rank{r}.pt`). Anything that does not (a
+truncated or altered `.distcp`, a missing file, a garbage `latest`) is skipped with a warning naming it, and the
+next older one is tried. A checkpoint without a manifest (incomplete, or written before manifests existed) is
+skipped the same way, unless the user asks for it (`unverified_ok`, run.resume_unverified): then it loads
+unverified, with a warning.
 
 A save that runs out of disk space (ENOSPC or EDQUOT, also inside DCP's CheckpointException; or a write error
 with under 1 MiB left, which is how torch's writer reports it) removes its `step_N.tmp` and raises DiskFullError
@@ -66,6 +70,7 @@ def _step_dir(root: Path, step: int) -> Path:
 
 
 MANIFEST = "manifest.json"
+TRAINER_FILE = "trainer.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -129,8 +134,8 @@ def _precheck(directory: Path) -> tuple[str | None, dict | None]:
     rank, _ = _rank_world()
     if not (directory / ".metadata").is_file():
         return "missing .metadata", None
-    if not (directory / f"rank{rank}.pt").is_file():
-        return f"missing rank{rank}.pt (was it written with another world size?)", None
+    if not (directory / TRAINER_FILE).is_file() and not (directory / f"rank{rank}.pt").is_file():
+        return f"missing rank{rank}.pt (an older checkpoint without {TRAINER_FILE}: same world size only)", None
     mf = directory / MANIFEST
     if not mf.is_file():
         return None, None
@@ -272,8 +277,9 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
 
 
 def save(out: str | Path, step: int, model, optimizer, extra: dict, keep: int = 2) -> Path:
-    """Collective: every rank calls it. `extra` (picklable, per rank) holds scheduler/trainer/data/RNG state.
-    Raises DiskFullError (every rank) when the disk fills up; the checkpoints saved before stay as they were."""
+    """Collective: every rank calls it. `extra` (picklable, the same on every rank: scheduler, trainer and data
+    state) is written once; each rank writes its RNG states. Raises DiskFullError (every rank) when the disk fills
+    up; the checkpoints saved before stay as they were."""
     root = Path(out) / "checkpoints"
     final, tmp = _step_dir(root, step), _step_dir(root, step).with_suffix(".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -286,7 +292,13 @@ def save(out: str | Path, step: int, model, optimizer, extra: dict, keep: int = 
     _save_part(tmp, start)
     msd, osd = get_state_dict(model, optimizer)
     _save_part(tmp, lambda: dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp)))
-    _save_part(tmp, lambda: _write_rank_file(tmp / f"rank{rank}.pt", {**extra, "rng": rng_state()}))
+
+    def write_states():
+        if rank == 0:
+            _write_rank_file(tmp / TRAINER_FILE, {**extra, "world_size": _rank_world()[1]})
+        _write_rank_file(tmp / f"rank{rank}.pt", {"rng": rng_state()})
+
+    _save_part(tmp, write_states)
     _save_part(tmp, lambda: write_manifest(tmp))  # last: a directory with a manifest is complete
     _save_part(root / "latest.tmp", lambda: _publish(root, tmp, final, keep) if rank == 0 else None,
                f"{final} is complete (--resume finds the newest checkpoint that verifies without `latest`)")
@@ -294,18 +306,25 @@ def save(out: str | Path, step: int, model, optimizer, extra: dict, keep: int = 
 
 
 def load(out: str | Path, step: int, model, optimizer) -> dict:
-    """Collective: restore model, optimizer and RNG in place; returns this rank's `extra` dict."""
+    """Collective: restore model and optimizer in place (resharded to this world size), and the RNG states when
+    the world size is the one that wrote them; returns the `extra` dict."""
     path = _step_dir(Path(out) / "checkpoints", step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra_file = path / f"rank{rank}.pt"
-    if not extra_file.is_file():
-        raise ValueError(f"run.resume: {extra_file} missing (was the checkpoint written with another world size?)")
-    extra = torch.load(extra_file, weights_only=False)
-    set_rng_state(extra.pop("rng"))
+    rank_file = path / f"rank{rank}.pt"
+    if not (path / TRAINER_FILE).is_file():  # older layout: everything in the per-rank files
+        if not rank_file.is_file():
+            raise ValueError(f"run.resume: {rank_file} missing (a checkpoint without {TRAINER_FILE} loads on the "
+                             "world size that wrote it only)")
+        extra = torch.load(rank_file, weights_only=False)
+        set_rng_state(extra.pop("rng"))
+        return extra
+    extra = torch.load(path / TRAINER_FILE, weights_only=False)
+    if extra.pop("world_size") == _rank_world()[1]:
+        set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
     return extra
 
 

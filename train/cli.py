@@ -56,7 +56,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any other field, e.g. --set optim.weight_decay=0.1 (Python literal or bare string)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan of this config and exit: 0 "
+                   "if the update, weight sync and rollout each fit under 90%% of the GPU, else 2 naming a field")
+    p.add_argument("--gpus", type=int, default=None, help="with --plan: GPU count (default parallel.gpus)")
+    p.add_argument("--gpu-gb", type=float, default=None, help="with --plan: GB per GPU (default parallel.gpu_gb)")
     return p
+
+
+def memory_plan(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    """`--plan`: the plan of exactly this config on stdout; exit 2 with one line naming a field if it does not fit."""
+    from .config_plan import check, plan, spec_for
+
+    gpus = args.gpus if args.gpus is not None else cfg.parallel.gpus
+    if gpus < 1:
+        raise ValueError("config parallel.gpus: --plan needs a GPU count (--gpus N; this preset plans none)")
+    if args.gpu_gb is not None:
+        set_field(cfg, "parallel.gpu_gb", args.gpu_gb)
+    validate(cfg, world_size=gpus)
+    vocab = None
+    if cfg.model.arch:
+        from .task.tokenizer import make_tokenizer
+
+        vocab = make_tokenizer(cfg).vocab_size
+    spec = spec_for(cfg, vocab)
+    print(plan(cfg, gpus, cfg.parallel.gpu_gb, spec).render())
+    check(cfg, gpus, cfg.parallel.gpu_gb, spec)
+    return 0
 
 
 def parse_value(path: str, value, allowed: tuple):
@@ -271,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = build_config(argv)
         validate(cfg)  # world-size-independent checks before any process group or model exists
+        if args.plan:
+            return memory_plan(cfg, args)
         if not args.print_config:
             preflight(cfg)
     except ValueError as e:

@@ -93,8 +93,20 @@ class OptimConfig:
     micro_batch_seqs: int = 64  # sequences per forward/backward (gradient accumulation inside a mini-batch)
     micro_batch_tokens: int = 0  # > 0: micro-batches of at most this many tokens (prompt + response), the same
     #   count on every rank, lengths balanced (train/microbatch.py); micro_batch_seqs is then unused
+    logprob_micro_batch_tokens: int = 0  # > 0: token budget of the no-gradient pass (old log-probs; no activations
+    #   kept, so 2-3x the training budget fits, as verl does); 0 = the training micro-batches
     balance_ranks: bool = True  # with micro_batch_tokens > 0 on > 1 rank: sequences move between ranks so each
     #   trains about the same tokens per mini-batch (train/rank_balance.py); False keeps each rank's own
+
+
+@dataclass
+class ParallelConfig:
+    """The GPUs a run is planned for (`fastpmd train ... --plan`; train/config_plan.py); the world size itself
+    comes from torchrun."""
+
+    gpus: int = 0  # GPUs the preset is planned for (0 = not planned: --plan then needs --gpus)
+    gpu_gb: float = 80.0  # memory of one GPU, GB (10^9 bytes), for --plan; on CUDA the trainer reads the device's
+    dp_replicate: int = 1  # HSDP: replicas of the model; each shards it over world / dp_replicate ranks (a node)
 
 
 @dataclass
@@ -145,6 +157,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,8 +205,9 @@ def check_types(cfg: TrainConfig) -> None:
                 raise ValueError(f"config {sec.name}.{name}: {err}")
 
 
-def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Raise ValueError naming the first bad field; called before any model or data is touched."""
+def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Raise ValueError naming the first bad field; called before any model or data is touched. world_size None:
+    only the checks that hold for every world size (the CLI, before torchrun's world exists)."""
     check_types(cfg)
 
     def need(ok: bool, name: str, msg: str) -> None:
@@ -250,8 +264,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(optim.mini_batches >= 1, "optim.mini_batches", "must be >= 1")
     need(optim.micro_batch_seqs >= 1, "optim.micro_batch_seqs", "must be >= 1")
     need(optim.micro_batch_tokens >= 0, "optim.micro_batch_tokens", "must be >= 0 (0 = micro_batch_seqs)")
+    need(optim.logprob_micro_batch_tokens >= 0, "optim.logprob_micro_batch_tokens",
+         "must be >= 0 (0 = the training micro-batches)")
     need(warmup.steps >= 0 and warmup.batch_size > 0 and warmup.lr > 0, "warmup", "steps >= 0, batch_size > 0, lr > 0")
     need(0.0 <= warmup.noise < 1.0 and warmup.noise_span >= 1, "warmup.noise", "noise in [0, 1), noise_span >= 1")
+    need(cfg.parallel.gpus >= 0, "parallel.gpus", "must be >= 0 (0 = not planned)")
+    need(cfg.parallel.gpu_gb > 0, "parallel.gpu_gb", "must be > 0")
+    need(cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
     need(run.max_steps >= 0, "run.max_steps", "must be >= 0")
     need(run.save_every >= 0, "run.save_every", "must be >= 0")
     need(run.eval_every >= 0, "run.eval_every", "must be >= 0")
@@ -268,15 +287,20 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(not run.wandb_project or importlib.util.find_spec("wandb") is not None, "run.wandb_project",
          "needs the wandb package (pip install 'fastpmd[wandb]')")
     need(all(isinstance(t, str) for t in run.wandb_tags), "run.wandb_tags", "must be strings")
+    tp_world = world_size  # None: whatever divides holds at world size 1 too; only TP needs the real one
+    world_size = world_size or 1
     need(rollout.prompts_per_step % world_size == 0, "rollout.prompts_per_step",
          f"{rollout.prompts_per_step} prompts do not split over {world_size} ranks")
     local = rollout.prompts_per_step // world_size
     need(local % optim.mini_batches == 0, "optim.mini_batches",
          f"{local} prompts per rank do not split into {optim.mini_batches} mini-batches of whole prompt groups")
-    try:
-        check_tensor_parallel(world_size, rollout.tensor_parallel_size)
+    try:  # without a world size (tp_world None) only the type and range of the TP degree are checked
+        check_tensor_parallel(rollout.tensor_parallel_size if tp_world is None else tp_world,
+                              rollout.tensor_parallel_size)
     except ValueError as e:
         raise ValueError(f"config {e}") from None
     need(rollout.tensor_parallel_size == 1 or ENGINES[rollout.engine].tensor_parallel,
          "rollout.tensor_parallel_size", f"engine {rollout.engine!r} has no tensor parallelism (engines with it: "
          f"{sorted(n for n, e in ENGINES.items() if e.tensor_parallel)})")
+    need(tp_world is None or tp_world % cfg.parallel.dp_replicate == 0, "parallel.dp_replicate",
+         f"{cfg.parallel.dp_replicate} does not divide the world size {world_size}")

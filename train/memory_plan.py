@@ -1,6 +1,7 @@
-"""Per-GPU memory of the two phases of an RL step for the paper presets (Qwen2.5-7B, Qwen3-30B-A3B) under FSDP2,
-computed from the model shapes and the presets' own settings: `python -m fastpmd.train.memory_plan` prints the
-tables of docs/memory_plan.md.
+"""Per-GPU memory of the parts of an RL step under FSDP2, computed from the model shapes: the arithmetic behind
+`fastpmd train --plan` (train/config_plan.py, which adds the weight-sync moment and vLLM's fixed KV budget);
+`python -m fastpmd.train.memory_plan` prints the tables of docs/memory_plan.md, the presets' plans at every GPU
+count their configs accept.
 
 Update phase (one micro-batch of T tokens per GPU, bf16 compute, fp32 masters), peak = max of two moments:
 - backward: sharded state (1/N each: fp32 params 4 B, fp32 grads 4 B, AdamW moments 8 B per parameter; all in
@@ -26,9 +27,6 @@ from dataclasses import dataclass
 
 GB = 1e9
 FIT = 0.9
-# The token budget per micro-batch the DAPO presets are expected to set (`optim.micro_batch_tokens`, added on
-# the trainer branch); used when the preset has no such field yet.
-EXPECTED_MICRO_BATCH_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -46,6 +44,7 @@ class Spec:
     expert_intermediate: int = 0
     qkv_bias: bool = False
     qk_norm: bool = False
+    tied: bool = False  # LM head shares the embedding matrix
 
     def attn_params(self) -> int:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -60,7 +59,7 @@ class Spec:
         return self.attn_params() + mlp + 2 * self.hidden
 
     def root_params(self) -> int:
-        return 2 * self.vocab * self.hidden + self.hidden  # untied embeddings + LM head, final norm
+        return (1 if self.tied else 2) * self.vocab * self.hidden + self.hidden  # embeddings (+ LM head), norm
 
     def total_params(self) -> int:
         return self.layers * self.block_params() + self.root_params()
@@ -95,12 +94,26 @@ QWEN25_7B = Spec("Qwen2.5-7B", layers=28, hidden=3584, heads=28, kv_heads=4, hea
 QWEN3_30B_A3B = Spec("Qwen3-30B-A3B", layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128, vocab=151936,
                      experts=128, top_k=8, expert_intermediate=768, qk_norm=True)
 PRESET_SPECS = {"qwen2.5-7b-dapo": QWEN25_7B, "qwen3-30b-a3b-dapo": QWEN3_30B_A3B}
+KNOWN_MODELS = {"Qwen/Qwen2.5-7B": QWEN25_7B, "Qwen/Qwen3-30B-A3B-Base": QWEN3_30B_A3B}
+
+
+def spec_from_hf_config(c) -> Spec:
+    """The shapes of a Qwen2/Qwen3/Qwen3-MoE (or Llama-like) transformers config."""
+    heads = c.num_attention_heads
+    return Spec(getattr(c, "name_or_path", "") or c.model_type, layers=c.num_hidden_layers, hidden=c.hidden_size,
+                heads=heads, kv_heads=c.num_key_value_heads or heads,
+                head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, vocab=c.vocab_size,
+                intermediate=c.intermediate_size, experts=getattr(c, "num_experts", 0) or 0,
+                top_k=getattr(c, "num_experts_per_tok", 0) or 0,
+                expert_intermediate=getattr(c, "moe_intermediate_size", 0) or 0,
+                qkv_bias=c.model_type == "qwen2" or bool(getattr(c, "attention_bias", False)),
+                qk_norm=c.model_type in ("qwen3", "qwen3_moe"), tied=bool(c.tie_word_embeddings))
 
 
 def update_plan(spec: Spec, n_gpus: int, tokens: int, *, fused: bool = True, cpu_offload: bool = False,
-                chunk_bytes: float = 64 * 2**20) -> dict[str, float]:
+                chunk_bytes: float = 64 * 2**20, checkpointing: bool = True) -> dict[str, float]:
     """GB per GPU of each part of the update phase; 'backward' and 'optimizer step' are the two moments'
-    sums, 'peak' their maximum."""
+    sums, 'peak' their maximum. checkpointing False: every block keeps its saved tensors through the backward."""
     P, T, H, V, N = spec.total_params(), tokens, spec.hidden, spec.vocab, n_gpus
     on_gpu = 0.0 if cpu_offload else 1.0
     state = {
@@ -108,11 +121,14 @@ def update_plan(spec: Spec, n_gpus: int, tokens: int, *, fused: bool = True, cpu
         "grads fp32 (sharded)": on_gpu * 4 * P / N,
         "AdamW m, v fp32 (sharded)": on_gpu * 8 * P / N,
     }
+    act = ({"activations (checkpointed; block inputs, 1 block recomputed x2, final hidden + grad)":
+            spec.layers * T * H * 2 + 2 * spec.block_activation_bytes(T) + 2 * T * H * 2} if checkpointing else
+           {"activations (no checkpointing; every block's saved tensors, 1 block's grads, final hidden + grad)":
+            (spec.layers + 1) * spec.block_activation_bytes(T) + 2 * T * H * 2})
     work = {
         "gathered bf16: root + 2 blocks": 2 * (spec.root_params() + 2 * spec.block_params()),
         "unsharded fp32 grads: root + 1 block": 4 * (spec.root_params() + spec.block_params()),
-        "activations (checkpointed; block inputs, 1 block recomputed x2, final hidden + grad)":
-            spec.layers * T * H * 2 + 2 * spec.block_activation_bytes(T) + 2 * T * H * 2,
+        **act,
         ("loss (fused, chunked)" if fused else "loss (naive logits)"):
             (2 * chunk_bytes + 4 * V * H) if fused else T * V * (2 + 4 + 4),
     }
@@ -122,6 +138,24 @@ def update_plan(spec: Spec, n_gpus: int, tokens: int, *, fused: bool = True, cpu
     out["optimizer step"] = (sum(state.values()) + sum(temp.values())) / GB
     out["peak"] = max(out["backward"], out["optimizer step"])
     return out
+
+
+def logprob_plan(spec: Spec, n_gpus: int, tokens: int, *, cpu_offload: bool = False,
+                 chunk_bytes: float = 64 * 2**20) -> dict[str, float]:
+    """GB per GPU of the old-log-prob pass (no gradient) over micro-batches of `tokens` tokens: the sharded
+    params and AdamW state (grads are freed), the gathered root + 2 blocks, one block's forward tensors, the
+    hidden states in and out of a block, and one fp32 logits chunk."""
+    P, T, H, N = spec.total_params(), tokens, spec.hidden, n_gpus
+    on_gpu = 0.0 if cpu_offload else 1.0
+    parts = {
+        "params fp32 (sharded)": on_gpu * 4 * P / N,
+        "AdamW m, v fp32 (sharded)": on_gpu * 8 * P / N,
+        "gathered bf16: root + 2 blocks": 2 * (spec.root_params() + 2 * spec.block_params()),
+        "one block's forward tensors": spec.block_activation_bytes(T),
+        "hidden states in and out [T, H] bf16": 2 * T * H * 2,
+        "logits chunk fp32": chunk_bytes,
+    }
+    return {k: v / GB for k, v in parts.items()}
 
 
 def rollout_plan(spec: Spec, n_gpus: int, gpu_gb: float, *, tp: int = 1, utilization: float = 0.5,
@@ -159,80 +193,50 @@ def accepted_gpu_counts(cfg, candidates=range(1, 65)) -> list[int]:
     return ok
 
 
-def preset_tokens(cfg) -> tuple[int, bool]:
-    """(T, assumed): the preset's optim.micro_batch_tokens, or EXPECTED_MICRO_BATCH_TOKENS if it has none."""
-    t = getattr(cfg.optim, "micro_batch_tokens", 0)
-    return (int(t), False) if t else (EXPECTED_MICRO_BATCH_TOKENS, True)
-
-
-def fewest(counts: list[int], fits) -> int | None:
-    return next((n for n in counts if fits(n)), None)
-
-
-def _markdown(title: str, cols: list[tuple[str, dict]], rows: list[str], fmt=lambda k, v: f"{v:.1f}") -> list[str]:
-    lines = [title, "", "| GB per GPU | " + " | ".join(n for n, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
-    for k in rows:
-        cells = [fmt(k, p[k]) if k in p else "-" for _, p in cols]
-        bold = k in ("peak", "total")
-        lines.append(f"| {'**' + k + '**' if bold else k} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def tables(preset: str, gpu_gb: float = 80.0) -> str:
-    """The markdown for one preset: update phase, rollout phase, and what does not fit."""
+def tables(preset: str) -> str:
+    """The markdown for one preset: the `--plan` of its config (train/config_plan.py) at every GPU count the
+    config accepts, the preset's own marked, with each moment's parts and the verdict (or the field to change)."""
+    from .config_plan import check, plan, spec_for
     from .presets import get_preset
 
-    cfg, spec = get_preset(preset), PRESET_SPECS[preset]
-    T, assumed = preset_tokens(cfg)
+    cfg = get_preset(preset)
+    spec, gb, own = spec_for(cfg), cfg.parallel.gpu_gb, cfg.parallel.gpus
     counts = accepted_gpu_counts(cfg)
-    line = FIT * gpu_gb
-    n0 = fewest(counts, lambda n: update_plan(spec, n, T)["peak"] <= line)
-    n1 = fewest(counts, lambda n: update_plan(spec, n, T, cpu_offload=True)["peak"] <= line)
-    cols = [("8 GPUs", update_plan(spec, 8, T)), ("8 GPUs, loss.backend=naive", update_plan(spec, 8, T, fused=False))]
-    if n0 is not None and n0 != 8:
-        cols.append((f"{n0} GPUs (fewest accepted)", update_plan(spec, n0, T)))
-    cols.append(("8 GPUs, model.cpu_offload", update_plan(spec, 8, T, cpu_offload=True)))
-    if n1 is not None and n1 != 8:
-        cols.append((f"{n1} GPU(s), model.cpu_offload", update_plan(spec, n1, T, cpu_offload=True)))
-    totals = ["backward", "optimizer step", "peak"]
-    rows = []
-    for _, p in cols:
-        rows += [k for k in p if k not in rows and k not in totals]
-    rows += totals
-    head = (f"### {spec.name} (`{preset}`): {spec.total_params() / 1e9:.2f}B parameters "
-            f"({spec.active_params() / 1e9:.2f}B active), {gpu_gb:.0f} GB GPUs")
-    src = "assumed `optim.micro_batch_tokens`" if assumed else "the preset's `optim.micro_batch_tokens`"
-    out = [head, "", f"GPU counts the config accepts (`config.validate`, {cfg.rollout.prompts_per_step} prompts in "
-           f"{cfg.optim.mini_batches} mini-batches): {', '.join(map(str, counts))}.", "",
-           *_markdown(f"Update phase, T = {T} tokens per micro-batch per GPU ({src}):", cols, rows)]
-    max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
-    util = cfg.rollout.gpu_memory_utilization
-    rcols = []
-    for tp in (1, 2):
-        for off in (False, True):
-            name = f"TP {tp}" + (", offload_during_rollout" if off else "")
-            rcols.append((name, rollout_plan(spec, 8, gpu_gb, tp=tp, utilization=util, max_len=max_len,
-                                             offload_during_rollout=off)))
-    rrows = [k for k in rcols[0][1] if k != "vllm_fits"]
-    fmt = lambda k, v: f"{v:.0f}" if k.startswith("full-length") else f"{v:.1f}"  # noqa: E731
-    out += ["", *_markdown(f"Rollout phase, 8 GPUs, rollout.gpu_memory_utilization = {util} "
-                           f"({util * gpu_gb:.0f} GB for vLLM), sequences of up to {max_len} tokens:",
-                           rcols, rrows, fmt)]
-    out += ["", "Does not fit (at the 90% line):"]
-    bad = [f"- update phase on 8 GPUs without offload: {cols[0][1]['peak']:.1f} GB"] if cols[0][1]["peak"] > line else []
-    bad += [f"- rollout, {name}: " + ("vLLM's weights alone exceed its share" if not p["vllm_fits"] else
-                                       f"{p['total']:.1f} GB in all") for name, p in rcols
-            if not p["vllm_fits"] or p["total"] > line]
-    out += bad or ["- nothing in these tables"]
+    plans = {n: plan(cfg, n, gb, spec) for n in counts}
+    head = [f"{n} GPUs" + (" (preset)" if n == own else "") for n in counts]
+    out = [f"### {spec.name} (`{preset}`): {spec.total_params() / 1e9:.2f}B parameters "
+           f"({spec.active_params() / 1e9:.2f}B active), {gb:g} GB GPUs, T = {plans[counts[0]].tokens} tokens",
+           "", f"GB per GPU; a moment fits at <= {FIT * gb:.1f} GB. Rollout: TP {cfg.rollout.tensor_parallel_size}, "
+           f"utilization {cfg.rollout.gpu_memory_utilization}, offload_during_rollout "
+           f"{cfg.model.offload_during_rollout}.", "",
+           "| moment: part | " + " | ".join(head) + " |", "|---|" + "---:|" * len(counts)]
+    for moment in plans[counts[0]].moments:
+        parts = []
+        for p in plans.values():
+            parts += [k for k in p.moments[moment] if k not in parts]
+        for k in parts:
+            cells = [f"{p.moments[moment][k]:.1f}" if k in p.moments[moment] else "-" for p in plans.values()]
+            out.append(f"| {moment}: {k} | " + " | ".join(cells) + " |")
+        out.append(f"| **{moment}** | " + " | ".join(f"**{p.peak(moment):.1f}**" for p in plans.values()) + " |")
+    out.append("| vLLM KV budget, full-length sequences | " +
+               " | ".join(f"{p.kv_sequences:.0f}" for p in plans.values()) + " |")
+    out += ["", "Verdict (`fastpmd train --preset " + preset + " --plan --gpus N`):", ""]
+    for n in counts:
+        try:
+            check(cfg, n, gb, spec)
+            p = plans[n]
+            room = FIT * gb - max(p.peak(k) for k in p.moments)
+            out.append(f"- {n} GPUs: fits; headroom {room:.1f} GB per GPU under the 90% line")
+        except ValueError as e:
+            out.append(f"- {n} GPUs: exit 2: `{e}`")
     return "\n".join(out)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gpu-gb", type=float, default=80.0)
-    args = ap.parse_args(argv)
+    ap.parse_args(argv)
     for preset in PRESET_SPECS:
-        print(tables(preset, args.gpu_gb))
+        print(tables(preset))
         print()
 
 

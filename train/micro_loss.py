@@ -14,7 +14,7 @@ from .batch import RolloutBatch
 def micro_batch_loss(lo: fastpmd.LossConfig, temperature: float, mb: RolloutBatch, hidden: torch.Tensor,
                      weight: torch.Tensor, n_seq: float, n_items: float, micro_seqs: int):
     """(loss, metrics) of loss `lo` on micro-batch `mb` (old log-probs, advantages [, tau, TIS weights] set):
-    hidden [b, L, H], LM head weight [V, H]; n_seq, n_items: the mini-batch's sequences and response tokens over
+    hidden [n, H] (the rows of mb.loss_mask, packed) or [b, L, H], LM head weight [V, H]; n_seq, n_items: the mini-batch's sequences and response tokens over
     all ranks / world size; micro_seqs: this micro-batch's sequences."""
     spec = lo.spec
     opts = loss_options(lo, num_sequences=n_seq, num_items=n_items, weights=mb.is_weights,

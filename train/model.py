@@ -3,8 +3,9 @@
 `Policy` wraps the HF model so that one FSDP root (`Policy`) sees the whole step: embeddings, decoder blocks
 (each its own FSDP unit), final norm and the LM head. `Policy.forward` runs the base model (`hf.model`) on a packed
 `[1, N]` row of tokens with per-sequence position ids (no padding; sdpa and flash-attn varlen both read sequence
-boundaries from the position ids), scatters the hidden states back to the `[B, L]` grid and returns them with
-`hf.lm_head.weight`; the trainer feeds both to a fastpmd loss or `linear_logprobs` and never asks for logits. (The
+boundaries from the position ids) and returns the final hidden states of the tokens `select` marks as packed
+`[n, H]` rows (the trainer selects the loss mask's tokens; no padded `[B, L, H]` grid) with `hf.lm_head.weight`;
+the trainer feeds both to a fastpmd loss or `linear_logprobs`, which take packed rows, and never asks for logits. (The
 FSDP root keeps its parameters, the LM head included, unsharded from its forward through its backward, so the
 returned weight is the gathered one.)
 """
@@ -92,8 +93,9 @@ def reset_rotary(hf: nn.Module, device: torch.device) -> None:
 
 
 class Policy(nn.Module):
-    """FSDP root around an HF causal LM. forward(input_ids, position_ids, valid) -> (hidden [B, L, H], lm_head
-    weight [V, H]).
+    """FSDP root around an HF causal LM. forward(input_ids, position_ids, valid, select=None) -> (hidden, lm_head
+    weight [V, H]): hidden [n, H], the rows of select's True entries in row-major order (select within valid), or
+    with select None the [B, L, H] grid (zeros off valid).
 
     row_tokens None packs the whole batch into one [1, N] row (flash-attn varlen: attention costs sum L_i^2);
     an int packs it into rows of at most max(row_tokens, longest) tokens, which bounds sdpa's dense
@@ -105,8 +107,10 @@ class Policy(nn.Module):
         self.hf = hf
         self.row_tokens = row_tokens
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor):
-        """input_ids, position_ids, valid: [B, L] (valid = real prompt/response token, a prefix of each row)."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor,
+                select: torch.Tensor | None = None):
+        """input_ids, position_ids, valid, select: [B, L] (valid = real prompt/response token, a prefix of each row;
+        select: the tokens whose hidden states are returned as packed rows, e.g. the loss mask)."""
         B, L = input_ids.shape
         dest, used, C = pack_layout(valid, self.row_tokens)  # [N], [R]
         R = used.numel()
@@ -116,6 +120,8 @@ class Policy(nn.Module):
         packed_ids = torch.zeros(R * C, dtype=input_ids.dtype, device=input_ids.device).index_put(
             (dest,), input_ids[valid]).view(R, C)
         out = self.hf.model(input_ids=packed_ids, position_ids=packed_pos, use_cache=False)
+        if select is not None:  # plain PyTorch: grid[select] of the grid below, without building the grid
+            return out.last_hidden_state.reshape(R * C, -1)[dest[select[valid]]], self.hf.lm_head.weight  # [n, H]
         h = out.last_hidden_state.reshape(R * C, -1)[dest]  # [N, H]
         hidden = h.new_zeros(B, L, h.shape[-1]).index_put((valid.nonzero(as_tuple=True)), h)  # [B, L, H]
         return hidden, self.hf.lm_head.weight

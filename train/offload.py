@@ -1,5 +1,6 @@
 """Host offload around the rollout phase: the trainer's sharded parameters and optimizer state move to host
-memory while the rollout engine generates, and back before the update (`model.offload_during_rollout`).
+memory while the rollout engine generates, and back before the update (`model.offload_during_rollout`). The
+trainer moves the optimizer state first, sends the weights to the engine, then moves the model.
 
 FSDP2 modules support `module.to(device)` on sharded parameters (its `_apply` reshards first and re-registers
 the shards); optimizer state tensors are moved one by one and each goes back to the device it came from (AdamW
@@ -11,9 +12,8 @@ import torch
 from torch import nn
 
 
-def offload_to_host(model: nn.Module, optimizer: torch.optim.Optimizer) -> list:
-    """Move model parameters/buffers and optimizer state to the host; returns what `reload` needs."""
-    model.to("cpu")
+def optimizer_to_host(optimizer: torch.optim.Optimizer) -> list:
+    """Move the optimizer state to the host (the model stays); returns what `reload` needs."""
     moved = []
     for state in optimizer.state.values():
         for key, value in state.items():
@@ -24,7 +24,8 @@ def offload_to_host(model: nn.Module, optimizer: torch.optim.Optimizer) -> list:
 
 
 def reload(model: nn.Module, device: torch.device, moved: list) -> None:
-    """Undo `offload_to_host`: model on `device`, each moved optimizer tensor on its own device again."""
+    """Undo `optimizer_to_host` and `model.to("cpu")`: model on `device`, each moved optimizer tensor on its own
+    device again."""
     model.to(device)
     for state, key, dev in moved:
         state[key] = state[key].to(dev, non_blocking=True)

@@ -29,12 +29,27 @@ def apply_activation_checkpointing(hf: nn.Module) -> None:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def apply_fsdp(policy: nn.Module, cfg: ModelConfig, device: torch.device) -> nn.Module:
-    """fully_shard each decoder block, then the root; params stay float32 masters, compute in cfg.param_dtype."""
+def data_parallel_mesh(device: torch.device, replicate: int = 1):
+    """FSDP's mesh: 1-D over every rank, or with `replicate` > 1 the 2-D HSDP mesh ("replicate", "shard") of
+    replicate x world / replicate ranks (torchtitan's layout): parameters are sharded within a group of
+    consecutive ranks (a node) and replicated across the groups; gradients are reduce-scattered within a group and
+    all-reduced across groups."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if replicate < 1 or world % replicate:
+        raise ValueError(f"config parallel.dp_replicate: {replicate} does not divide the world size {world}")
+    if replicate == 1:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def apply_fsdp(policy: nn.Module, cfg: ModelConfig, device: torch.device, replicate: int = 1) -> nn.Module:
+    """fully_shard each decoder block, then the root, over `data_parallel_mesh(device, replicate)` (HSDP when
+    replicate > 1); params stay float32 masters, compute in cfg.param_dtype."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = data_parallel_mesh(device, replicate)
     param_dtype = DTYPES[cfg.param_dtype]
     mp = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
                               reduce_dtype=DTYPES[cfg.reduce_dtype])

@@ -12,9 +12,11 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 from fastpmd.objectives import LossConfig
 
-from .config import (DataConfig, ModelConfig, OptimConfig, RewardConfig, RolloutConfig, RunConfig,
+from .config import (DataConfig, ModelConfig, OptimConfig, ParallelConfig, RewardConfig, RolloutConfig, RunConfig,
                      TrainConfig, WarmupConfig)
 
 
@@ -60,20 +62,42 @@ def _dapo(model: str) -> TrainConfig:
         reward=RewardConfig(correct=1.0, incorrect=-1.0),
         loss=LossConfig(name="pmd-mean", tau=0.01, estimator="loo", length_norm=True),  # rloo, seq-mean-token-mean
         # micro-batches of at most 16k tokens per GPU (a 2k-prompt + 8k-response sequence fits; the memory plan's T)
+        # the old-log-prob pass (no gradient, no activations kept) takes twice the budget (verl: 2-3x)
         optim=OptimConfig(lr=1e-6, weight_decay=0.01, mini_batches=16, micro_batch_seqs=8,
-                          micro_batch_tokens=16384),
+                          micro_batch_tokens=16384, logprob_micro_batch_tokens=32768),
         # the scripts: total_epochs=15, total_training_steps=3000, test_freq=5, save_freq=100; verl stops at whichever
         # comes first: 15 epochs of ~17.4k prompts at 512 per step, ~34 steps each
         run=RunConfig(out=f"runs/{model.split('/')[-1].lower()}-pmd", max_steps=510, save_every=100, eval_every=5,
                       device="cuda"),
+        parallel=ParallelConfig(gpus=8, gpu_gb=80.0),  # `--plan`: docs/memory_plan.md states the headroom
     )
+
+
+def qwen3_30b_a3b_dapo() -> TrainConfig:
+    """The DAPO recipe on Qwen3-30B-A3B, planned for 16 x 80 GB GPUs (docs/memory_plan.md, `--plan`):
+    - 16 GPUs: FSDP over 16 holds the fp32 params, grads and AdamW state (16 B x 30.5B / 16 = 31 GB per GPU), so
+      the update fits without `model.cpu_offload` (whose per-micro-batch host copies and host AdamW are slow);
+      on 8 GPUs the state alone is 61 GB and the backward over the 72 GB line.
+    - rollout TP 2: vLLM's bf16 weights are 61 GB, 31 GB per GPU at TP 2 (TP 1 cannot hold them next to a KV
+      cache); TP 4 would halve them again but doubles the engine's collectives for a 3B-active model.
+    - `model.offload_during_rollout`: the trainer's fp32 params and AdamW state (23 GB per GPU) wait in host
+      memory while vLLM generates, so vLLM may take 0.85 of the GPU: 68 GB, of which 37 GB of KV cache.
+    - TIS rollout correction (cap 2), as verl's MoE recipe: the MoE router makes vLLM's and the trainer's
+      log-probs differ more than a dense model's."""
+    cfg = _dapo("Qwen/Qwen3-30B-A3B-Base")
+    cfg.model.offload_during_rollout = True
+    cfg.rollout.tensor_parallel_size = 2
+    cfg.rollout.gpu_memory_utilization = 0.85
+    cfg.loss = dataclasses.replace(cfg.loss, rollout_correction="tis", rollout_is_cap=2.0)
+    cfg.parallel.gpus = 16
+    return cfg
 
 
 PRESETS = {
     "tiny-arith": tiny_arith,
     "tiny-arith-vllm": tiny_arith_vllm,
     "qwen2.5-7b-dapo": lambda: _dapo("Qwen/Qwen2.5-7B"),
-    "qwen3-30b-a3b-dapo": lambda: _dapo("Qwen/Qwen3-30B-A3B-Base"),
+    "qwen3-30b-a3b-dapo": qwen3_30b_a3b_dapo,
 }
 
 

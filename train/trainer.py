@@ -6,7 +6,8 @@
 4. take k optimizer steps over mini-batches of whole prompt groups, the loss chosen by name; the model's final
    hidden states and the LM head weight go straight into the fused loss (no logits); with token-budget
    micro-batches the sequences first move between ranks so each rank trains about as many tokens (steps 3-4);
-5. push the new weights into the rollout engine.
+5. push the new weights into the rollout engine (at the start of the next rollout phase, one FSDP unit at a time
+   in the compute dtype, after the AdamW state has left the GPU with `model.offload_during_rollout`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 import fastpmd
 
-from . import checkpoint, faults, offload, rank_balance
+from . import checkpoint, config_plan, faults, offload, rank_balance
 from .cli import check_out
 from .config import TrainConfig, validate
 from .batch import RolloutBatch
@@ -29,13 +30,14 @@ from .metrics import MetricsLogger, plot_curves
 from .step_metrics import accumulate, step_metrics
 from .microbatch import pack_micro_batches
 from .micro_loss import micro_batch_loss, tis_weights
-from .model import Policy, build_hf_model, hf_state_key, reset_rotary
+from .model import Policy, build_hf_model, reset_rotary
 from .distributed import Dist
 from .parallelize import DTYPES, apply_activation_checkpointing, apply_fsdp
 from .task.prompts import Task
 from .task.reward_signals import FlatRewardWatch, fill_dropped, reward_metrics
 from .task.tokenizer import make_tokenizer
 from .rollout import build_engine
+from .weight_sync import sync_weights
 from .rollout.base import SamplingConfig, logprobs_on_grid
 
 
@@ -55,6 +57,10 @@ class Trainer:
         self.out = Path(cfg.run.out)
         check_out(self.out, cfg.run.resume)  # the CLI's own check, for a Trainer built without it
         self.tok = make_tokenizer(cfg)
+        if d.device.type == "cuda":  # the memory plan of this config on this GPU, before any model exists
+            config_plan.check(cfg, d.world_size, torch.cuda.get_device_properties(d.device).total_memory / 1e9,
+                              config_plan.spec_for(cfg, self.tok.vocab_size))
+        self.weights_stale = False  # the engine waits for the last update's weights (sent by rollout_phase)
         self.task = Task(cfg, self.tok, d.rank, d.world_size)
         self.policy, self.hf = self._build_policy()
         self.engine = self._build_engine()
@@ -80,7 +86,7 @@ class Trainer:
             apply_activation_checkpointing(hf)
         varlen = hf.config._attn_implementation == "flash_attention_2"
         policy = apply_fsdp(Policy(hf, row_tokens=None if varlen or not m.pack_row_tokens else m.pack_row_tokens),
-                            m, dev)
+                            m, dev, self.cfg.parallel.dp_replicate)
         # cpu_offload: FSDP2 wants the sharded params materialised on the host; the rotary buffers go to dev
         policy.to_empty(device="cpu" if m.cpu_offload else dev)
         reset_rotary(hf, dev)
@@ -93,17 +99,10 @@ class Trainer:
         """The engine named by rollout.engine (fastpmd.train.rollout.ENGINES), filled with the policy's weights."""
         return build_engine(self)
 
-    def _sync_weights(self, engine=None) -> None:
-        """Step 5: stream full (all-gathered) parameters, one at a time, into the rollout engine."""
-        engine = engine or self.engine
-
-        def named():
-            for name, p in self.policy.named_parameters():
-                p = p.to(self.d.device)  # cpu_offload: the shard is gathered on the device
-                yield hf_state_key(name), p.full_tensor() if hasattr(p, "full_tensor") else p
-
-        with torch.no_grad():
-            engine.update_weights(named())
+    def _sync_weights(self, engine=None) -> dict:
+        """Step 5: every weight into the rollout engine, one FSDP unit at a time in the compute dtype
+        (train/weight_sync.py); returns {"gathers", "bytes"} sent by this rank."""
+        return sync_weights(self.policy, self.hf, engine or self.engine)
 
     def sampling(self, step: int) -> SamplingConfig:
         r = self.cfg.rollout  # a distinct, reproducible seed per (run, step, rank)
@@ -146,16 +145,23 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_update = time.perf_counter() - t1
-        self._sync_weights()  # 5.
+        self.weights_stale = True  # 5. at the start of the next rollout phase
         row = step_metrics(batch, rewards, entropy, stats, device=dev, step=self.step,
                            lr=self.scheduler.get_last_lr()[0], t_gen=t_gen, t_update=t_update)
         return {**row, **reward_metrics(scores, n, dev)}  # reward_mean over the rewarded completions
 
     @contextlib.contextmanager
     def rollout_phase(self):
-        """The engine awake around generation: with `model.offload_during_rollout` the trainer's sharded params
-        and optimizer state wait in host memory; the allocator's cached blocks are released before it wakes."""
-        moved = offload.offload_to_host(self.policy, self.optimizer) if self.cfg.model.offload_during_rollout else None
+        """The engine awake around generation: with `model.offload_during_rollout` the AdamW state leaves the GPU,
+        the last update's weights go to the engine (step 5), then the sharded params follow the AdamW state to
+        host memory; the allocator's cached blocks are released before the engine wakes."""
+        off = self.cfg.model.offload_during_rollout
+        moved = offload.optimizer_to_host(self.optimizer) if off else None
+        if self.weights_stale:
+            self._sync_weights()
+            self.weights_stale = False
+        if off:
+            self.policy.to("cpu")
         if self.d.device.type == "cuda":
             torch.cuda.empty_cache()
         self.engine.wake()
@@ -174,9 +180,10 @@ class Trainer:
         ent = torch.zeros(B, L)
         lo = self.cfg.loss
         all_idx = torch.arange(B)
-        for idx in self.micro_batches(batch, all_idx):
+        for idx in self.micro_batches(batch, all_idx, self.cfg.optim.logprob_micro_batch_tokens or None):
             mb = batch.rows(idx if idx.numel() else all_idx[:1]).to(self.d.device)  # empty: run, discard
-            hidden, weight = self.policy(mb.input_ids, mb.position_ids, mb.attention_mask.bool())
+            hidden, weight = self.policy(mb.input_ids, mb.position_ids, mb.attention_mask.bool(),
+                                         mb.loss_mask)  # [n, H]: the loss mask's rows
             lp, e = fastpmd.linear_logprobs(hidden, weight, mb.targets, mask=mb.loss_mask, return_entropy=True,
                                             temperature=self.temperature, chunk_size=lo.chunk_size, backend=lo.backend)
             if not idx.numel():
@@ -193,11 +200,13 @@ class Trainer:
         for chunk in prompts.chunk(k):
             yield (chunk[:, None] * n + torch.arange(n)).reshape(-1)  # sequence indices
 
-    def micro_batches(self, batch: RolloutBatch, idx: torch.Tensor) -> list[torch.Tensor]:
+    def micro_batches(self, batch: RolloutBatch, idx: torch.Tensor,
+                      budget: int | None = None) -> list[torch.Tensor]:
         """Micro-batches of the sequences idx, the same number on every rank (FSDP's collectives pair up):
-        `optim.micro_batch_seqs` sequences each, or with `optim.micro_batch_tokens` at most that many tokens each
-        (train/microbatch.py; an over-long sequence alone; a micro-batch may be empty)."""
-        budget = self.cfg.optim.micro_batch_tokens
+        `optim.micro_batch_seqs` sequences each, or with a token budget (`budget`, default
+        `optim.micro_batch_tokens`) at most that many tokens each (train/microbatch.py; an over-long sequence
+        alone; a micro-batch may be empty)."""
+        budget = budget or self.cfg.optim.micro_batch_tokens
         if not budget:
             return list(idx.split(self.cfg.optim.micro_batch_seqs))
         lengths = batch.lengths(idx)
@@ -241,7 +250,8 @@ class Trainer:
             self.policy.set_reshard_after_backward(last, recurse=False)
             empty = micro.numel() == 0  # this rank has fewer micro-batches: one sequence at zero weight
             mb = batch.rows(idx[:1] if empty else micro).to(dev)
-            hidden, weight = self.policy(mb.input_ids, mb.position_ids, mb.attention_mask.bool())
+            hidden, weight = self.policy(mb.input_ids, mb.position_ids, mb.attention_mask.bool(),
+                                         mb.loss_mask)  # [n, H]: the loss mask's rows, no [b, L, H] grid
             loss, metrics = micro_batch_loss(self.loss_cfg, self.temperature, mb, hidden, weight, n_seq, n_items,
                                              max(micro.numel(), 1))
             if empty:
@@ -292,7 +302,7 @@ class Trainer:
         extra = checkpoint.load(self.out, step, self.policy, self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.task.load_state_dict(extra["task"])
-        self._sync_weights()
+        self.weights_stale = True
         return step
 
     def fit(self) -> list[dict]:
@@ -314,7 +324,7 @@ class Trainer:
                 from .warmup import supervised_warmup
 
                 log.log({"kind": "warmup", "step": 0, **supervised_warmup(self)})
-                self._sync_weights()
+                self.weights_stale = True
             if (res := self.evaluate()) is not None:
                 log.log({"kind": "eval", "step": 0, **res})
         try:

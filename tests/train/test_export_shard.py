@@ -45,23 +45,26 @@ class _Tok:
         return [1] * (1 + len(text) % 7)
 
 
-def test_each_rank_keeps_only_its_shard(tmp_path):
+def test_data_order_does_not_depend_on_the_world_size(tmp_path):
     path = tmp_path / "problems.jsonl"
-    rows = [{"problem": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(11)]
-    rows.append(dict(rows[3]))  # a duplicate: dropped before sharding
+    rows = [{"problem": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(12)]
+    rows.append(dict(rows[3]))  # a duplicate: dropped
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg, _ = build_config(TINY + ["--data", str(path), "--set", "data.task='math'"])
     everything = {p.prompt for p in load_problems(path)}
-    assert len(everything) == 11
-    W, shards = 3, []
-    for r in range(W):
-        task = Task(cfg, _Tok(), r, W)
-        mine = {p.prompt for p in task.problems}
-        shards.append(mine)
-        drawn = [p.prompt for _ in range(3) for p in task.next_prompts(len(mine))]  # three epochs of its shard
-        assert set(drawn) == mine and all(drawn.count(q) == 3 for q in mine)
-        assert task.state_dict() == {"position": 3 * len(mine)}
-    assert sorted(len(s) for s in shards) == [3, 4, 4]
-    assert set.union(*shards) == everything and sum(map(len, shards)) == len(everything)  # disjoint, complete
-    with pytest.raises(ValueError, match="rank 11's shard"):
-        Task(cfg, _Tok(), 11, 12)
+    assert len(everything) == 12
+    one = Task(cfg, _Tok(), 0, 1)
+    steps = [[p.prompt for p in one.next_prompts(6)] for _ in range(4)]  # 4 steps of 6 prompts: two epochs
+    assert set(steps[0] + steps[1]) == everything and set(steps[2] + steps[3]) == everything
+    for W in (2, 3):  # each rank its slice of the same steps; the checkpointed position is the same number
+        tasks = [Task(cfg, _Tok(), r, W) for r in range(W)]
+        for step in steps:
+            assert [p.prompt for t in tasks for p in t.next_prompts(6 // W)] == step
+        assert all(t.state_dict() == one.state_dict() == {"position": 24} for t in tasks)
+    resumed = Task(cfg, _Tok(), 1, 3)  # a checkpoint of the 1-rank run resumed on 3 ranks
+    resumed.load_state_dict({"position": 12})
+    assert [p.prompt for p in resumed.next_prompts(2)] == steps[2][2:4]
+    arith, _ = build_config(TINY)
+    a1, a2 = Task(arith, _Tok(), 0, 1), [Task(arith, _Tok(), r, 2) for r in range(2)]
+    assert [p.prompt for p in a1.next_prompts(8)] == [p.prompt for t in a2 for p in t.next_prompts(4)]
+    assert a1.state_dict() == a2[0].state_dict() == a2[1].state_dict()

@@ -27,13 +27,13 @@ def _train(tmp_path, d, on):
 
 def test_offload_during_rollout_runs_and_changes_nothing(tmp_path, world_of_one, monkeypatch):
     calls = []
-    for name in ("offload_to_host", "reload"):
+    for name in ("optimizer_to_host", "reload"):
         orig = getattr(offload, name)
         monkeypatch.setattr(offload, name, lambda *a, _o=orig, _n=name: calls.append(_n) or _o(*a))
     off, rows_off = _train(tmp_path, world_of_one, False)
     assert calls == []
     on, rows_on = _train(tmp_path, world_of_one, True)
-    assert calls.count("offload_to_host") == calls.count("reload") == 3 + 2  # 3 steps, evals at steps 0 and 3
+    assert calls.count("optimizer_to_host") == calls.count("reload") == 3 + 2  # 3 steps, evals at steps 0 and 3
     keys = ["reward_mean", "loss", "grad_norm", "logratio_mean", "entropy"]
     assert [[r[k] for k in keys] for r in rows_on] == [[r[k] for k in keys] for r in rows_off]
     for (n1, p1), (_, p2) in zip(off.policy.named_parameters(), on.policy.named_parameters()):

