@@ -28,5 +28,5 @@ __all__ = [
     "ESTIMATORS", "LOSS_NAMES", "TAU_MIN", "LossConfig", "LossSpec", "advantages", "advantages_for", "compute_loss",
     "loss_tau", "finite_checks", "cispo_loss", "luspo_loss", "sapo_loss",
     "fused_linear_pmd_loss", "grpo_loss", "gspo_loss", "linear_logprobs", "pg_loss", "pmd_loss",
-    "truncated_is_weights",
+    "nn", "truncated_is_weights",
 ]

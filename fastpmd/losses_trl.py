@@ -48,7 +48,7 @@ def cispo_loss(
     so no inf appears."""
     mask = check_policy_inputs(logprobs, old_logprobs, advantages, mask)
     check_positive("epsilon_high", epsilon_high)
-    weights, entropy_mask = _check_policy_weights(weights, entropy_mask, logprobs.shape, None)
+    weights, entropy_mask = _check_policy_weights(weights, entropy_mask, logprobs, mask, None)
     old = old_logprobs.to(logprobs.dtype)
     log_ratio = _log_ratio(logprobs.detach(), old, mask, "token")
     ratio = torch.exp(log_ratio.clamp(max=math.log(epsilon_high)))  # == exp(log_ratio).clamp(max=epsilon_high)
@@ -85,7 +85,7 @@ def sapo_loss(
     mask = check_policy_inputs(logprobs, old_logprobs, advantages, mask)
     check_positive("temperature_pos", temperature_pos)
     check_positive("temperature_neg", temperature_neg)
-    weights, entropy_mask = _check_policy_weights(weights, entropy_mask, logprobs.shape, None)
+    weights, entropy_mask = _check_policy_weights(weights, entropy_mask, logprobs, mask, None)
     old = old_logprobs.to(logprobs.dtype)
     log_ratio = _log_ratio(logprobs, old, mask, importance_sampling_level)
     adv = advantages.to(logprobs.dtype).unsqueeze(1)

@@ -14,6 +14,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 

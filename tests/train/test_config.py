@@ -109,9 +109,6 @@ def test_existing_run_needs_resume(tmp_path):
 
 
 def test_loss_estimator_mismatch_before_work(tmp_path):
-    from fastpmd.train.distributed import Dist
-    from fastpmd.train.trainer import Trainer
-    import torch
 
     with pytest.raises(ValueError, match="loss.estimator"):  # refused while the config is built
         build_config(["--out", str(tmp_path), "--set", "loss.estimator='partition'"])

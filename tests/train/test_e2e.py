@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from train_helpers import world_of_one  # noqa: F401 (fixture)
 

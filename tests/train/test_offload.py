@@ -92,7 +92,6 @@ def test_new_fields_are_validated(field, value):
 
 
 def test_tis_refuses_pg():
-    from fastpmd.train.config import validate
 
     with pytest.raises(ValueError, match="not 'pg'"):
         build_config(TINY + ["--loss", "pg", "--set", "loss.rollout_correction=tis"])

@@ -6,7 +6,6 @@ import json
 import random
 
 import pytest
-import torch
 from train_helpers import torchrun
 
 from fastpmd.train.rank_balance import plan_owners
