@@ -350,9 +350,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _finished_step(cfg: TrainConfig) -> int | None:
     """The newest verified checkpoint's step when it already reached run.max_steps, else None."""
-    from .checkpoint import find_checkpoint
+    from .checkpoint import CheckpointError, find_checkpoint
 
-    step = find_checkpoint(cfg.run.out)[0]
+    try:
+        step = find_checkpoint(cfg.run.out, unverified_ok=cfg.run.resume_unverified)[0]
+    except CheckpointError:  # none loads: the trainer reports it (exit 2) as for any resume
+        return None
     return step if step is not None and step >= cfg.run.max_steps else None
 
 
