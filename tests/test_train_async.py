@@ -2,7 +2,6 @@
 config checks, the bucketed weight push between two gloo processes (bit-exact), and a 3-process run of the tiny
 demo (1 inference rank, 2 trainer ranks) through the CLI."""
 import json
-import textwrap
 
 import pytest
 
@@ -122,3 +121,45 @@ def test_async_three_processes(tmp_path):
         assert 0.0 <= r["overlap_frac"] <= 1.0 and r["trainer_idle_s"] >= 0 and r["engine_idle_s"] >= 0
     assert max(r["overlap_frac"] for r in train[1:]) > 0.0
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000004"
+
+
+def _torchrun_cmd(script, *args):
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", str(script), *args]
+
+
+@pytest.mark.slow
+def test_async_sigterm_saves_and_resume_finishes(tmp_path):
+    """SIGTERM to the launcher (torchrun passes it to all three ranks): the trainers finish and save their step,
+    stop the engine (whose in-flight batches are dropped) and exit 143; --resume regenerates from the saved
+    prompt-stream states and finishes every step with the staleness bound kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "worker.py"
+    script.write_text(_ASYNC_RUN.replace('"--max-steps", "4"', '"--max-steps", "12"')
+                      .replace("main([", "main(sys.argv[2:] + ["))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_torchrun_cmd(script, str(tmp_path)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while (not metrics.exists() or metrics.read_text().count('"train"') < 2) and time.time() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    train = [json.loads(x) for x in metrics.read_text().splitlines()]
+    stopped_at = train[-1]["step"]
+    assert 2 <= stopped_at < 12 and "stopped by SIGTERM after step" in err, err[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:06d}"
+    done = subprocess.run(_torchrun_cmd(script, str(tmp_path), "--resume"), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all(r["staleness_max"] <= 1 for r in rows) and rows[stopped_at]["staleness_max"] == 0  # restart

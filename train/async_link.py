@@ -106,7 +106,7 @@ def broadcast_obj(pg, obj=None):
     return pickle.loads(data.numpy().tobytes())
 
 
-class _Worker:
+class Worker:
     """One daemon thread; an exception in it is re-raised by `check` in the caller's thread."""
 
     def __init__(self, target, name: str):
@@ -134,7 +134,7 @@ class WeightPusher:
     def __init__(self, pg):
         self.pg = pg
         self.queue: queue.Queue = queue.Queue(maxsize=2)  # at most two pushes wait while one is on the wire
-        self.worker = _Worker(self._run, "weight-push")
+        self.worker = Worker(self._run, "weight-push")
 
     def push(self, version: int, named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
         layout, buckets, cur, cur_bytes = [], [], [], 0
@@ -174,7 +174,8 @@ class WeightPusher:
 
 class WeightReceiver:
     """Inference rank: a thread takes every push into fresh buffers and keeps the newest complete one
-    (`latest` = (push count, version, [(name, tensor)])), plus the start header and the stop flag."""
+    (`latest` = (push count, version, [(name, tensor)])), plus the start header and the stop flag. The pushes
+    before the start (set-up, warm-up, resume) are the weights of the start's step, whatever their tag."""
 
     def __init__(self, pg):
         self.pg = pg
@@ -182,7 +183,7 @@ class WeightReceiver:
         self.latest: tuple[int, int, list] | None = None
         self.start: dict | None = None
         self.stopped = False
-        self.worker = _Worker(self._run, "weight-receive")
+        self.worker = Worker(self._run, "weight-receive")
 
     def _run(self) -> None:
         pushes = 0
@@ -201,8 +202,9 @@ class WeightReceiver:
                         self.latest = (pushes, header["version"], named)
                         self.cond.notify_all()
                 elif header["kind"] == "start":
-                    with self.cond:
+                    with self.cond:  # the trainers hold the newest push's weights: those of the start's step
                         self.start = header
+                        self.latest = self.latest and (self.latest[0], header["step"], self.latest[2])
                         self.cond.notify_all()
                 else:
                     return

@@ -23,7 +23,8 @@ import types
 import torch
 import torch.distributed as dist
 
-from .async_link import Link, WeightPusher, WeightReceiver, _Worker, recv_obj, send_obj
+from . import faults
+from .async_link import Link, WeightPusher, WeightReceiver, Worker, recv_obj, send_obj
 from .config import TrainConfig
 from .distributed import Dist, pick_device
 from .model import build_hf_model, reset_rotary
@@ -52,7 +53,14 @@ def _engine(cfg: TrainConfig, tok, device: torch.device) -> HFEngine:
 
 
 def serve(cfg: TrainConfig, link: Link) -> int:
-    """Generate until run.max_steps or the trainers' stop; returns the exit status (0)."""
+    """Generate until run.max_steps or the trainers' stop; returns the exit status: 0, or 128 + signal when a
+    SIGTERM/SIGINT arrived (recorded only: the trainers finish and save their step, then stop the engine)."""
+    with faults.StopRequests() as stop:
+        _serve(cfg, link)
+    return 0 if stop.signum is None else 128 + stop.signum
+
+
+def _serve(cfg: TrainConfig, link: Link) -> None:
     tok = make_tokenizer(cfg)
     engine = _engine(cfg, tok, pick_device(cfg.run.device))
     T, k = link.trainers, cfg.rollout.max_staleness
@@ -66,7 +74,7 @@ def serve(cfg: TrainConfig, link: Link) -> int:
         step = weights.start["step"] + 1
         while step <= cfg.run.max_steps:
             need = min_version(step, k)
-            if not weights.wait(lambda: weights.latest[1] >= need):
+            if weights.stopped or not weights.wait(lambda: weights.latest[1] >= need):
                 break  # stopped by the trainers: the batch is not generated
             pushes, version, named = weights.latest  # the newest push, taken at this batch boundary
             if pushes != applied:
@@ -93,7 +101,6 @@ def serve(cfg: TrainConfig, link: Link) -> int:
     for r in range(T):
         send_obj(link.samples, {"kind": "end"}, r)
     link.close()
-    return 0
 
 
 # ------------------------------------------------------------------------------------------ trainer ranks
@@ -109,7 +116,7 @@ class RemoteEngine:
         self.pusher = WeightPusher(link.weights) if link.rank == 0 else None
         self.batches: queue.Queue = queue.Queue()
         self.timeline = GenerationTimeline()
-        self.receiver = _Worker(self._receive, "sample-receive")
+        self.receiver = Worker(self._receive, "sample-receive")
         self.started = False
         self.last: dict = {}  # the last batch: versions, wait interval, engine times
 

@@ -246,7 +246,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
          "tensor parallelism needs rollout.engine=vllm")
     need(world_size % rollout.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
          f"{rollout.tensor_parallel_size} does not divide the world size {world_size}")
-    need(rollout.mode in ("colocated", "async"), "rollout.mode", f"must be 'colocated' or 'async', got {rollout.mode!r}")
+    need(rollout.mode in ("colocated", "async"), "rollout.mode",
+         f"must be 'colocated' or 'async', got {rollout.mode!r}")
     if rollout.mode == "async":  # docs/training.md, "Asynchronous rollouts" (what async does not do yet)
         need(rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
         need(rollout.inference_ranks == 1, "rollout.inference_ranks", "async runs support exactly 1 inference rank")
