@@ -20,6 +20,19 @@ def test_staleness_and_bound():
             assert staleness(j, min_version(j, k)) == k
 
 
+def test_trainer_refuses_samples_older_than_k():
+    from fastpmd.train.async_rollout import check_batch
+    from fastpmd.train.rollout import SamplingConfig
+
+    sampling = SamplingConfig(n=2, seed=3)
+    msg = {"step": 5, "prompts": [[1, 2]], "sampling": sampling, "versions": [3, 3]}
+    assert check_batch(msg, 5, [[1, 2]], sampling, k=1) == [1, 1]
+    for bad, k in [({}, 0), ({"versions": [4, 2]}, 1), ({"versions": [5, 5]}, 1), ({"step": 4}, 1),
+                   ({"prompts": [[1, 3]]}, 1), ({"sampling": SamplingConfig(n=2, seed=4)}, 1)]:
+        with pytest.raises(RuntimeError, match="async rollout: step 5"):
+            check_batch({**msg, **bad}, 5, [[1, 2]], sampling, k=k)
+
+
 def test_overlap_frac():
     assert covered([(0, 2), (1, 3), (5, 6)], 0.5, 5.5) == pytest.approx(3.0)
     # window 0..10, trainer waited 0..2 (engine generating then: not overlap), engine also generated 6..8

@@ -104,6 +104,19 @@ def _serve(cfg: TrainConfig, link: Link) -> None:
 
 
 # ------------------------------------------------------------------------------------------ trainer ranks
+def check_batch(msg: dict, step: int, prompt_ids: list, sampling: SamplingConfig, k: int) -> list[int]:
+    """The staleness of each sample of a received batch message, after checking that it is the batch of `step`
+    with the trainer's own prompts and sampling and that no sample is more than k updates old (RuntimeError)."""
+    if msg["step"] != step or msg["prompts"] != prompt_ids or msg["sampling"] != sampling:
+        raise RuntimeError(f"async rollout: step {step} received the batch of step {msg['step']} or other prompts "
+                           "or sampling than the trainer drew (the engine's prompt streams diverged)")
+    stale = [staleness(step, v) for v in msg["versions"]]
+    if max(stale) > k or min(stale) < 0:
+        raise RuntimeError(f"async rollout: step {step} got samples {max(stale)} updates old, or from the future "
+                           f"(rollout.max_staleness={k})")
+    return stale
+
+
 class RemoteEngine:
     """The rollout engine of a trainer rank in an async run (the RolloutEngine protocol): its batches come from
     the inference rank; its weight updates go there (trainer rank 0 pushes, the others only take part in the
@@ -149,13 +162,7 @@ class RemoteEngine:
             except queue.Empty:
                 continue
         t1 = time.time()
-        if msg["step"] != step or msg["prompts"] != prompt_ids or msg["sampling"] != sampling:
-            raise RuntimeError(f"async rollout: step {step} received the batch of step {msg['step']} or other prompts "
-                               "or sampling than the trainer drew (the engine's prompt streams diverged)")
-        stale = [staleness(step, v) for v in msg["versions"]]
-        if max(stale) > self.k or min(stale) < 0:
-            raise RuntimeError(f"async rollout: step {step} got samples {max(stale)} updates old "
-                               f"(rollout.max_staleness={self.k})")
+        stale = check_batch(msg, step, prompt_ids, sampling, self.k)
         self.last = {"staleness": stale, "wait": (t0, t1), "engine_gen_s": msg["t1"] - msg["t0"],
                      "engine_idle_s": msg["engine_idle_s"]}
         return msg["responses"]
