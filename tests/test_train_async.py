@@ -116,6 +116,7 @@ sys.exit(main(["--preset", "tiny-arith", "--out", sys.argv[1] + "/run", "--promp
 """
 
 
+@pytest.mark.slow
 def test_async_three_processes(tmp_path):
     """1 inference + 2 trainer ranks, k = 1, 4 steps: staleness <= 1 and reaching 1; the first batch (weights of
     the initial push) has the trainer's log-probs (the push is exact); at every step the loss's Delta starts at 0
