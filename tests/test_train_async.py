@@ -73,7 +73,8 @@ from fastpmd.train.async_link import WeightPusher, WeightReceiver, init_async, r
 
 async_link.BUCKET_BYTES = 1000  # several buckets, one tensor larger than a bucket
 cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(inference_ranks=1),
-                            run=types.SimpleNamespace(timeout_min=2.0, device="cpu"))
+                            run=types.SimpleNamespace(timeout_min=2.0, device="cpu"),
+                            model=types.SimpleNamespace(cpu_offload=False))
 link, d = init_async(cfg)
 shapes = {"a.weight": (7, 13), "b.bias": (5,), "big": (40, 30), "c": (3, 3)}
 for version in (0, 1):

@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from .distributed import Dist, pick_device
+from .distributed import Dist, backend_for, pick_device
 
 BUCKET_BYTES = 64 << 20  # a push is broadcast in flat buckets of at most this many bytes (a larger tensor: alone)
 
@@ -51,8 +51,8 @@ class Link:
 
 
 def init_async(cfg) -> tuple[Link, Dist | None]:
-    """Rendezvous through the launcher's store; trainer ranks also join their own default process group (gloo on
-    CPU, nccl on CUDA) and get a Dist; inference ranks get None. ValueError before any group when the launch
+    """Rendezvous through the launcher's store; trainer ranks also join their own default process group (as
+    `init_distributed` chooses its backend) and get a Dist; inference ranks get None. ValueError before any group when the launch
     has no trainer rank left."""
     inf = cfg.rollout.inference_ranks
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -75,7 +75,7 @@ def init_async(cfg) -> tuple[Link, Dist | None]:
     device = pick_device(cfg.run.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout, rank=rank,
+    dist.init_process_group(backend_for(device, cfg.model.cpu_offload), timeout=timeout, rank=rank,
                             world_size=trainers, store=dist.PrefixStore("fastpmd_async/trainers/", store))
     return link, Dist(rank, trainers, device)
 
