@@ -321,11 +321,24 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(cfg.run.threads)
-    d = init_distributed(cfg.run.device, cfg.run.timeout_min, cfg.model.cpu_offload)
+    link = None
+    if cfg.rollout.mode == "async":  # train/async_rollout.py: the inference ranks generate in serve() and leave
+        from .async_link import init_async
+        from .async_rollout import AsyncTrainer, serve
+
+        try:
+            link, d = init_async(cfg)
+        except ValueError as e:  # not launched with enough processes
+            return _error(e, 2)
+        if d is None:
+            return serve(cfg, link)
+    else:
+        d = init_distributed(cfg.run.device, cfg.run.timeout_min, cfg.model.cpu_offload)
     trainer = None
     try:
         try:
-            trainer = Trainer(cfg, d)  # what preflight cannot see (e.g. a data file with no usable problem)
+            # what preflight cannot see (e.g. a data file with no usable problem)
+            trainer = Trainer(cfg, d) if link is None else AsyncTrainer(cfg, d, link)
         except ValueError as e:
             return _error(e, 2)
         if d.is_main:

@@ -78,6 +78,9 @@ class RolloutConfig:
     eval_batch_size: int = 16  # held-out problems per eval chunk: chunks are seeded by index and dealt to ranks
     gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU while awake (it sleeps during the update)
     tensor_parallel_size: int = 1  # vLLM: ranks per engine (groups of consecutive ranks share one; divides W)
+    mode: str = "colocated"  # "colocated" (every rank generates, then trains) | "async" (train/async_rollout.py)
+    inference_ranks: int = 1  # async: the last this-many launched ranks generate, the others train
+    max_staleness: int = 1  # async: no sample trains more than this many weight pushes after its weights
 
 
 @dataclass
@@ -304,3 +307,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
          f"{sorted(n for n, e in ENGINES.items() if e.tensor_parallel)})")
     need(tp_world is None or tp_world % cfg.parallel.dp_replicate == 0, "parallel.dp_replicate",
          f"{cfg.parallel.dp_replicate} does not divide the world size {world_size}")
+    need(rollout.mode in ("colocated", "async"), "rollout.mode",
+         f"must be 'colocated' or 'async', got {rollout.mode!r}")
+    if rollout.mode == "async":  # docs/training.md, "Asynchronous rollouts" (what async does not do yet)
+        need(rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
+        need(rollout.inference_ranks == 1, "rollout.inference_ranks", "async runs support exactly 1 inference rank")
+        need(rollout.engine == "hf", "rollout.engine", "async runs support the 'hf' engine only")
+        need(not data.eval_path and (data.task != "arithmetic" or data.eval_size == 0), "data.eval_size",
+             "async runs have no held-out eval yet: set data.eval_size=0 (and no data.eval_path)")

@@ -39,6 +39,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def backend_for(device: torch.device, cpu_offload: bool = False) -> str:
+    """gloo on CPU, nccl on CUDA (plus gloo for host tensors under FSDP CPU offload)."""
+    return ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if device.type == "cuda" else "gloo"
+
+
 def init_distributed(requested_device: str = "auto", timeout_min: float = 30.0, cpu_offload: bool = False) -> Dist:
     """Join (or create, for a plain single process) the default process group; backend chosen by device.
     A collective that waits longer than `timeout_min` minutes fails instead of hanging (run.timeout_min).
@@ -47,7 +52,7 @@ def init_distributed(requested_device: str = "auto", timeout_min: float = 30.0, 
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if device.type == "cuda" else "gloo"
+        backend = backend_for(device, cpu_offload)
         timeout = timedelta(minutes=timeout_min)
         if "RANK" in os.environ:  # launched by torchrun
             dist.init_process_group(backend=backend, timeout=timeout)
