@@ -29,10 +29,10 @@ from .config import TrainConfig
 from .distributed import Dist, pick_device
 from .model import build_hf_model, reset_rotary
 from .parallelize import DTYPES
-from .prompts import Task
+from .task.prompts import Task
 from .rollout import HFEngine, SamplingConfig
 from .staleness import GenerationTimeline, min_version, overlap_frac, staleness
-from .tokenizer import make_tokenizer
+from .task.tokenizer import make_tokenizer
 from .trainer import Trainer
 
 
@@ -219,4 +219,7 @@ class AsyncTrainer(Trainer):
             self.engine.start(self.step - 1, states)
         t0 = time.time()
         row = super().train_step()
+        if self.weights_stale:  # push now, as version `step` (the colocated trainer syncs lazily, before it generates)
+            self._sync_weights()
+            self.weights_stale = False
         return {**row, **self.engine.step_metrics((t0, time.time()))}
