@@ -34,22 +34,57 @@ def _triton_available(device: torch.device) -> bool:
     return bool(is_available(device))
 
 
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def plain_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """A DTensor weight/bias (tensor-parallel LM head, an FSDP2 parameter) -> its full tensor, gathered with
+    autograd (`weight.full_tensor()`: the gradient flows back to the DTensor in its own placements). A DTensor
+    hidden is refused: which rows are local is the caller's decision. Never lets a DTensor reach a kernel (its
+    data_ptr() is 0). Returns (weight, bias) as plain tensors."""
+    if _is_dtensor(hidden):
+        raise ValueError("hidden is a DTensor: pass a plain tensor (hidden.full_tensor(), or hidden.to_local() "
+                         "with the matching local targets)")
+    weight = weight.full_tensor() if _is_dtensor(weight) else weight
+    bias = bias.full_tensor() if _is_dtensor(bias) else bias
+    return weight, bias
+
+
+def sync_free() -> bool:
+    """True while torch.compile traces or a CUDA graph is being captured: no data-dependent host sync then (no
+    row compaction, no host-side value checks, no host-side sequence boundaries)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def compact_rows(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None):
-    """Flatten to rows and keep the valid ones. Returns (h [n, H], t [n] int64, idx [n] or None)."""
+    """Flatten to rows and keep the valid ones. Returns (h [n, H], t [n] int64, keep): keep = None (no mask),
+    the kept row indices [n] (eager), or, under sync_free(), the flat bool mask [N] with every row kept and the
+    masked targets replaced by 0 (no host sync; masked rows cost matrix work and are zeroed by scatter_rows)."""
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t2 = targets.reshape(-1)
     if mask is None:
         return h2, t2.long(), None
+    if sync_free():
+        m = mask.reshape(-1)
+        return h2, torch.where(m, t2, 0).long(), m
     idx = mask.reshape(-1).nonzero().squeeze(1)  # one host sync (the row count)
     return h2.index_select(0, idx), t2.index_select(0, idx).long(), idx
 
 
-def scatter_rows(values: torch.Tensor, idx: torch.Tensor | None, shape) -> torch.Tensor:
+def scatter_rows(values: torch.Tensor, keep: torch.Tensor | None, shape) -> torch.Tensor:
     """Inverse of compact_rows for per-token values [n] -> shape, zeros where masked (differentiable)."""
-    if idx is None:
+    if keep is None:
         return values.reshape(shape)
+    if keep.dtype == torch.bool:  # sync_free(): every row was computed
+        return torch.where(keep, values, 0.0).reshape(shape)
     out = values.new_zeros(int(torch.Size(shape).numel()))
-    return out.index_put((idx,), values).reshape(shape)
+    return out.index_put((keep,), values).reshape(shape)
 
 
 def rows_logprobs(h, weight, t, bias, temperature: float, return_entropy: bool, chunk_size, backend: str):

@@ -5,7 +5,7 @@ import torch
 
 from ._checks import check_chunk_size, check_head_finite, check_lm_head, check_mask, check_positive
 from ._checks import check_targets_in_range
-from .dispatch import compact_rows, resolve_backend, rows_logprobs, scatter_rows
+from .dispatch import compact_rows, plain_head, resolve_backend, rows_logprobs, scatter_rows, sync_free
 
 
 def linear_logprobs(
@@ -29,7 +29,10 @@ def linear_logprobs(
     backend: "naive" (materialises logits), "torch" (chunked, recompute in backward), "triton" (fused kernels,
     CUDA), "auto" (triton on CUDA, torch elsewhere). Masked rows are compacted away: no matrix work, no gradient.
     The backward takes any upstream gradient on logp and entropy; grad_weight accumulates in float32.
+    A DTensor weight/bias (sharded or replicated) is gathered with autograd (`full_tensor()`); its gradient comes
+    back as a DTensor in the same placements.
     """
+    weight, bias = plain_head(hidden, weight, bias)  # a DTensor head is gathered with autograd
     check_lm_head(hidden, weight, targets, bias)
     temperature = check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
@@ -38,7 +41,8 @@ def linear_logprobs(
     backend = resolve_backend(backend, hidden.device)
 
     h, t, idx = compact_rows(hidden, targets, mask)
-    check_targets_in_range(t, weight.shape[0])
+    if not sync_free():  # a host sync: skipped under torch.compile / CUDA-graph capture (docs/API.md)
+        check_targets_in_range(t, weight.shape[0])
     logp, ent = rows_logprobs(h, weight, t, bias, temperature, return_entropy, chunk_size, backend)
     logp = scatter_rows(logp, idx, targets.shape)
     if not return_entropy:
