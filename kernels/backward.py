@@ -122,7 +122,7 @@ def linear_grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, tempera
     if n == 0 or not any(needs):
         return (gh.to(hidden.dtype) if need_h else None, gw, gb.to(bias.dtype) if need_b else None)
     dz_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
-    fam = configs.logits_family(arch, hidden.dtype == torch.float32)
+    fam = configs.family("logits_bwd", arch, hidden.dtype)
     cfg = configs.pick("logits_bwd", fam)
     cv = chunk_columns(n, V, torch.finfo(dz_dtype).bits // 8, cfg.blocks["BLOCK_V"])
     dz = torch.empty(n, cv, device=dev, dtype=dz_dtype)         # [n, chunk_v] dlogits buffer

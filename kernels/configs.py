@@ -67,6 +67,11 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
         # sm_120: the Ampere 128x64x32 tile spills 8 bytes here (kernels report); 64x64 is the pinned one
         "120": [_config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16),
                 _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8)],
+        # fp32 inputs, TF32 dots (family()): 128x128x64 spills on sm_90 with fp32 operands (255 registers, 24 B)
+        "80t": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8)],
+        "90t": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
+        "100t": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
+        "120t": [_config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16)],
         "interp": [_config(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
     },
     "logits_bwd": {
@@ -79,6 +84,10 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
                 _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
         "120": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
                 _config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16)],
+        "80t": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8)],
+        "90t": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8)],
+        "100t": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8)],
+        "120t": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8)],
         "interp": [_config(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
     },
     "merge": {
@@ -97,6 +106,11 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
                 _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16)],
         "120": [_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
                 _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=16)],
+        # fp32 inputs, TF32 dots: a K-step of 16 on sm_80/120 (128x128x32 spills 16 B in the filtered variant)
+        "80t": [_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)],
+        "90t": [_config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)],
+        "100t": [_config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)],
+        "120t": [_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)],
         "interp": [_config(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)],
     },
     "pmd_epilogue": {
@@ -109,10 +123,25 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
 }
 
 
-def logits_family(arch: str, fp32_inputs: bool) -> str:
-    """Config family of the logits tile kernel: fp32 inputs use exact FMA dots, for which the Hopper/Blackwell
-    128x128x64 tiles spill heavily (kernels report, sm_90: 3.7 KB of stack); they take the Ampere tiles."""
-    return "80" if (arch in ("90", "100") and fp32_inputs) else arch
+def ieee_dots(*dtypes: torch.dtype) -> bool:
+    """Exact IEEE fp32 dots (FMA, no tensor cores): fp32 inputs with torch.get_float32_matmul_precision() ==
+    "highest" (torch's default). At "high"/"medium" fp32 inputs take TF32 tensor-core dots, as torch's own fp32
+    matmuls do then. Read at every launch."""
+    return all(d == torch.float32 for d in dtypes) and torch.get_float32_matmul_precision() == "highest"
+
+
+def family(kernel: str, arch: str, dtype: torch.dtype, ieee: bool | None = None) -> str:
+    """Config family of `kernel` ("logits_fwd", "logits_bwd", "matmul") on `arch` for inputs of `dtype`.
+    fp32 inputs with exact IEEE dots (ieee_dots) run on FMA units, for which the Hopper/Blackwell 128x128x64
+    logits tiles spill heavily (kernels report, sm_90: 3.7 KB of stack) and sm_120's 64x64x32 forward 8 B: the
+    logits kernels take the Ampere tiles everywhere. fp32 inputs with TF32 dots take the "<arch>t" family: fp32 operands are twice the bytes of 16-bit
+    ones, and the 16-bit tiles spill with them (sm_90 logits_fwd 128x128x64: 24 B; sm_80 filtered matmul
+    128x128x32: 16 B). ieee: override ieee_dots (the kernels report builds both). Other kernels: `arch`."""
+    if arch == "interp" or dtype != torch.float32 or kernel not in ("logits_fwd", "logits_bwd", "matmul"):
+        return arch
+    if ieee_dots(dtype) if ieee is None else ieee:
+        return "80" if kernel.startswith("logits") else arch
+    return arch + "t"
 
 
 ENV_GRAD_GEMM = "FASTPMD_GRAD_GEMM"
@@ -122,16 +151,17 @@ GRAD_GEMMS = ("auto", "cublas", "triton")
 def grad_gemm(device, dtype, filtering: bool = False) -> str:
     """Backend of the backward's two gradient GEMMs (kernels/backward.py): "cublas" (torch.mm / torch.addmm,
     fp32 accumulation) or "triton" (kernels/matmul.py). FASTPMD_GRAD_GEMM = auto | cublas | triton, read at each
-    backward. auto: cublas on CUDA for bf16 inputs; triton under the interpreter, for fp32 inputs (exact fp32
-    dots), for fp16 (its fp32 dlogits x fp16 operands have no cuBLAS kernel without fp32 copies) and with
-    gradient filtering (the Triton matmul skips the dropped blocks)."""
+    backward. auto: cublas on CUDA for bf16 and fp32 inputs (cuBLAS fp32 follows torch's float32 matmul
+    precision: TF32 at "high"/"medium", IEEE SGEMM at "highest"); triton under the interpreter, for fp16 (its
+    fp32 dlogits x fp16 operands have no cuBLAS kernel without fp32 copies) and with gradient filtering (the
+    Triton matmul skips the dropped blocks)."""
     choice = os.environ.get(ENV_GRAD_GEMM, "auto") or "auto"
     if choice not in GRAD_GEMMS:
         raise ValueError(f"{ENV_GRAD_GEMM} must be one of {GRAD_GEMMS}, got {choice!r}")
     if choice != "auto":
         return choice
     on_cuda = getattr(device, "type", device) == "cuda"
-    return "cublas" if (on_cuda and dtype == torch.bfloat16 and not filtering) else "triton"
+    return "cublas" if (on_cuda and dtype in (torch.bfloat16, torch.float32) and not filtering) else "triton"
 
 
 def autotune_enabled() -> bool:

@@ -136,11 +136,11 @@ def _merge_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 def dot_flags(*dtypes: torch.dtype) -> dict:
-    """DOT_FP32: upcast dot operands (always under the interpreter, whose bf16 dot is wrong; or mixed dtypes).
-    DOT_IEEE: exact fp32 products when the inputs themselves are fp32 (no TF32 rounding)."""
+    """DOT_FP32: upcast dot operands (always under the interpreter, whose bf16 dot is wrong; mixed dtypes; fp32).
+    DOT_IEEE: exact fp32 products (configs.ieee_dots); otherwise fp32 operands are rounded to TF32 on the tensor cores."""
     mixed = len(set(dtypes)) > 1
     fp32_in = all(d == torch.float32 for d in dtypes)
-    return {"DOT_FP32": interpreting() or mixed or fp32_in, "DOT_IEEE": fp32_in}
+    return {"DOT_FP32": interpreting() or mixed or fp32_in, "DOT_IEEE": configs.ieee_dots(*dtypes)}
 
 
 def _split_plan(n_tiles: int, n_vtiles: int, device: torch.device) -> tuple[int, int]:
@@ -162,7 +162,7 @@ def logits_stats(hidden, weight, bias, targets, temperature: float, with_entropy
     if n == 0:
         return logp, lse, ent
     flags = dot_flags(hidden.dtype, weight.dtype)
-    fam = configs.logits_family(arch, hidden.dtype == torch.float32)
+    fam = configs.family("logits_fwd", arch, hidden.dtype)
 
     def launch(c):  # one forward pass with config c; returns the per-split partials
         n_tiles = triton.cdiv(n, c.blocks["BLOCK_N"])
