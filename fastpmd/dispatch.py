@@ -11,12 +11,20 @@ from .chunked import ChunkedLinearLogprobs, default_chunk_rows
 from .naive import naive_linear_logprobs
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA when the kernels import, else 'torch'. 'triton' elsewhere raises clearly."""
+def resolve_backend(backend: str, device: torch.device, head: tuple | None = None) -> str:
+    """'auto' -> 'torch' off CUDA (or without the kernels); on CUDA the backend predicted faster by the cost
+    model (fastpmd.cost_model; measured once per shape with FASTPMD_AUTOTUNE=1: fastpmd.auto_backend) for
+    head = (op "pmd" | "logprobs", rows, H, V, dtype, padded sequence length or None), 'triton' without head.
+    'triton' where it cannot run raises clearly."""
     check_backend(backend)
     if backend == "auto":
         if device.type == "cuda" and _triton_available(device):
-            return "triton"
+            if head is None:
+                return "triton"
+            from .auto_backend import cuda_choice
+            op, n, H, V, dtype, seq_len = head
+            return cuda_choice(op, device, n, H, V, dtype, seq_len, torch_chunk_rows(None, V, device),
+                               allow_measure=not sync_free())
         return "torch"
     if backend == "triton" and not _triton_available(device):
         raise ValueError(
@@ -24,6 +32,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"interpreter); got device {device}. Use backend='torch' or 'auto'."
         )
     return backend
+
+
+def torch_chunk_rows(chunk_size: int | None, vocab: int, device: torch.device) -> int:
+    """Rows per chunk of the torch backend: chunk_size, else a 64 MiB fp32 logits block (512 MiB on CUDA,
+    auto_backend.GPU_CHUNK_BYTES: GEMMs big enough for cuBLAS, and whole sequences fit for the single pass)."""
+    if chunk_size:
+        return int(chunk_size)
+    if device.type == "cuda":
+        from .auto_backend import GPU_CHUNK_BYTES
+        return default_chunk_rows(vocab, GPU_CHUNK_BYTES)
+    return default_chunk_rows(vocab)
 
 
 def _triton_available(device: torch.device) -> bool:
@@ -95,6 +114,6 @@ def rows_logprobs(h, weight, t, bias, temperature: float, return_entropy: bool, 
         from fastpmd.kernels import linear_logprobs_triton
 
         return linear_logprobs_triton(h, weight, t, bias, temperature, return_entropy)
-    chunk = chunk_size or default_chunk_rows(weight.shape[0])
-    logp, ent = ChunkedLinearLogprobs.apply(h, weight, bias, t, 1.0 / temperature, return_entropy, int(chunk))
+    chunk = torch_chunk_rows(chunk_size, weight.shape[0], h.device)
+    logp, ent = ChunkedLinearLogprobs.apply(h, weight, bias, t, 1.0 / temperature, return_entropy, chunk)
     return logp, (ent if return_entropy else None)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_fused_inputs, check_targets_in_range, check_weights
-from .chunked import acc_dtype, chunk_backward_matmuls, chunk_softmax_stats_inplace, chunk_logits, default_chunk_rows
+from .chunked import acc_dtype, chunk_backward_matmuls, chunk_softmax_stats_inplace, chunk_logits
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
-from .dispatch import compact_rows, plain_head, resolve_backend, sync_free
+from .dispatch import compact_rows, plain_head, resolve_backend, sync_free, torch_chunk_rows
 from .logprobs import linear_logprobs
 from .losses import global_normaliser, length_divisor, pmd_delta_grad, pmd_loss, pmd_metrics, pmd_objective
 
@@ -124,7 +124,8 @@ def fused_linear_pmd_loss(
                                                 temperature, chunk_size, length_norm)
     if weights is not None:
         weights = check_weights(weights, advantages.shape)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, ("pmd", targets.numel(), weight.shape[1], weight.shape[0],
+                                                        hidden.dtype, targets.shape[1]))
 
     # B = 0: nothing to fuse, the reference path gives loss 0. Under torch.compile or CUDA-graph capture
     # (sync_free) the two-pass form: no compaction and no host-side sequence boundaries (8*N*H*V flops).
@@ -160,7 +161,7 @@ def fused_linear_pmd_loss(
                                                       k_div.float(), k_tau, temperature, num_seq.float(),
                                                       check_segments=False)  # cu is valid by construction
     else:
-        chunk = chunk_size or default_chunk_rows(weight.shape[0])
+        chunk = torch_chunk_rows(chunk_size, weight.shape[0], hidden.device)
         chunks = sequence_chunks(lengths.tolist(), chunk)  # host sync: sequence boundaries
         if chunks is None:  # a sequence longer than a chunk: two passes (recompute), never an unbounded block
             logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature,

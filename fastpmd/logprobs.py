@@ -27,7 +27,8 @@ def linear_logprobs(
         logp = torch.log_softmax(z, -1).gather(-1, targets[..., None])[..., 0] * mask
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1) * mask
     backend: "naive" (materialises logits), "torch" (chunked, recompute in backward), "triton" (fused kernels,
-    CUDA), "auto" (triton on CUDA, torch elsewhere). Masked rows are compacted away: no matrix work, no gradient.
+    CUDA), "auto" (on CUDA the one predicted faster, fastpmd.cost_model; torch elsewhere). Masked rows are
+    compacted away: no matrix work, no gradient.
     The backward takes any upstream gradient on logp and entropy; grad_weight accumulates in float32.
     A DTensor weight/bias (sharded or replicated) is gathered with autograd (`full_tensor()`); its gradient comes
     back as a DTensor in the same placements.
@@ -38,7 +39,8 @@ def linear_logprobs(
     check_chunk_size(chunk_size)
     mask = check_mask(mask, targets.shape, hidden.device)
     check_head_finite(hidden, weight, bias, mask)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, ("logprobs", targets.numel(), weight.shape[1], weight.shape[0],
+                                                        hidden.dtype, None))
 
     h, t, idx = compact_rows(hidden, targets, mask)
     if not sync_free():  # a host sync: skipped under torch.compile / CUDA-graph capture (docs/API.md)
