@@ -93,9 +93,11 @@ def elt(s: Shape) -> int:
 
 
 def chunk_columns(s: Shape, budget: int = DLOGITS_BUDGET) -> int:
-    """kernels/backward.chunk_columns without the 32-bit cap: the dlogits buffer [n, chunk_v] within budget."""
+    """kernels/backward.chunk_columns without the 32-bit cap: the dlogits buffer [n, chunk_v] within budget,
+    at least budget / (16384 tokens x 2 bytes) columns."""
     dz = 2 if s.dtype == "bf16" else 4
-    return max(128, min(budget // max(1, s.n * dz) // 128 * 128, -(-s.V // 128) * 128))
+    cols = max(budget // max(1, s.n * dz), budget // (16384 * 2)) // 128 * 128
+    return max(128, min(cols, -(-s.V // 128) * 128))
 
 
 def predict(backend: str, s: Shape, gpu: GpuRates) -> dict[str, float]:

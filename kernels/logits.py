@@ -47,6 +47,7 @@ def _logits_fwd_kernel(
     # meta: feature flags then block sizes
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     tok_tile, split = swizzle(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_N), n_splits, GROUP_N)
     row0, r_loc, row_ok, r_ld = token_tile(tok_tile, n_tokens, BLOCK_N)
@@ -65,7 +66,7 @@ def _logits_fwd_kernel(
     s = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     x = tl.zeros([BLOCK_N], tl.float32)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
+    for v0 in tl.range(v_lo, v_hi, BLOCK_V, flatten=FLATTEN):   # FLATTEN: one pipeline over (vocab tile, K)
         cols = v0 + c_loc
         col_ok = cols < v_hi
         z = logits_tile(h_base, h_off, w_base, w_off, bias_ptr, cols, col_ok, hidden_size, stride_hh, stride_wh,

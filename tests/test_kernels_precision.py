@@ -45,7 +45,7 @@ def test_fp32_tile_families(precision, arch):
         assert configs.family(k, arch, torch.bfloat16) == arch
     assert configs.family("merge", arch, torch.float32) == arch
     precision("highest")
-    assert configs.family("logits_fwd", arch, torch.float32) == "80"
+    assert configs.family("logits_fwd", arch, torch.float32) == "ieee"
     assert configs.family("matmul", arch, torch.float32) == arch
 
 
