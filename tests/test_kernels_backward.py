@@ -71,7 +71,7 @@ def test_grad_gemm_choice(monkeypatch):
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert configs.grad_gemm(cuda, torch.bfloat16) == "cublas"          # the CUDA default
     assert configs.grad_gemm(cuda, torch.float16) == "triton"           # fp32 dlogits x fp16 operands
-    assert configs.grad_gemm(cuda, torch.float32) == "triton"           # exact fp32 dots
+    assert configs.grad_gemm(cuda, torch.float32) == "cublas"           # cuBLAS follows the fp32 matmul precision
     assert configs.grad_gemm(cpu, torch.bfloat16) == "triton"           # the interpreter
     monkeypatch.setenv(configs.ENV_GRAD_GEMM, "triton")
     assert configs.grad_gemm(cuda, torch.bfloat16) == "triton"
