@@ -12,13 +12,15 @@ from .naive import naive_linear_logprobs
 
 
 def resolve_backend(backend: str, device: torch.device, head: tuple | None = None) -> str:
-    """'auto' -> 'torch' off CUDA (or without the kernels); on CUDA the backend predicted faster by the cost
-    model (fastpmd.cost_model; measured once per shape with FASTPMD_AUTOTUNE=1: fastpmd.auto_backend) for
-    head = (op "pmd" | "logprobs", rows, H, V, dtype, padded sequence length or None), 'triton' without head.
-    'triton' where it cannot run raises clearly."""
+    """'auto' -> 'torch' off CUDA (or without the kernels) and while torch.compile traces; on CUDA the backend
+    predicted faster by the cost model (fastpmd.cost_model; measured once per shape with FASTPMD_AUTOTUNE=1:
+    fastpmd.auto_backend) for head = (op "pmd" | "logprobs", rows, H, V, dtype, padded sequence length or
+    None), 'triton' without head. 'triton' where it cannot run raises clearly."""
     check_backend(backend)
     if backend == "auto":
         if device.type == "cuda" and _triton_available(device):
+            if torch.compiler.is_compiling():
+                return "torch"  # the backend traced (and tested) under torch.compile
             if head is None:
                 return "triton"
             from .auto_backend import cuda_choice

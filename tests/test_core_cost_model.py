@@ -87,3 +87,18 @@ def test_docs_table_is_the_model_output():
     table = cost_model.prediction_table(QWEN7B)
     assert table in doc
     assert all("PREDICTED" in line for line in re.findall(r"^\| method .*$", table, re.M))
+
+
+def test_auto_on_cuda_uses_the_model_and_torch_while_compiling(monkeypatch):
+    from fastpmd import dispatch
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(dispatch, "_triton_available", lambda device: True)
+    seen = []
+    monkeypatch.setattr(auto_backend, "cuda_choice", lambda *a, **kw: seen.append((a, kw)) or "torch")
+    head = ("pmd", 4096, 64, 1000, torch.bfloat16, 512)
+    assert dispatch.resolve_backend("auto", cuda, head) == "torch" and seen[0][0][:6] == ("pmd", cuda, 4096, 64,
+                                                                                          1000, torch.bfloat16)
+    assert seen[0][1] == {"allow_measure": True}
+    assert dispatch.resolve_backend("auto", cuda) == "triton"                 # no call shape: the kernels
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert dispatch.resolve_backend("auto", cuda, head) == "torch" and len(seen) == 1
