@@ -12,7 +12,10 @@
 #      forward+backward; fastpmd-triton, fastpmd-torch, Liger FLCE, Liger chunked GRPO, CCE (`cce` impl), naive
 #      and the three matmuls (the floor) in one round-robin per N; ms (median, IQR), TFLOP/s, % of the floor's
 #      speed, peak memory; PASS/FAIL lines for the targets.            cap TIMING_S (default 280 s)
-# Results: OUT_DIR/gpu_timing.{json,md} (written after each N), OUT_DIR/kernel_tests.log, OUT_DIR/summary.txt.
+#   3. python -m fastpmd.bench.auto_pick: PREDICTED (cost model) vs MEASURED ms per method, `auto`'s pick by
+#      prediction and with FASTPMD_AUTOTUNE=1, the fastest fastpmd backend.   cap AUTO_PICK_S (default 120 s)
+# Results: OUT_DIR/gpu_timing.{json,md} (written after each N), OUT_DIR/auto_pick.md, OUT_DIR/kernel_tests.log,
+# OUT_DIR/summary.txt.
 # Missing peers are skipped rows with the reason; to bring them, on a machine with the package registry:
 #   bash bench/gpu_env.sh download peers      # fills .whl/ (git-ignored); carry ".whl" to the device
 # Exit status: 0 when every phase ran and no check FAILed; 1 otherwise; 2 without CUDA.
@@ -61,5 +64,13 @@ if grep -q "^    FAIL" "$OUT_DIR/gpu_timing.md" 2>/dev/null; then
     status=1
 fi
 grep -E "^    (PASS|FAIL|SKIP)" "$OUT_DIR/gpu_timing.md" 2>/dev/null | tee -a "$summary"
+
+# 3. auto's pick: the cost model's PREDICTED ms beside the measured ones, the backend `auto` predicts, the one
+#    it picks with FASTPMD_AUTOTUNE=1 (timed once per N), and the fastest fastpmd backend measured
+timeout -k 10 "${AUTO_PICK_S:-120}" env FASTPMD_AUTOTUNE=1 "$PYTHON" -m fastpmd.bench.auto_pick \
+    --timing "$OUT_DIR/gpu_timing.json" --device "$DEVICE" 2>&1 | tee "$OUT_DIR/auto_pick.log"
+rc=$?
+phase_verdict "auto pick (table: $OUT_DIR/auto_pick.md)" $rc
+grep -E "^(auto|fastest)" "$OUT_DIR/auto_pick.md" 2>/dev/null | tee -a "$summary"
 say "done in $SECONDS s, exit $status"
 exit $status

@@ -11,12 +11,22 @@ from .chunked import ChunkedLinearLogprobs, default_chunk_rows
 from .naive import naive_linear_logprobs
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA when the kernels import, else 'torch'. 'triton' elsewhere raises clearly."""
+def resolve_backend(backend: str, device: torch.device, head: tuple | None = None) -> str:
+    """'auto' -> 'torch' off CUDA (or without the kernels) and while torch.compile traces; on CUDA the backend
+    predicted faster by the cost model (fastpmd.cost_model; measured once per shape with FASTPMD_AUTOTUNE=1:
+    fastpmd.auto_backend) for head = (op "pmd" | "logprobs", rows, H, V, dtype, padded sequence length or
+    None), 'triton' without head. 'triton' where it cannot run raises clearly."""
     check_backend(backend)
     if backend == "auto":
         if device.type == "cuda" and _triton_available(device):
-            return "triton"
+            if torch.compiler.is_compiling():
+                return "torch"  # the backend traced (and tested) under torch.compile
+            if head is None:
+                return "triton"
+            from .auto_backend import cuda_choice
+            op, n, H, V, dtype, seq_len = head
+            return cuda_choice(op, device, n, H, V, dtype, seq_len, torch_chunk_rows(None, V, device),
+                               allow_measure=not sync_free())
         return "torch"
     if backend == "triton" and not _triton_available(device):
         raise ValueError(
@@ -24,6 +34,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"interpreter); got device {device}. Use backend='torch' or 'auto'."
         )
     return backend
+
+
+def torch_chunk_rows(chunk_size: int | None, vocab: int, device: torch.device) -> int:
+    """Rows per chunk of the torch backend: chunk_size, else a 64 MiB fp32 logits block (512 MiB on CUDA,
+    auto_backend.GPU_CHUNK_BYTES: GEMMs big enough for cuBLAS, and whole sequences fit for the single pass)."""
+    if chunk_size:
+        return int(chunk_size)
+    if device.type == "cuda":
+        from .auto_backend import GPU_CHUNK_BYTES
+        return default_chunk_rows(vocab, GPU_CHUNK_BYTES)
+    return default_chunk_rows(vocab)
 
 
 def _triton_available(device: torch.device) -> bool:
@@ -34,27 +55,67 @@ def _triton_available(device: torch.device) -> bool:
     return bool(is_available(device))
 
 
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def plain_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """A DTensor weight/bias (tensor-parallel LM head, an FSDP2 parameter) -> its full tensor, gathered with
+    autograd (`weight.full_tensor()`: the gradient flows back to the DTensor in its own placements). A DTensor
+    hidden is refused: which rows are local is the caller's decision. Never lets a DTensor reach a kernel (its
+    data_ptr() is 0). Returns (weight, bias) as plain tensors."""
+    if _is_dtensor(hidden):
+        raise ValueError("hidden is a DTensor: pass a plain tensor (hidden.full_tensor(), or hidden.to_local() "
+                         "with the matching local targets)")
+    weight = weight.full_tensor() if _is_dtensor(weight) else weight
+    bias = bias.full_tensor() if _is_dtensor(bias) else bias
+    return weight, bias
+
+
+def sync_free() -> bool:
+    """True while torch.compile traces or a CUDA graph is being captured: no data-dependent host sync then (no
+    row compaction, no host-side value checks, no host-side sequence boundaries)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def compact_rows(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None):
-    """Flatten to rows and keep the valid ones. Returns (h [n, H], t [n] int64, idx [n] or None). hidden may
-    already be packed: [n, H], the rows of mask's True entries in row-major order (targets, mask [B, T])."""
+    """Flatten to rows and keep the valid ones. Returns (h [n, H], t [n] int64, keep): keep = None (no mask),
+    the kept row indices [n] (eager), or, under sync_free(), the flat bool mask [N] with every row kept and the
+    masked targets replaced by 0 (no host sync; masked rows cost matrix work and are zeroed by scatter_rows).
+    hidden may already be packed: [n, H], the rows of mask's True entries in row-major order (targets, mask
+    [B, T]); its indices then come from nonzero_static with n known (no host sync under sync_free())."""
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t2 = targets.reshape(-1)
     if mask is None:
         return h2, t2.long(), None
-    idx = mask.reshape(-1).nonzero().squeeze(1)  # one host sync (the row count)
     if hidden.dim() == 2 and targets.dim() == 2:  # packed rows
-        if idx.numel() != hidden.shape[0]:
-            raise ValueError(f"hidden has {hidden.shape[0]} packed rows but mask selects {idx.numel()}")
+        if sync_free():
+            idx = torch.nonzero_static(mask.reshape(-1), size=hidden.shape[0]).squeeze(1)
+        else:
+            idx = mask.reshape(-1).nonzero().squeeze(1)  # one host sync (the row count)
+            if idx.numel() != hidden.shape[0]:
+                raise ValueError(f"hidden has {hidden.shape[0]} packed rows but mask selects {idx.numel()}")
         return hidden, t2.index_select(0, idx).long(), idx
+    if sync_free():
+        m = mask.reshape(-1)
+        return h2, torch.where(m, t2, 0).long(), m
+    idx = mask.reshape(-1).nonzero().squeeze(1)  # one host sync (the row count)
     return h2.index_select(0, idx), t2.index_select(0, idx).long(), idx
 
 
-def scatter_rows(values: torch.Tensor, idx: torch.Tensor | None, shape) -> torch.Tensor:
+def scatter_rows(values: torch.Tensor, keep: torch.Tensor | None, shape) -> torch.Tensor:
     """Inverse of compact_rows for per-token values [n] -> shape, zeros where masked (differentiable)."""
-    if idx is None:
+    if keep is None:
         return values.reshape(shape)
+    if keep.dtype == torch.bool:  # sync_free(): every row was computed
+        return torch.where(keep, values, 0.0).reshape(shape)
     out = values.new_zeros(int(torch.Size(shape).numel()))
-    return out.index_put((idx,), values).reshape(shape)
+    return out.index_put((keep,), values).reshape(shape)
 
 
 def rows_logprobs(h, weight, t, bias, temperature: float, return_entropy: bool, chunk_size, backend: str):
@@ -65,6 +126,6 @@ def rows_logprobs(h, weight, t, bias, temperature: float, return_entropy: bool, 
         from fastpmd.kernels import linear_logprobs_triton
 
         return linear_logprobs_triton(h, weight, t, bias, temperature, return_entropy)
-    chunk = chunk_size or default_chunk_rows(weight.shape[0])
-    logp, ent = ChunkedLinearLogprobs.apply(h, weight, bias, t, 1.0 / temperature, return_entropy, int(chunk))
+    chunk = torch_chunk_rows(chunk_size, weight.shape[0], h.device)
+    logp, ent = ChunkedLinearLogprobs.apply(h, weight, bias, t, 1.0 / temperature, return_entropy, chunk)
     return logp, (ent if return_entropy else None)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_count, check_fused_inputs, check_targets_in_range, check_weights
-from .chunked import acc_dtype, chunk_backward_matmuls, chunk_softmax_stats_inplace, chunk_logits, default_chunk_rows
+from .chunked import acc_dtype, chunk_backward_matmuls, chunk_softmax_stats_inplace, chunk_logits
 from .chunked import grad_from_exp_, logits_buffer, matmul_operand
-from .dispatch import compact_rows, resolve_backend
+from .dispatch import compact_rows, plain_head, resolve_backend, sync_free, torch_chunk_rows
 from .logprobs import linear_logprobs
 from .losses import length_divisor, pmd_delta_grad, pmd_loss, pmd_metrics, pmd_objective
 
@@ -119,14 +119,19 @@ def fused_linear_pmd_loss(
     tau [B]: per-sequence temperatures, run through the scalar-tau kernels as tau' = 1, A' = A/tau_i,
     divisor' = divisor_i/tau_i: (A' - Delta)^2/2/divisor' = (A - tau_i*Delta)^2/(2*tau_i)/divisor_i, same gradient.
     """
+    weight, bias = plain_head(hidden, weight, bias)  # a DTensor head is gathered with autograd
     mask, tau, temperature = check_fused_inputs(hidden, weight, targets, mask, old_logprobs, advantages, bias, tau,
                                                 temperature, chunk_size, length_norm)
     if weights is not None:
         weights = check_weights(weights, advantages.shape, advantages.device)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, ("pmd", targets.numel(), weight.shape[1], weight.shape[0],
+                                                        hidden.dtype, targets.shape[1]))
 
-    if backend == "naive" or hidden.shape[0] == 0:  # B = 0: nothing to fuse, the reference path gives loss 0
-        logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature, backend="naive")
+    # B = 0: nothing to fuse, the reference path gives loss 0. Under torch.compile or CUDA-graph capture
+    # (sync_free) the two-pass form: no compaction and no host-side sequence boundaries (8*N*H*V flops).
+    if backend == "naive" or hidden.shape[0] == 0 or sync_free():
+        logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature,
+                               chunk_size=chunk_size, backend=backend)
         return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
                         num_sequences=num_sequences, weights=weights)
 
@@ -156,7 +161,7 @@ def fused_linear_pmd_loss(
                                                       k_div.float(), k_tau, temperature, num_seq.float(),
                                                       check_segments=False)  # cu is valid by construction
     else:
-        chunk = chunk_size or default_chunk_rows(weight.shape[0])
+        chunk = torch_chunk_rows(chunk_size, weight.shape[0], hidden.device)
         chunks = sequence_chunks(lengths.tolist(), chunk)  # host sync: sequence boundaries
         if chunks is None:  # a sequence longer than a chunk: two passes (recompute), never an unbounded block
             logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature,

@@ -5,7 +5,7 @@ import torch
 
 from ._checks import check_chunk_size, check_head_finite, check_lm_head, check_mask, check_positive
 from ._checks import check_targets_in_range, is_packed
-from .dispatch import compact_rows, resolve_backend, rows_logprobs, scatter_rows
+from .dispatch import compact_rows, plain_head, resolve_backend, rows_logprobs, scatter_rows, sync_free
 
 
 def linear_logprobs(
@@ -27,19 +27,26 @@ def linear_logprobs(
         logp = torch.log_softmax(z, -1).gather(-1, targets[..., None])[..., 0] * mask
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1) * mask
     backend: "naive" (materialises logits), "torch" (chunked, recompute in backward), "triton" (fused kernels,
-    CUDA), "auto" (triton on CUDA, torch elsewhere). Masked rows are compacted away: no matrix work, no gradient.
+    CUDA), "auto" (on CUDA the one predicted faster, fastpmd.cost_model; torch elsewhere). Masked rows are
+    compacted away: no matrix work, no gradient.
     The backward takes any upstream gradient on logp and entropy; grad_weight accumulates in float32.
+    A DTensor weight/bias (sharded or replicated) is gathered with autograd (`full_tensor()`); its gradient comes
+    back as a DTensor in the same placements.
     """
+    weight, bias = plain_head(hidden, weight, bias)  # a DTensor head is gathered with autograd
     packed = is_packed(hidden, targets, mask)
     check_lm_head(hidden, weight, targets, bias, packed)
     temperature = check_positive("temperature", temperature)
     check_chunk_size(chunk_size)
     mask = check_mask(mask, targets.shape, hidden.device)
     check_head_finite(hidden, weight, bias, None if packed else mask)
-    backend = resolve_backend(backend, hidden.device)
+    rows = hidden.shape[0] if packed else targets.numel()
+    backend = resolve_backend(backend, hidden.device, ("logprobs", rows, weight.shape[1], weight.shape[0],
+                                                        hidden.dtype, None))
 
     h, t, idx = compact_rows(hidden, targets, mask)
-    check_targets_in_range(t, weight.shape[0])
+    if not sync_free():  # a host sync: skipped under torch.compile / CUDA-graph capture (docs/API.md)
+        check_targets_in_range(t, weight.shape[0])
     logp, ent = rows_logprobs(h, weight, t, bias, temperature, return_entropy, chunk_size, backend)
     logp = scatter_rows(logp, idx, targets.shape)
     if not return_entropy:

@@ -24,6 +24,8 @@ fp32 inputs -> fp32 buffer (fp16 would flush small p*g to zero).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _runtime, configs, grad_filter
@@ -46,6 +48,10 @@ def validate_linear(hidden, weight, targets, bias, temperature: float, what: str
         raise ValueError(f"{what}: targets must be an integer [n] tensor with n = {hidden.shape[0]}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"{what}: bias must be [V] with V = {weight.shape[0]}")
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
+        if t is not None and t.numel() > 0 and t.data_ptr() == 0:   # Triton would launch it as a null pointer
+            raise ValueError(f"{what}: {name} ({type(t).__name__}) has no local storage (data_ptr() == 0), e.g. "
+                             "a DTensor: pass a plain tensor (fastpmd.linear_logprobs gathers a DTensor head)")
     check_spans(hidden, weight, what)
     if not float(temperature) > 0:
         raise ValueError(f"{what}: temperature must be > 0, got {temperature}")
@@ -73,9 +79,11 @@ def check_spans(hidden, weight, what: str) -> None:
 
 
 def chunk_columns(n: int, V: int, elt: int, block_v: int) -> int:
-    """Vocab columns per backward chunk: the dlogits buffer [n, chunk] fits configs.DLOGITS_BUDGET_BYTES, and
-    n * chunk < INDEX_LIMIT whatever the budget (the buffer is addressed with 32-bit in-tile offsets)."""
-    cols = configs.DLOGITS_BUDGET_BYTES // max(1, n * elt) // block_v * block_v
+    """Vocab columns per backward chunk: the dlogits buffer [n, chunk] fits configs.DLOGITS_BUDGET_BYTES, but
+    never fewer than configs.min_chunk_columns() (8192 at the default budget: the budget grows with n beyond
+    16384 tokens, so grad_hidden's read-modify-write traffic grows like n, not n^2), and n * chunk <
+    INDEX_LIMIT whatever the budget (the buffer is addressed with 32-bit in-tile offsets)."""
+    cols = max(configs.DLOGITS_BUDGET_BYTES // max(1, n * elt), configs.min_chunk_columns()) // block_v * block_v
     cap = (_runtime.INDEX_LIMIT - 1) // max(1, n) // block_v * block_v
     if cap < block_v:
         raise ValueError(f"chunk_columns: {n} tokens x {block_v} columns reach {_runtime.INDEX_LIMIT} elements; "
@@ -89,17 +97,42 @@ def torch_mm_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate:
     operand dtypes) the operands are upcast to fp32: same math, more memory (used on CPU by the tests)."""
     if a.is_cuda and a.dtype == b.dtype and c.dtype in (a.dtype, torch.float32):
         if c.dtype == a.dtype:
-            if accumulate:
-                return c.addmm_(a, b)
-            return torch.mm(a, b, out=c)
+            with full_precision_reduction():
+                return c.addmm_(a, b) if accumulate else torch.mm(a, b, out=c)
         if accumulate:
-            try:   # in place (cuBLAS beta = 1); torch versions whose addmm.dtype needs self in the operand dtype
-                return torch.addmm(c, a, b, out_dtype=torch.float32, out=c)   # raise, and take a temporary
-            except RuntimeError:
-                return c.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return addmm_fp32_(c, a, b)
         return torch.mm(a, b, out_dtype=torch.float32, out=c)
     prod = a.float() @ b.float()
     return c.add_(prod) if accumulate else c.copy_(prod)
+
+
+# torch's messages when addmm.dtype's self (the fp32 accumulator) must have the operands' dtype (older torch)
+_ADDMM_SELF_DTYPE = ("self and mat2 must have the same dtype", "self dtype must match")
+
+
+def addmm_fp32_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c += a @ b for 16-bit a, b into fp32 c: in place (cuBLAS beta = 1) where torch allows an fp32 self, else
+    through an fp32 temporary. Only that unsupported-argument error is caught: out-of-memory and every other
+    error propagate."""
+    try:
+        return torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+    except RuntimeError as e:
+        if isinstance(e, torch.OutOfMemoryError) or not any(m in str(e) for m in _ADDMM_SELF_DTYPE):
+            raise
+        return c.add_(torch.mm(a, b, out_dtype=torch.float32))
+
+
+@contextlib.contextmanager
+def full_precision_reduction():
+    """cuBLAS GEMMs with a 16-bit output reduce (split-K) in fp32 inside the block: torch's default allows bf16/
+    fp16 reduced-precision reductions, which at large K (grad_W sums over every token) lose accuracy."""
+    m = torch.backends.cuda.matmul
+    old = m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction
+    m.allow_bf16_reduced_precision_reduction = m.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = old
 
 
 def linear_grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature: float,
@@ -118,7 +151,7 @@ def linear_grads(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, tempera
     if n == 0 or not any(needs):
         return (gh.to(hidden.dtype) if need_h else None, gw, gb.to(bias.dtype) if need_b else None)
     dz_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
-    fam = configs.logits_family(arch, hidden.dtype == torch.float32)
+    fam = configs.family("logits_bwd", arch, hidden.dtype)
     cfg = configs.pick("logits_bwd", fam)
     cv = chunk_columns(n, V, torch.finfo(dz_dtype).bits // 8, cfg.blocks["BLOCK_V"])
     dz = torch.empty(n, cv, device=dev, dtype=dz_dtype)         # [n, chunk_v] dlogits buffer

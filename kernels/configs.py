@@ -4,7 +4,8 @@ Families (arch_of in kernels/_runtime.py maps the compute capability):
   "80"  = Ampere/Ada (sm_80..89, mma.sync/HMMA),          "90" = Hopper (H100/H200, sm_90, wgmma/HGMMA),
   "100" = datacenter Blackwell (B200/GB200/B300, sm_100/103 and 11.x, tcgen05.mma/UTCHMMA, 227 KiB shared memory),
   "120" = consumer/workstation Blackwell (RTX 50xx/PRO, sm_120/121: mma.sync/HMMA, 99 KiB shared memory),
-  "interp" = the CPU interpreter (tiny blocks: the interpreter's cost grows with the block area).
+  "interp" = the CPU interpreter (tiny blocks: the interpreter's cost grows with the block area),
+  "<family>t" = fp32 inputs with TF32 dots on that family, "ieee" = fp32 inputs with exact dots (`family()`).
 Every pinned config is compiled by `fastpmd kernels-report` (kernels/report.py), which checks registers, spills,
 shared memory and tensor-core use. Only block sizes, warps and stages live here; shapes are runtime arguments.
 
@@ -31,6 +32,17 @@ ENV_AUTOTUNE = "FASTPMD_AUTOTUNE"
 # n = 16384, H = 3584, V = 152064 (bf16) 256 MiB gives 19 chunks of 8192 columns (8.9 GB of grad_hidden traffic),
 # 64 MiB gives 75 chunks of 2048 (35 GB). Peak extra memory = this buffer + the fp32 grad_hidden accumulator.
 DLOGITS_BUDGET_BYTES = int(os.environ.get("FASTPMD_DLOGITS_MB", "256")) << 20
+# The budget above is per BUDGET_TOKENS tokens: chunks never narrower than it gives 16-bit dz at that n
+# (8192 columns by default), so beyond 16384 tokens the buffer grows with n (1 GiB at n = 65536) instead of the
+# chunk count (75 chunks and ~201 GB of grad_hidden traffic at n = 65536, H = 5120 with a fixed 256 MiB).
+BUDGET_TOKENS = 16384
+
+
+def min_chunk_columns() -> int:
+    """Narrowest dlogits chunk (columns): DLOGITS_BUDGET_BYTES of 2-byte dz at BUDGET_TOKENS tokens."""
+    return DLOGITS_BUDGET_BYTES // (BUDGET_TOKENS * 2)
+
+
 # Forward vocab split: aim for this many programs per SM so that short batches still fill the GPU.
 PROGRAMS_PER_SM = 8
 
@@ -57,28 +69,44 @@ def _config(warps, stages, **blocks):
 CONFIGS: dict[str, dict[str, list[Config]]] = {
     # forward statistics (kernels/logits.py) and backward dlogits (kernels/dlogits.py)
     "logits_fwd": {
-        "90": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
-               _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8),
-               _config(8, 4, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=16)],
-        "80": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
-               _config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16)],
-        "100": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
-                _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
+        # FLATTEN: one software-pipelined loop over (vocab tile, K step) (tl.range flatten=True) instead of a
+        # pipeline refilled at every vocab tile; sm_100 spills with it (255 registers, 24 B), so not there
+        "90": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, FLATTEN=True),
+               _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8, FLATTEN=True),
+               _config(8, 4, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=16, FLATTEN=True)],
+        "80": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8, FLATTEN=True),
+               _config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16, FLATTEN=True)],
+        "100": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, FLATTEN=False),
+                _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8, FLATTEN=False)],
         # sm_120: the Ampere 128x64x32 tile spills 8 bytes here (kernels report); 64x64 is the pinned one
-        "120": [_config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16),
-                _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8)],
-        "interp": [_config(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
+        "120": [_config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16, FLATTEN=True),
+                _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8, FLATTEN=True)],
+        # fp32 inputs, TF32 dots (family()): 128x128x64 spills on sm_90 with fp32 operands (255 registers, 24 B)
+        "80t": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8, FLATTEN=True)],
+        "90t": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8, FLATTEN=True)],
+        "100t": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8, FLATTEN=False)],
+        "120t": [_config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16, FLATTEN=True)],
+        # fp32 inputs, exact IEEE dots (FMA), every architecture: flattening spills here (sm_80: 488 B)
+        "ieee": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8, FLATTEN=False)],
+        "interp": [_config(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2, FLATTEN=True)],
     },
     "logits_bwd": {
         "90": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
                _config(8, 4, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=16),
-               _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
+               _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8),
+               _config(8, 3, BLOCK_N=256, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),     # Hopper-sized dlogits tiles
+               _config(8, 3, BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, GROUP_N=8)],
         "80": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
                _config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, GROUP_N=8)],
         "100": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8),
                 _config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8)],
         "120": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8),
                 _config(4, 4, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16)],
+        "80t": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8)],
+        "90t": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8)],
+        "100t": [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8)],
+        "120t": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8)],
+        "ieee": [_config(8, 3, BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, GROUP_N=8)],
         "interp": [_config(1, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2)],
     },
     "merge": {
@@ -97,6 +125,11 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
                 _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16)],
         "120": [_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
                 _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=16)],
+        # fp32 inputs, TF32 dots: a K-step of 16 on sm_80/120 (128x128x32 spills 16 B in the filtered variant)
+        "80t": [_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)],
+        "90t": [_config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)],
+        "100t": [_config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)],
+        "120t": [_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)],
         "interp": [_config(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)],
     },
     "pmd_epilogue": {
@@ -109,10 +142,25 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
 }
 
 
-def logits_family(arch: str, fp32_inputs: bool) -> str:
-    """Config family of the logits tile kernel: fp32 inputs use exact FMA dots, for which the Hopper/Blackwell
-    128x128x64 tiles spill heavily (kernels report, sm_90: 3.7 KB of stack); they take the Ampere tiles."""
-    return "80" if (arch in ("90", "100") and fp32_inputs) else arch
+def ieee_dots(*dtypes: torch.dtype) -> bool:
+    """Exact IEEE fp32 dots (FMA, no tensor cores): fp32 inputs with torch.get_float32_matmul_precision() ==
+    "highest" (torch's default). At "high"/"medium" fp32 inputs take TF32 tensor-core dots, as torch's own fp32
+    matmuls do then. Read at every launch."""
+    return all(d == torch.float32 for d in dtypes) and torch.get_float32_matmul_precision() == "highest"
+
+
+def family(kernel: str, arch: str, dtype: torch.dtype, ieee: bool | None = None) -> str:
+    """Config family of `kernel` ("logits_fwd", "logits_bwd", "matmul") on `arch` for inputs of `dtype`.
+    fp32 inputs with exact IEEE dots (ieee_dots) run on FMA units, for which the Hopper/Blackwell 128x128x64
+    logits tiles spill heavily (kernels report, sm_90: 3.7 KB of stack) and sm_120's 64x64x32 forward 8 B: the
+    logits kernels take the "ieee" family (the Ampere tiles, unflattened) everywhere. fp32 inputs with TF32 dots take the "<arch>t" family: fp32 operands are twice the bytes of 16-bit
+    ones, and the 16-bit tiles spill with them (sm_90 logits_fwd 128x128x64: 24 B; sm_80 filtered matmul
+    128x128x32: 16 B). ieee: override ieee_dots (the kernels report builds both). Other kernels: `arch`."""
+    if arch == "interp" or dtype != torch.float32 or kernel not in ("logits_fwd", "logits_bwd", "matmul"):
+        return arch
+    if ieee_dots(dtype) if ieee is None else ieee:
+        return "ieee" if kernel.startswith("logits") else arch
+    return arch + "t"
 
 
 ENV_GRAD_GEMM = "FASTPMD_GRAD_GEMM"
@@ -122,16 +170,17 @@ GRAD_GEMMS = ("auto", "cublas", "triton")
 def grad_gemm(device, dtype, filtering: bool = False) -> str:
     """Backend of the backward's two gradient GEMMs (kernels/backward.py): "cublas" (torch.mm / torch.addmm,
     fp32 accumulation) or "triton" (kernels/matmul.py). FASTPMD_GRAD_GEMM = auto | cublas | triton, read at each
-    backward. auto: cublas on CUDA for bf16 inputs; triton under the interpreter, for fp32 inputs (exact fp32
-    dots), for fp16 (its fp32 dlogits x fp16 operands have no cuBLAS kernel without fp32 copies) and with
-    gradient filtering (the Triton matmul skips the dropped blocks)."""
+    backward. auto: cublas on CUDA for bf16 and fp32 inputs (cuBLAS fp32 follows torch's float32 matmul
+    precision: TF32 at "high"/"medium", IEEE SGEMM at "highest"); triton under the interpreter, for fp16 (its
+    fp32 dlogits x fp16 operands have no cuBLAS kernel without fp32 copies) and with gradient filtering (the
+    Triton matmul skips the dropped blocks)."""
     choice = os.environ.get(ENV_GRAD_GEMM, "auto") or "auto"
     if choice not in GRAD_GEMMS:
         raise ValueError(f"{ENV_GRAD_GEMM} must be one of {GRAD_GEMMS}, got {choice!r}")
     if choice != "auto":
         return choice
     on_cuda = getattr(device, "type", device) == "cuda"
-    return "cublas" if (on_cuda and dtype == torch.bfloat16 and not filtering) else "triton"
+    return "cublas" if (on_cuda and dtype in (torch.bfloat16, torch.float32) and not filtering) else "triton"
 
 
 def autotune_enabled() -> bool:

@@ -87,7 +87,7 @@ def dlogits_chunk(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temper
     With flags ([token tiles, vocab tiles of the chunk] int8), gradient filtering: tiles whose every |dz| is
     <= filter_eps * (|g_logp| + |g_ent|) / T are written as 0 and flagged 0 (kernels/grad_filter.py)."""
     n, H = hidden.shape
-    cfg = cfg or configs.pick("logits_bwd", configs.logits_family(arch, hidden.dtype == torch.float32))
+    cfg = cfg or configs.pick("logits_bwd", configs.family("logits_bwd", arch, hidden.dtype))
     bn, bv = cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_V"]
     n_tiles, n_vt = triton.cdiv(n, bn), triton.cdiv(v_end - v_begin, bv)
     has_ge = g_ent is not None

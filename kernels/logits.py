@@ -47,6 +47,7 @@ def _logits_fwd_kernel(
     # meta: feature flags then block sizes
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     tok_tile, split = swizzle(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_N), n_splits, GROUP_N)
     row0, r_loc, row_ok, r_ld = token_tile(tok_tile, n_tokens, BLOCK_N)
@@ -65,7 +66,7 @@ def _logits_fwd_kernel(
     s = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     x = tl.zeros([BLOCK_N], tl.float32)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
+    for v0 in tl.range(v_lo, v_hi, BLOCK_V, flatten=FLATTEN):   # FLATTEN: one pipeline over (vocab tile, K)
         cols = v0 + c_loc
         col_ok = cols < v_hi
         z = logits_tile(h_base, h_off, w_base, w_off, bias_ptr, cols, col_ok, hidden_size, stride_hh, stride_wh,
@@ -136,11 +137,11 @@ def _merge_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 def dot_flags(*dtypes: torch.dtype) -> dict:
-    """DOT_FP32: upcast dot operands (always under the interpreter, whose bf16 dot is wrong; or mixed dtypes).
-    DOT_IEEE: exact fp32 products when the inputs themselves are fp32 (no TF32 rounding)."""
+    """DOT_FP32: upcast dot operands (always under the interpreter, whose bf16 dot is wrong; mixed dtypes; fp32).
+    DOT_IEEE: exact fp32 products (configs.ieee_dots); otherwise fp32 operands are rounded to TF32 on the tensor cores."""
     mixed = len(set(dtypes)) > 1
     fp32_in = all(d == torch.float32 for d in dtypes)
-    return {"DOT_FP32": interpreting() or mixed or fp32_in, "DOT_IEEE": fp32_in}
+    return {"DOT_FP32": interpreting() or mixed or fp32_in, "DOT_IEEE": configs.ieee_dots(*dtypes)}
 
 
 def _split_plan(n_tiles: int, n_vtiles: int, device: torch.device) -> tuple[int, int]:
@@ -162,7 +163,7 @@ def logits_stats(hidden, weight, bias, targets, temperature: float, with_entropy
     if n == 0:
         return logp, lse, ent
     flags = dot_flags(hidden.dtype, weight.dtype)
-    fam = configs.logits_family(arch, hidden.dtype == torch.float32)
+    fam = configs.family("logits_fwd", arch, hidden.dtype)
 
     def launch(c):  # one forward pass with config c; returns the per-split partials
         n_tiles = triton.cdiv(n, c.blocks["BLOCK_N"])

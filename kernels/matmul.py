@@ -114,11 +114,12 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: b
                              FLAG_RK=max(1, cfg.blocks["BLOCK_K"] // flag_block[1]),
                              **cfg.meta(torch.float32 in (a.dtype, b.dtype)))
 
+    fam = configs.family("matmul", arch, b.dtype)      # b: the input operand (a is fp32 dlogits on the fp16 path)
     if configs.autotune_enabled() and arch != "interp":
         scratch = torch.empty_like(c)  # autotuning must not touch the accumulator
-        cfg = configs.pick("matmul", arch, (M.bit_length(), N, K.bit_length(), str(a.dtype), a.stride(0) == 1),
+        cfg = configs.pick("matmul", fam, (M.bit_length(), N, K.bit_length(), str(a.dtype), a.stride(0) == 1),
                            bench=lambda cf: launch(cf, scratch))
     else:
-        cfg = configs.pick("matmul", arch)
+        cfg = configs.pick("matmul", fam)
     launch(cfg, c)
     return c

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -38,11 +39,13 @@ from .pmd_epilogue import _pmd_epilogue_kernel
 ARCHS = (80, 90, 100, 120)
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 TC_OP = {80: "HMMA", 90: "HGMMA", 100: "UTCHMMA", 120: "HMMA"}
-_OPERAND_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+# build name -> operand dtype. fp32: TF32 dots (float32 matmul precision "high"/"medium", tensor cores);
+# fp32-ieee: exact fp32 dots (precision "highest", FMA units: no tensor-core requirement)
+_OPERAND_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp32-ieee": "fp32"}
 DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
 
 
-def _variants(dt: str):
+def _variants(dt: str, ieee: bool = False):
     """(name, kernel, config family, args, tensor-core tiles?, fp32 operands?) with args: name -> '*type' | 'i32' |
     'i32D' | 'fp32' | constexpr value.
     'i32D' marks an int the JIT would see divisible by 16; a contiguous stride is the constexpr 1, as the JIT
@@ -51,7 +54,7 @@ def _variants(dt: str):
     logits_common = dict(
         hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", bias_ptr=f"*{dt}", targets_ptr="*i64",
         n_tokens="i32", hidden_size="i32D", stride_hn="i32D", stride_hh=1, stride_wv="i32D", stride_wh=1,
-        inv_temperature="fp32", HAS_BIAS=True, DOT_FP32=dt == "fp32", DOT_IEEE=dt == "fp32")
+        inv_temperature="fp32", HAS_BIAS=True, DOT_FP32=dt == "fp32", DOT_IEEE=ieee)
     dz_t = "*bf16" if dt == "bf16" else "*fp32"
     fwd = dict(logits_common, m_ptr=f, s_ptr=f, t_ptr=f, x_ptr=f, vocab_size="i32D", tiles_per_split="i32",
                n_splits="i32", WITH_ENTROPY=True)
@@ -60,7 +63,7 @@ def _variants(dt: str):
                filter_eps="fp32", HAS_GRAD_ENT=True, FILTER=False)
     bwd_filter = dict(bwd, FILTER=True)
     # fp16: fp32 dlogits x fp16 -> TF32. Filter flags: one per 128 x 128 block, as the sm_90/100 pinned tiles
-    mm_flags = dict(DOT_FP32=dt != "bf16", DOT_IEEE=dt == "fp32", flags_ptr="*i8", flag_rows="i32",
+    mm_flags = dict(DOT_FP32=dt != "bf16", DOT_IEEE=ieee, flags_ptr="*i8", flag_rows="i32",
                     flag_cols="i32", FILTER=False, FLAG_M=128, FLAG_K=128, FLAG_RM=1, FLAG_RK=1)
     grad_h = dict(a_ptr=dz_t, b_ptr=f"*{dt}", c_ptr=f, M="i32D", N="i32D", K="i32D", stride_am="i32D", stride_ak=1,
                   stride_bk="i32D", stride_bn=1, stride_cm="i32D", stride_cn=1, ACCUMULATE=True, stride_fm="i32",
@@ -72,7 +75,7 @@ def _variants(dt: str):
                  n_splits="i32", WITH_ENTROPY=True)
     epi = dict(logp_ptr=f, old_ptr=f, adv_ptr=f, cu_ptr="*i32", div_ptr=f, nseq_ptr=f, delta_ptr=f, term_ptr=f,
                gtok_ptr=f, tau="fp32")
-    tc = dt != "fp32"       # fp32 inputs use exact fp32 (FMA) dots by design: no tensor-core requirement
+    tc = not ieee           # exact fp32 (FMA) dots by design: no tensor-core requirement
     f32 = dt == "fp32"
     return [("logits_fwd", _logits_fwd_kernel, "logits_fwd", fwd, tc, f32),
             ("logits_bwd", _dlogits_kernel, "logits_bwd", bwd, tc, f32),
@@ -125,8 +128,9 @@ def report(arch: int, out: Path, dtypes=("bf16",), all_configs: bool = False) ->
     fam = family_of_capability(arch)
     rows = []
     for dt in dtypes:
-        for name, kern, cname, args, has_tiles, fp32_ops in _variants(_OPERAND_DTYPES[dt]):
-            cfam = configs.logits_family(fam, dt == "fp32") if cname.startswith("logits") else fam
+        ieee = dt == "fp32-ieee"
+        for name, kern, cname, args, has_tiles, fp32_ops in _variants(_OPERAND_DTYPES[dt], ieee):
+            cfam = configs.family(cname, fam, torch.float32 if dt.startswith("fp32") else None, ieee)
             cands = configs.CONFIGS[cname][cfam]
             for ci, cfg in enumerate(cands if all_configs else cands[:1]):
                 meta = cfg.meta(fp32_ops)

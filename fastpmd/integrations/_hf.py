@@ -51,12 +51,22 @@ def completion_hidden(lm, input_ids, attention_mask, logits_to_keep: int, *, aux
     head = lm.get_output_embeddings()
     weight, bias = head.weight, head.bias
     hidden = hidden.to(weight.device)
-    if hidden.dtype != weight.dtype:  # autocast or an fp32 head: compute in the wider dtype
-        wide = torch.promote_types(hidden.dtype, weight.dtype)
-        hidden, weight = hidden.to(wide), weight.to(wide)
-        bias = None if bias is None else bias.to(wide)
+    dtype = head_dtype(weight)
+    if hidden.dtype != dtype or weight.dtype != dtype:  # casts keep autograd to the parameters
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     aux = moe_aux_loss(lm, out, attention_mask) if aux_loss else None
     return hidden, weight, bias, aux
+
+
+def head_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype stock `lm_head(hidden)` computes in: the autocast dtype while autocast is on for the weight's
+    device (a bf16 autocast over an fp32 head runs the head in bf16, on tensor cores), else the head's own dtype
+    (e.g. an fp32 head with its input cast up, as TRL's cast_lm_head_to_fp32 does)."""
+    dev = weight.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
 
 
 def moe_aux_loss(lm, backbone_out, attention_mask) -> torch.Tensor:

@@ -3,6 +3,7 @@
 fastpmd source-tree shim, and the train check's command line (cpu, gloo, float32, one step + resume)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,20 @@ def test_shim_imports_the_source_tree(tmp_path):
     assert out.stdout.strip() == str(tmp_path / "fastpmd-shim" / "fastpmd" / "train" / "cli.py")
 
 
+def test_auto_pick_cpu_dry_run(tmp_path, capsys):
+    """auto_pick on a CPU gpu_timing run: PREDICTED beside MEASURED ms, auto's predicted pick, autotune SKIP."""
+    from fastpmd.bench import auto_pick
+    assert gpu_timing.main([*TINY, "--methods", "fastpmd-torch", "naive", "--out", str(tmp_path)]) == 0
+    assert auto_pick.main(["--timing", str(tmp_path / "gpu_timing.json"), "--device", "cpu", "--seq", "16"]) == 0
+    md = (tmp_path / "auto_pick.md").read_text()
+    assert "| method | PREDICTED ms | MEASURED median ms |" in md
+    assert re.search(r"\| fastpmd-torch \| [0-9.]+ \| [0-9.]+ \|", md) and "| fastpmd-triton |" in md
+    assert "auto (predicted): fastpmd-" in md and "SKIP (no CUDA)" in md
+    assert "fastest fastpmd backend measured: fastpmd-torch" in md
+    assert auto_pick.main(["--timing", str(tmp_path / "missing.json"), "--device", "cpu"]) == 2
+    assert "--timing" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_gpu_check_script_cpu_dry_run(tmp_path):
     env = _env(GPU_CHECK_DEVICE="cpu", GPU_CHECK_PYTEST_ARGS="-k autotune_picks", GPU_ENV_TMP=str(tmp_path),
@@ -101,6 +116,7 @@ def test_gpu_check_script_cpu_dry_run(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "PASS  gpu_timing" in summary and "SKIP  N=48 fastpmd-triton" in summary
     assert "PASS  kernel tests" in summary
+    assert "PASS  auto pick" in summary and "auto (predicted): fastpmd-" in summary
     log = (tmp_path / "out" / "kernel_tests.log").read_text()
     files = log.splitlines()[0]
     assert "tests/kernels/test_kernels.py" in files and "report" not in files, log  # the CPU-side report is left out

@@ -71,7 +71,7 @@ def test_grad_gemm_choice(monkeypatch):
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert configs.grad_gemm(cuda, torch.bfloat16) == "cublas"          # the CUDA default
     assert configs.grad_gemm(cuda, torch.float16) == "triton"           # fp32 dlogits x fp16 operands
-    assert configs.grad_gemm(cuda, torch.float32) == "triton"           # exact fp32 dots
+    assert configs.grad_gemm(cuda, torch.float32) == "cublas"           # cuBLAS follows the fp32 matmul precision
     assert configs.grad_gemm(cpu, torch.bfloat16) == "triton"           # the interpreter
     monkeypatch.setenv(configs.ENV_GRAD_GEMM, "triton")
     assert configs.grad_gemm(cuda, torch.bfloat16) == "triton"
@@ -200,7 +200,7 @@ def test_filtered_backward_equals_reference(gemm, monkeypatch):
     h1, w1, b1 = (t.clone().requires_grad_() for t in (hid, w, b))
     lp, ent = linear_logprobs_triton(h1, w1, tgt, b1, T, True)
     ((lp * gl).sum() + (ent * ge).sum()).backward()
-    fam = configs.logits_family(_runtime.arch_of(hid.device), True)     # the dlogits tiles that ran (fp32)
+    fam = configs.family("logits_bwd", _runtime.arch_of(hid.device), hid.dtype)     # the dlogits tiles that ran (fp32)
     bn, bv = (configs.CONFIGS["logits_bwd"][fam][0].blocks[k] for k in ("BLOCK_N", "BLOCK_V"))
     dz64 = _dense_dz64(hid, w, b, tgt, gl.double(), ge.double(), T)
     dzf, _ = grad_filter.reference_filter(dz64, gl.double(), ge.double(), T, EPS, bn, bv)

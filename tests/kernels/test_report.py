@@ -69,3 +69,24 @@ def test_kernels_report_all_archs(tmp_path):
                     if arch == "100":       # tcgen05 only: no Hopper wgmma left in a Blackwell build
                         assert r["hgmma"] == 0
             assert procs[arch].returncode == 0, outs[arch]
+
+
+@pytest.mark.slow
+def test_kernels_report_fp32_uses_tensor_cores(tmp_path):
+    """`--dtype fp32` (TF32 dots: float32 matmul precision "high"/"medium") compiles the tile kernels to HGMMA on
+    sm_90 and HMMA on sm_80, without spills; `--dtype fp32-ieee` (precision "highest") compiles clean on FMA."""
+    from fastpmd.kernels.report import tc_key
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    procs = {arch: subprocess.Popen([sys.executable, "-m", "fastpmd.kernels.report", "--arch", arch, "--dtype", "fp32",
+                                     "--dtype", "fp32-ieee", "--out", str(tmp_path)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for arch in ("80", "90")}
+    for arch, p in procs.items():
+        out = p.communicate(timeout=400)[0]
+        rows = json.loads((tmp_path / f"sm_{arch}" / "report.json").read_text())
+        assert {(r["kernel"], r["dtype"]) for r in rows} == {(k, d) for k in KERNELS for d in ("fp32", "fp32-ieee")}
+        for r in rows:
+            assert r["failures"] == [], f"sm_{arch} {r['kernel']} {r['dtype']}: {r['failures']}\n{out}"
+            if r["kernel"] in TILED and r["dtype"] == "fp32":
+                assert r[tc_key(int(arch))] > 0, f"sm_{arch} {r['kernel']}: no tensor cores with TF32"
+        assert p.returncode == 0, out

@@ -152,7 +152,6 @@ def test_async_sigterm_saves_and_resume_finishes(tmp_path):
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     script = tmp_path / "worker.py"

@@ -1,0 +1,165 @@
+"""Cost model of the LM-head forward+backward on a GPU: which fastpmd backend `auto` picks on CUDA, and the
+PREDICTED table of docs/kernels.md. Pure arithmetic (no GPU needed, unit-tested on CPU); every figure it gives
+is a prediction from the assumed rates below, never a measurement.
+
+time = sum over phases of  flops / rate(phase's engine)  +  bytes beyond the GEMM tiles / HBM bandwidth,
+a serial sum (no overlap of the elementwise passes with the matrix work: pessimistic for everyone alike).
+
+Backends (n tokens, H hidden, V vocab; bf16 or fp16 inputs unless fp32):
+  triton  8nHV: forward logits kernel (2nHV, Triton), dlogits kernel recomputing the logits (2nHV, Triton), then
+          per vocab chunk of chunk_v columns grad_h += dz @ W and grad_W = dz^T @ h (4nHV, cuBLAS for bf16/fp32,
+          the Triton matmul for fp16). Bytes: dz written once, read twice (2 B each for bf16, 4 B otherwise);
+          the fp32 grad_h accumulator read+written once per chunk (8nH per chunk); W read by 3 passes.
+  torch   op "pmd": 6nHV (fastpmd.fused.SequenceChunkedPMD, whole sequences per chunk): per chunk the logits
+          GEMM, the softmax statistics and gradient in place on the fp32 block, grad_h = gz @ W (gz cast to the
+          weight dtype), grad_W += gz^T @ h in fp32 (an fp32 GEMM: TF32 at matmul precision "high"/"medium",
+          IEEE SGEMM at "highest"); ~44 bytes per logit of elementwise traffic (_TORCH_BYTES_PER_LOGIT).
+          op "logprobs": 8nHV (fastpmd.chunked.ChunkedLinearLogprobs recomputes the logits in the backward),
+          ~60 bytes per logit.
+  floor   6nHV: three cuBLAS GEMMs and nothing else (bench gpu_timing's floor).
+  liger   6nHV (Liger FLCE): cuBLAS GEMMs on chunks with bf16 logits, one fused Triton softmax-gradient pass
+          (read 2 B, write 2 B per logit) plus the logits write and two gradient reads: ~10 B per logit.
+  cce     Cut Cross-Entropy: forward logits kernel 2nHV and a backward recomputing the logits 2nHV then both
+          gradients inside the same kernel 4nHV, all Triton (at fastpmd's Triton rate); its gradient filter
+          skips blocks whose softmax is below 2^-12: assumed to skip CCE_SKIP of the gradient work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+BACKENDS = ("triton", "torch")          # what `auto` chooses between on CUDA
+PEERS = ("floor", "liger", "cce")
+
+
+@dataclass(frozen=True)
+class GpuRates:
+    """Assumed achieved rates (TFLOP/s, TB/s) of one GPU: not measured by fastpmd (no GPU here). cuBLAS at
+    ~70% of the dense peak, Triton's cp.async tiles at ~45% (docs/kernels.md's roofline: 1 CTA per SM, the
+    softmax epilogue not overlapped), HBM at ~85% of the data sheet."""
+    name: str
+    cublas_16: float      # bf16/fp16 GEMM, fp32 accumulation
+    cublas_tf32: float
+    cublas_fp32: float    # IEEE SGEMM, no tensor cores
+    triton_16: float      # fastpmd's fused logits kernels, 16-bit operands
+    hbm: float            # TB/s
+
+
+GPUS = {
+    "H100": GpuRates("H100 SXM", cublas_16=700.0, cublas_tf32=350.0, cublas_fp32=50.0, triton_16=450.0, hbm=2.85),
+    "H200": GpuRates("H200", cublas_16=700.0, cublas_tf32=350.0, cublas_fp32=50.0, triton_16=450.0, hbm=4.1),
+    "A100": GpuRates("A100 SXM", cublas_16=220.0, cublas_tf32=110.0, cublas_fp32=17.0, triton_16=160.0, hbm=1.7),
+}
+DLOGITS_BUDGET = 256 << 20              # kernels/configs.DLOGITS_BUDGET_BYTES default
+_TORCH_BYTES_PER_LOGIT = {"pmd": 44.0,   # 16-bit logits write + fp32 upcast (2+2+4), amax 4, exp in place 8,
+                          "logprobs": 60.0}  # sum 4, gradient 8, cast 6, GEMM reads 2+4; logprobs: + forward 16
+CCE_SKIP = 0.75                         # assumed, not measured
+
+
+@dataclass(frozen=True)
+class Shape:
+    n: int                # tokens (after compaction)
+    H: int
+    V: int
+    dtype: str = "bf16"   # "bf16", "fp16" or "fp32"
+    tf32: bool = False    # torch.get_float32_matmul_precision() != "highest": fp32 GEMMs and fp32 tiles on TF32
+    op: str = "pmd"       # "pmd" (fused_linear_pmd_loss) or "logprobs" (linear_logprobs)
+
+
+def _tf(flops: float, tflops: float) -> float:
+    return flops / (tflops * 1e12)
+
+
+def _gb(nbytes: float, tbs: float) -> float:
+    return nbytes / (tbs * 1e12)
+
+
+def _fp32_gemm(gpu: GpuRates, s: Shape) -> float:
+    return gpu.cublas_tf32 if s.tf32 else gpu.cublas_fp32
+
+
+def _gemm_rate(gpu: GpuRates, s: Shape) -> float:
+    return _fp32_gemm(gpu, s) if s.dtype == "fp32" else gpu.cublas_16
+
+
+def _triton_rate(gpu: GpuRates, s: Shape) -> float:
+    """TF32 tiles run at half the 16-bit rate (tensor cores); exact fp32 dots on FMA units at the SGEMM rate."""
+    if s.dtype != "fp32":
+        return gpu.triton_16
+    return gpu.triton_16 / 2 if s.tf32 else gpu.cublas_fp32
+
+
+def elt(s: Shape) -> int:
+    return 4 if s.dtype == "fp32" else 2
+
+
+def chunk_columns(s: Shape, budget: int = DLOGITS_BUDGET) -> int:
+    """kernels/backward.chunk_columns without the 32-bit cap: the dlogits buffer [n, chunk_v] within budget,
+    at least budget / (16384 tokens x 2 bytes) columns."""
+    dz = 2 if s.dtype == "bf16" else 4
+    cols = max(budget // max(1, s.n * dz), budget // (16384 * 2)) // 128 * 128
+    return max(128, min(cols, -(-s.V // 128) * 128))
+
+
+def predict(backend: str, s: Shape, gpu: GpuRates) -> dict[str, float]:
+    """PREDICTED seconds of forward+backward for `backend` (a fastpmd backend or a peer) on shape s:
+    {"flop_s": ..., "byte_s": ..., "total_s": ...}."""
+    nhv = float(s.n) * s.H * s.V
+    logits = float(s.n) * s.V
+    w_bytes = float(s.V) * s.H * elt(s)
+    if backend == "triton":
+        grad_rate = gpu.triton_16 if s.dtype == "fp16" else _gemm_rate(gpu, s)
+        flop_s = _tf(4 * nhv, _triton_rate(gpu, s)) + _tf(4 * nhv, grad_rate)
+        dz = 2 if s.dtype == "bf16" else 4
+        chunks = -(-s.V // chunk_columns(s))
+        nbytes = 3 * logits * dz + chunks * 8.0 * s.n * s.H + 3 * w_bytes
+    elif backend == "torch":
+        gemms_16 = 4 if s.op == "pmd" else 6              # logits (+ recompute), grad_h; grad_W is an fp32 GEMM
+        flop_s = _tf(gemms_16 * nhv, _gemm_rate(gpu, s)) + _tf(2 * nhv, _fp32_gemm(gpu, s))
+        nbytes = logits * _TORCH_BYTES_PER_LOGIT[s.op] + 2 * w_bytes + 4.0 * s.V * s.H
+    elif backend == "floor":
+        flop_s = _tf(6 * nhv, _gemm_rate(gpu, s))
+        nbytes = 3 * w_bytes
+    elif backend == "liger":
+        flop_s = _tf(6 * nhv, _gemm_rate(gpu, s))
+        nbytes = logits * 10.0 + 3 * w_bytes
+    elif backend == "cce":
+        flop_s = _tf((4 + 4 * (1 - CCE_SKIP)) * nhv, _triton_rate(gpu, s))
+        nbytes = 4 * w_bytes
+    else:
+        raise ValueError(f"predict: unknown backend {backend!r}; one of {BACKENDS + PEERS}")
+    byte_s = _gb(nbytes, gpu.hbm)
+    return {"flop_s": flop_s, "byte_s": byte_s, "total_s": flop_s + byte_s}
+
+
+def predicted_fastest(s: Shape, gpu: GpuRates) -> str:
+    """The fastpmd backend (of BACKENDS) with the smallest predicted time; ties go to the first listed."""
+    return min(BACKENDS, key=lambda b: predict(b, s, gpu)["total_s"])
+
+
+def gpu_rates(name: str) -> GpuRates:
+    """Rates for a CUDA device name (torch.cuda.get_device_name): the closest listed GPU, H100 otherwise."""
+    for key, rates in GPUS.items():
+        if key in name.upper():
+            return rates
+    return GPUS["H100"]
+
+
+def prediction_table(s: Shape, gpus=("H100", "H200")) -> str:
+    """Markdown table: PREDICTED ms per backend/peer on each GPU and % of the floor's speed."""
+    rows = ["| method | " + " | ".join(f"{GPUS[g].name} ms (PREDICTED) | % of floor speed" for g in gpus) + " |",
+            "|---|" + "---|---|" * len(gpus)]
+    tf32 = replace(s, tf32=True)
+    for name, b, shape in (("fastpmd-triton", "triton", s), ("fastpmd-torch (fp32 GEMMs IEEE)", "torch", s),
+                           ("fastpmd-torch (fp32 GEMMs TF32)", "torch", tf32), ("floor (3 cuBLAS GEMMs)", "floor", s),
+                           ("Liger FLCE", "liger", s), ("CCE", "cce", s)):
+        cells = []
+        for g in gpus:
+            t = predict(b, shape, GPUS[g])["total_s"]
+            floor = predict("floor", s, GPUS[g])["total_s"]
+            cells.append(f"{t * 1e3:.0f} | {100 * floor / t:.0f}%")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(prediction_table(Shape(16384, 3584, 152064)))
