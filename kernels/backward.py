@@ -49,7 +49,7 @@ def validate_linear(hidden, weight, targets, bias, temperature: float, what: str
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"{what}: bias must be [V] with V = {weight.shape[0]}")
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
-        if t is not None and t.numel() > 0 and t.data_ptr() == 0:   # Triton would launch it as a null pointer
+        if t is not None and t.numel() > 0 and t.device.type != "meta" and t.data_ptr() == 0:  # a null pointer
             raise ValueError(f"{what}: {name} ({type(t).__name__}) has no local storage (data_ptr() == 0), e.g. "
                              "a DTensor: pass a plain tensor (fastpmd.linear_logprobs gathers a DTensor head)")
     check_spans(hidden, weight, what)

@@ -38,10 +38,12 @@ def check_supported(lm, inputs: dict) -> None:
                          "leave lm_head out of the PEFT target modules")
 
 
-def completion_hidden(lm, input_ids, attention_mask, logits_to_keep: int, *, aux_loss: bool = False):
+def completion_hidden(lm, input_ids, attention_mask, logits_to_keep: int, *, aux_loss: bool = False,
+                      dtype: torch.dtype | None = None):
     """Final hidden states predicting the last K tokens, the LM head (weight, bias) and the MoE aux loss.
 
-    input_ids, attention_mask [B, S]; returns hidden [B, K, H], weight [V, H], bias [V] or None, aux 0-d or None.
+    input_ids, attention_mask [B, S]; returns hidden [B, K, H], weight [V, H], bias [V] or None, aux 0-d or None,
+    cast to `dtype` (default: head_dtype(weight), what stock `lm_head(hidden)` computes in).
     """
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if aux_loss:
@@ -51,7 +53,7 @@ def completion_hidden(lm, input_ids, attention_mask, logits_to_keep: int, *, aux
     head = lm.get_output_embeddings()
     weight, bias = head.weight, head.bias
     hidden = hidden.to(weight.device)
-    dtype = head_dtype(weight)
+    dtype = dtype or head_dtype(weight)
     if hidden.dtype != dtype or weight.dtype != dtype:  # casts keep autograd to the parameters
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)

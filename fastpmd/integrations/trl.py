@@ -32,18 +32,13 @@ from ._hf import causal_lm, check_supported, completion_hidden
 _RETURNS_AUX = "compute_aux_loss" in inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
 
 
-def stock_head_precision(args, hidden, weight, bias):
-    """hidden [.., H], weight [V, H], bias [V] | None cast to the dtype TRL's own fused LM head takes its inputs in;
-    call inside the trainer's autocast. TRL 1.16 projects in the autocast dtype (bf16 under its default bf16=True)
-    unless cast_lm_head_to_fp32 (then float32; TRL casts the head's weight to float32), without autocast in the
-    inputs' dtype. fastpmd then keeps the product's float32 accumulation where TRL rounds each logits tile to bf16
-    before its float32 softmax: under bf16 with cast_lm_head_to_fp32=False the two agree to ~0.2% in grad_norm, not
-    to rounding (docs/API.md)."""
-    dev = hidden.device.type
-    if getattr(args, "cast_lm_head_to_fp32", False) or not torch.is_autocast_enabled(dev):
-        return hidden, weight, bias
-    dt = torch.get_autocast_dtype(dev)
-    return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+def stock_head_dtype(args) -> torch.dtype | None:
+    """The dtype TRL 1.16's own LM head takes its inputs in, for completion_hidden(dtype=...): float32 with
+    cast_lm_head_to_fp32 (TRL casts the head's weight to float32), else None: the autocast dtype under the
+    trainer's autocast (bf16 with its default bf16=True), without autocast the head's own dtype. fastpmd then keeps
+    the product's float32 accumulation where TRL rounds each logits tile to bf16 before its float32 softmax: under
+    bf16 with cast_lm_head_to_fp32=False the two agree to ~0.2% in grad_norm, not to rounding (docs/API.md)."""
+    return torch.float32 if getattr(args, "cast_lm_head_to_fp32", False) else None
 
 
 class FusedGRPOTrainer(GRPOTrainer):
@@ -59,8 +54,8 @@ class FusedGRPOTrainer(GRPOTrainer):
             with self.accelerator.autocast():
                 hidden, weight, bias, a = completion_hidden(lm, input_ids[s:s + batch_size],
                                                             attention_mask[s:s + batch_size], logits_to_keep,
-                                                            aux_loss=compute_aux_loss)
-                hidden, weight, bias = stock_head_precision(self.args, hidden, weight, bias)
+                                                            aux_loss=compute_aux_loss,
+                                                            dtype=stock_head_dtype(self.args))
             targets = input_ids[s:s + batch_size, -logits_to_keep:]  # [b, K]
             mask = attention_mask[s:s + batch_size, -logits_to_keep:].bool()  # [b, K]
             out = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=self.temperature,
@@ -140,8 +135,8 @@ class PMDTrainer(FusedGRPOTrainer):
         check_supported(lm, inputs)
         with self.accelerator.autocast():
             hidden, weight, bias, aux = completion_hidden(lm, input_ids, attention_mask, completion_ids.size(1),
-                                                          aux_loss=self.aux_loss_enabled)
-            hidden, weight, bias = stock_head_precision(self.args, hidden, weight, bias)  # as its old log-probs
+                                                          aux_loss=self.aux_loss_enabled,
+                                                          dtype=stock_head_dtype(self.args))  # as its old log-probs
         mask = mask.bool()
         old = inputs.get("old_per_token_logps")
         if old is None:  # on-policy micro-batch: pi_t is the current policy (Delta = 0)

@@ -28,7 +28,8 @@ def test_head_inputs_in_trl_precision(tmp_path, cast):
     ids = torch.randint(3, 14, (2, 7), generator=torch.Generator().manual_seed(0))
     ours = tr._get_per_token_logps_and_entropies(tr.model, ids, torch.ones_like(ids), 4)[0]
     with torch.no_grad(), tr.accelerator.autocast():
-        hidden, weight, _, _ = completion_hidden(tr.model, ids, torch.ones_like(ids), 4)
+        hidden, weight, _, _ = completion_hidden(tr.model, ids, torch.ones_like(ids), 4,
+                                                 dtype=torch.float32 if cast else None)
     op = torch.float32 if cast else torch.bfloat16
     z = hidden.to(op).double() @ weight.to(op).double().T / tr.temperature
     want = torch.log_softmax(z, -1).gather(-1, ids[:, -4:, None])[..., 0]
