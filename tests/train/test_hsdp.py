@@ -13,8 +13,8 @@ BODY = '''
     mine = slice(lo * n, hi * n)
     batch = pack_batch([p for p in prompts[lo:hi] for _ in range(n)], responses[mine], 0)
     logp, _ = tr.old_logprobs(batch)
-    shift = 0.05 * ((batch["targets"] % 3) - 1).float() * batch["loss_mask"]
-    batch.update(old_logprobs=logp + shift, advantages=fastpmd.advantages_for(tr.loss_cfg, rewards, n)[mine])
+    shift = 0.05 * ((batch.targets % 3) - 1).float() * batch.loss_mask
+    batch.old_logprobs, batch.advantages = logp + shift, fastpmd.advantages_for(tr.loss_cfg, rewards, n)[mine]
     stats = tr.accumulate_gradients(batch, torch.arange((hi - lo) * n))
     loss = stats["loss"].reshape(1).clone()
     dist.all_reduce(loss)

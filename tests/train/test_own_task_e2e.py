@@ -112,8 +112,8 @@ def test_none_rewards_drop_completions_from_the_loss(tmp_path, world_of_one):
     (row,) = tr.fit()
     b = tr.last_batch
     dropped = torch.arange(16) % 2 == 1
-    assert not b["loss_mask"][dropped].any() and b["loss_mask"][~dropped].any(dim=1).all()
-    assert (b["advantages"][dropped] == 0).all() and (b["advantages"][~dropped] != 0).all()
+    assert not b.loss_mask[dropped].any() and b.loss_mask[~dropped].any(dim=1).all()
+    assert (b.advantages[dropped] == 0).all() and (b.advantages[~dropped] != 0).all()
     assert row["reward_dropped_frac"] == 0.5
     assert row["reward_mean"] == pytest.approx(sum(1.0 + i for i in range(0, 16, 2)) / 8)
 

@@ -86,7 +86,7 @@ def test_old_logprobs_take_their_own_token_budget(tmp_path):
         cfg.optim.logprob_micro_batch_tokens = 64
         big = t.old_logprobs(batch)
         hook.remove()
-        lengths = batch["attention_mask"].sum(1).tolist()
+        lengths = batch.attention_mask.sum(1).tolist()
         assert (n_small, len(calls)) == (len(pack_micro_batches(lengths, 24)), len(pack_micro_batches(lengths, 64)))
         assert len(calls) < n_small
         for a, b in zip(small, big):

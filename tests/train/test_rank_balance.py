@@ -52,6 +52,7 @@ import sys
 import torch, torch.distributed as dist
 from fastpmd.train.cli import build_config
 from fastpmd.train.distributed import init_distributed
+from fastpmd.train.task.reward_functions import Scores
 from fastpmd.train.trainer import Trainer
 
 torch.set_num_threads(1)
@@ -64,7 +65,12 @@ d = init_distributed("cpu")
 tr = Trainer(cfg, d)
 # an untrained model never answers right: score by the response's length parity instead, so the advantages (and
 # the gradient) are not zero, the same in both runs for the same responses
-tr.task.score = lambda texts, golds: torch.tensor([1.0 if len(t) % 2 else -1.0 for t in texts])
+def parity(problems, texts):
+    rewards = torch.tensor([1.0 if len(t) % 2 else -1.0 for t in texts])
+    return Scores(rewards, rewards[:, None], ["parity"])
+
+
+tr.task.score = parity
 tr.fit()
 dist.destroy_process_group()
 '''
