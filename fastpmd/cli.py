@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if len(entry) < 3 or (e.name or "").split(".")[0] == "fastpmd":
             raise
-        print(f"fastpmd {name}: error: needs the {e.name} package (pip install 'fastpmd[{entry[2]}]')",
-              file=sys.stderr)
+        print(f"fastpmd {name}: error: needs the {(e.name or '?').split('.')[0]} package "
+              f"(pip install 'fastpmd[{entry[2]}]')", file=sys.stderr)
         return 2
     return int(module.main(rest) or 0)
 

@@ -273,3 +273,16 @@ def test_theory_figures_quick(tmp_path):
         path = tmp_path / f"theory_{name}.png"
         assert path.exists() and 0 < os.path.getsize(path) < 200_000
     assert (tmp_path / "summary.json").exists()
+
+
+def test_theory_figures_names_the_extra_when_scipy_is_missing():
+    """scipy is the `theory` extra, not a core dependency: without it the command says so in one line, exit 2."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['scipy'] = None; from fastpmd.cli import main; "
+            "sys.exit(main(['theory-figures', '--out', 'unused']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("fastpmd theory-figures: error: needs the scipy package "
+                                   "(pip install 'fastpmd[theory]')")
