@@ -24,7 +24,7 @@ fastpmd_env() {  # fastpmd_env EXTRAS  (e.g. "" or "test")
 fastpmd_versions() {  # the resolved versions that matter, one line (CI's log)
     python - <<'PY'
 import importlib.metadata as md
-names = ["torch", "triton", "transformers", "kernels", "trl", "peft", "accelerate", "liger-kernel",
+names = ["torch", "triton", "transformers", "kernels", "trl", "peft", "accelerate", "wandb", "liger-kernel",
          "cut-cross-entropy", "pytest", "setuptools", "pip"]
 def version(n):
     try:
