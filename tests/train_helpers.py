@@ -1,21 +1,8 @@
-"""Shared by the trainer tests: a world of one in this process, and a worker script under torchrun."""
+"""Shared by the trainer tests: a worker script under torchrun (the world-of-one fixture is in conftest.py)."""
 import os
 import subprocess
 import sys
 import textwrap
-
-import pytest
-import torch
-
-from fastpmd.train.distributed import init_distributed, shutdown_distributed
-
-
-@pytest.fixture
-def world_of_one():
-    torch.set_num_threads(1)
-    d = init_distributed("cpu")
-    yield d
-    shutdown_distributed()
 
 
 def torchrun(worker: str, tmp_path, world: int, *args: str, timeout: int = 300) -> None:

@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-from train_helpers import world_of_one  # noqa: F401 (fixture)
 
 from fastpmd.train.cli import build_config
 from fastpmd.train.trainer import Trainer

@@ -7,7 +7,7 @@ import pytest
 import fastpmd
 from fastpmd.train.cli import build_config
 from fastpmd.train.trainer import Trainer
-from test_e2e import TINY, world_of_one  # noqa: F401  (the fixture)
+from test_e2e import TINY
 
 
 @pytest.mark.parametrize("extra", [

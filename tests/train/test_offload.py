@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from train_helpers import world_of_one  # noqa: F401 (fixture)
 
 from fastpmd.train import distributed, offload
 from fastpmd.train.cli import build_config

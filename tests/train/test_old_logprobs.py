@@ -4,7 +4,6 @@ and the trainer's old log-probs (FSDP model, packed rows, fp32 on CPU) agree to 
 import pytest
 import torch
 
-from train_helpers import world_of_one  # noqa: F401 (fixture)
 
 from fastpmd.train.cli import build_config
 from fastpmd.train.micro_loss import tis_weights

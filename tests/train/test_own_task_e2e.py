@@ -14,7 +14,6 @@ from fastpmd.train.cli import build_config
 from fastpmd.train.trainer import Trainer
 
 from byo_helpers import tiny_model_dir, user_jsonl
-from train_helpers import world_of_one  # noqa: F401 (fixture)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "training.md"
 SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--mini-batches", "1", "--no-plots", "--no-export"]

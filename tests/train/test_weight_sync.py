@@ -3,7 +3,6 @@ dtype, the values of the full parameters; the vLLM keyword arguments keep vLLM's
 import pytest
 import torch
 
-from train_helpers import world_of_one  # noqa: F401 (fixture)
 
 from fastpmd.train.cli import build_config
 from fastpmd.train.rollout.vllm import build_llm_kwargs
