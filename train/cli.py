@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -357,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         close = getattr(getattr(trainer, "engine", None), "close", None)
         if close is not None:  # vLLM tears down its groups, then the default one: before ours
             close()
+        trainer = None  # FSDP's modules and their collective handles go while the process group is alive
+        gc.collect()
         shutdown_distributed()
     return 0
 
