@@ -6,7 +6,10 @@ working directory first on sys.path, so from the repository root `import kernels
 Hugging Face's `kernels` package, which transformers >= 5.25 imports with every model (`train` and `bench` are
 PyPI names too). Each folder's __init__ therefore calls step_aside() when it runs under its bare name: the import
 then resolves exactly as if the repository root were not on sys.path (the installed package of that name, or
-ModuleNotFoundError). This module imports nothing but the standard library.
+ModuleNotFoundError). The folders run this file by path (runpy), so a bare-name import never imports fastpmd
+itself (or torch): with nothing of that name installed, `import kernels` from the root fails with
+ModuleNotFoundError in any interpreter. Limit: `importlib.util.find_spec("kernels")` from the root still names
+kernels/__init__.py, because the folder is found before it steps aside.
 """
 from __future__ import annotations
 

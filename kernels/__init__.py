@@ -6,10 +6,12 @@ Contract (called by fastpmd after validation and mask compaction; see docs/API.m
   temperature, num_sequences)
 - is_available(device)
 """
-if __name__ != "fastpmd.kernels":  # `import kernels` from the repository root: see fastpmd/_bare_name.py
-    from fastpmd._bare_name import step_aside
+if __name__ != "fastpmd.kernels":  # `import kernels` from the repository root: see fastpmd/_bare_name.py (stdlib only)
+    import os
+    import runpy
 
-    step_aside(__name__, __file__)
+    runpy.run_path(os.path.join(os.path.dirname(__file__), os.pardir, "fastpmd", "_bare_name.py"))["step_aside"](
+        __name__, __file__)
 else:
     from ._runtime import is_available
     from .linear_logprobs import linear_logprobs_triton

@@ -53,6 +53,14 @@ def test_bare_folder_names_resolve_outside_the_repository(name):
         assert f"No module named '{name}'" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("name", ["kernels", "train", "bench"])
+def test_bare_folder_names_import_nothing_of_fastpmd(name):
+    """Without site-packages (-S: no torch, nothing named `name`), `import name` from the root is a plain
+    ModuleNotFoundError for that name: the folder steps aside without importing fastpmd or torch."""
+    proc = _run([sys.executable, "-S", "-c", f"import {name}"])
+    assert proc.returncode == 1 and proc.stderr.strip().endswith(f"No module named '{name}'"), proc.stderr[-2000:]
+
+
 def test_hf_kernels_is_installed_with_the_test_extra():
     """The cases below only prove something while transformers' `kernels` dependency is really there."""
     if not _installed("transformers") or "kernels" not in str(importlib.metadata.requires("transformers")):
