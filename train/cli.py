@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         close = getattr(getattr(trainer, "engine", None), "close", None)
         if close is not None:  # vLLM tears down its groups, then the default one: before ours
             close()
-        trainer = None  # FSDP's modules and their collective handles go while the process group is alive
+        trainer = None  # FSDP's modules and their groups go before shutdown_distributed (see its docstring)
         gc.collect()
         shutdown_distributed()
     return 0
