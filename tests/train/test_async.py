@@ -126,7 +126,7 @@ _ASYNC_RUN = """\
 import sys
 from fastpmd.train.cli import main
 sys.exit(main(["--preset", "tiny-arith", "--out", sys.argv[1] + "/run", "--prompts-per-step", "4",
-               "--group-size", "4", "--mini-batches", "1", "--warmup-steps", "0", "--max-new-tokens", "4",
+               "--group-size", "4", "--mini-batches", "1", "--warmup-steps", "2", "--max-new-tokens", "4",
                "--max-steps", "4", "--lr", "1e-2", "--lr-warmup-steps", "0", "--no-progress", "--no-plots",
                "--no-export", "--set", "data.eval_size=0", "--set", "rollout.mode=async",
                "--set", "optim.weight_decay=1.0",  # the weights change every step even where all rewards tie
@@ -137,7 +137,7 @@ sys.exit(main(["--preset", "tiny-arith", "--out", sys.argv[1] + "/run", "--promp
 @pytest.mark.slow
 def test_async_three_processes(tmp_path):
     """1 inference + 2 trainer ranks, k = 1, 4 steps: staleness <= 1 and reaching 1; the first batch (weights of
-    the initial push) has the trainer's log-probs (the push is exact); at every step the loss's Delta starts at 0
+    the warm-up's push, made before the start) has the trainer's log-probs (the push is exact); at every step the loss's Delta starts at 0
     (pi_old is the trainer's recompute, not the stale engine log-probs, which differ by > 1e-3 once stale)."""
     torchrun(_ASYNC_RUN, tmp_path, 3, timeout=300)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -165,7 +165,8 @@ def _torchrun_cmd(script, *args):
 def test_async_sigterm_saves_and_resume_finishes(tmp_path):
     """SIGTERM to the launcher (torchrun passes it to all three ranks): the trainers finish and save their step,
     stop the engine (whose in-flight batches are dropped) and exit 143; --resume regenerates from the saved
-    prompt-stream states and finishes every step with the staleness bound kept."""
+    prompt-stream states and the resumed weights (pushed before the start: the first batch has the trainers'
+    log-probs) and finishes every step with the staleness bound kept."""
     import os
     import signal
     import subprocess
@@ -191,9 +192,10 @@ def test_async_sigterm_saves_and_resume_finishes(tmp_path):
     done = subprocess.run(_torchrun_cmd(script, str(tmp_path), "--resume"), env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()][1:]  # the warm-up's row first
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert all(r["staleness_max"] <= 1 for r in rows) and rows[stopped_at]["staleness_max"] == 0  # restart
+    assert rows[stopped_at]["rollout_logp_diff_mean"] < 1e-5
 
 
 @pytest.mark.slow
