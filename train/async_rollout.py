@@ -80,13 +80,16 @@ def _serve(cfg: TrainConfig, link: Link) -> None:
             applied = pushes
 
     def ready() -> bool:  # under the receiver's lock: an eval to run, the start to take, or a batch to make
-        if weights.evals or step is None:
-            return bool(weights.evals) or weights.start is not None
+        if weights.evals:
+            return True
+        if step is None:
+            return weights.start is not None
         return step <= cfg.run.max_steps and weights.latest[1] >= min_version(step, k)
 
     while weights.wait(ready) and not weights.stopped:
         if weights.evals:  # before the next batch, with the weights the trainers held when they asked
-            eval_step, pushes, named = weights.evals.pop(0)
+            with weights.cond:
+                eval_step, pushes, named = weights.evals.pop(0)
             t0 = time.time()
             apply(pushes, named)
             result = held_out_eval(cfg, next(iter(tasks.values())), tok, engine, link.rank - T, link.inference,

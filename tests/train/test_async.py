@@ -137,8 +137,9 @@ sys.exit(main(["--preset", "tiny-arith", "--out", sys.argv[1] + "/run", "--promp
 @pytest.mark.slow
 def test_async_three_processes(tmp_path):
     """1 inference + 2 trainer ranks, k = 1, 4 steps: staleness <= 1 and reaching 1; the first batch (weights of
-    the warm-up's push, made before the start) has the trainer's log-probs (the push is exact); at every step the loss's Delta starts at 0
-    (pi_old is the trainer's recompute, not the stale engine log-probs, which differ by > 1e-3 once stale)."""
+    the warm-up's push, made before the start) has the trainer's log-probs (the push is exact); at every step
+    the loss's Delta starts at 0 (pi_old is the trainer's recompute, not the stale engine log-probs, which differ
+    by > 1e-3 once stale)."""
     torchrun(_ASYNC_RUN, tmp_path, 3, timeout=300)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
@@ -153,6 +154,24 @@ def test_async_three_processes(tmp_path):
         assert 0.0 <= r["overlap_frac"] <= 1.0 and r["trainer_idle_s"] >= 0 and r["engine_idle_s"] >= 0
     assert max(r["overlap_frac"] for r in train[1:]) > 0.0
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000004"
+
+
+@pytest.mark.slow
+def test_async_two_inference_ranks_k1_with_eval(tmp_path):
+    """2 inference + 2 trainer ranks, k = 1, 3 steps, a held-out eval before and after every step (its chunks
+    split over the two inference ranks, which may be generating ahead meanwhile): staleness <= 1 and reaching 1,
+    every eval row logged where a colocated run logs it, the run finishes."""
+    sets = ["data.eval_size=8", "rollout.eval_n=2", "rollout.eval_batch_size=4", "run.eval_every=1",
+            "rollout.inference_ranks=2"]
+    script = _ASYNC_RUN.replace('"--max-steps", "4"', '"--max-steps", "3"').replace(
+        '"data.eval_size=0",', '"' + '", "--set", "'.join(sets) + '",')
+    torchrun(script, tmp_path, 4, timeout=300)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [("warmup", 0), ("eval", 0), ("train", 1), ("eval", 1),
+                                                      ("train", 2), ("eval", 2), ("train", 3), ("eval", 3)]
+    assert all(r["num_problems"] == 8 for r in rows if r["kind"] == "eval")
+    st = [r["staleness_max"] for r in rows if r["kind"] == "train"]
+    assert st[0] == 0 and max(st) == 1
 
 
 def _torchrun_cmd(script, *args):
