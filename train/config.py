@@ -79,7 +79,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU while awake (it sleeps during the update)
     tensor_parallel_size: int = 1  # vLLM: ranks per engine (groups of consecutive ranks share one; divides W)
     mode: str = "colocated"  # "colocated" (every rank generates, then trains) | "async" (train/async_rollout.py)
-    inference_ranks: int = 1  # async: the last this-many launched ranks generate, the others train
+    inference_ranks: int = 1  # async: the last I launched ranks generate (rank i for trainer ranks r % I == i)
     max_staleness: int = 1  # async: no sample trains more than this many weight pushes after its weights
 
 
