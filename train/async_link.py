@@ -4,9 +4,12 @@ groups of their own between the trainer ranks and the inference ranks, the bucke
 process so that generation, training and the transfers overlap.
 
 Launch ranks 0..T-1 train (their own default process group, world size T, as in a colocated run); ranks
-T..W-1 generate. Groups built from the launcher's store (torchrun's env://) under prefixes of their own:
-- weights: {trainer rank 0, inference ranks}, root 0: `WeightPusher` -> `WeightReceiver` (broadcasts);
-- samples: all W ranks: the inference rank sends pickled messages to every trainer (`send_obj` / `recv_obj`).
+T..W-1 generate (I = W - T inference ranks; inference rank i, launch rank T + i, serves the trainer ranks r with
+r % I == i). Groups built from the launcher's store (torchrun's env://) under prefixes of their own:
+- weights: {trainer rank 0, inference ranks}, root 0: `WeightPusher` -> `WeightReceiver` (broadcasts: every
+  inference rank receives every push and eval request);
+- samples: all W ranks: each inference rank sends pickled messages to the trainer ranks it serves, and the
+  inference ranks join their eval rows (`send_obj` / `recv_obj`).
 Gloo on CPU and GPU alike (on GPUs the push goes through host memory).
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from .config import validate
 from .distributed import Dist, backend_for, pick_device
 
 BUCKET_BYTES = 64 << 20  # a push is broadcast in flat buckets of at most this many bytes (a larger tensor: alone)
@@ -41,6 +45,19 @@ class Link:
     def is_trainer(self) -> bool:
         return self.rank < self.trainers
 
+    @property
+    def inference(self) -> int:
+        """I: the number of inference ranks."""
+        return self.world - self.trainers
+
+    def engine_of(self, trainer_rank: int) -> int:
+        """The launch rank of the inference rank that serves trainer rank r: T + r % I."""
+        return self.trainers + trainer_rank % self.inference
+
+    def served_by(self, launch_rank: int) -> list[int]:
+        """The trainer ranks that the inference rank at launch rank `launch_rank` serves."""
+        return [r for r in range(self.trainers) if self.engine_of(r) == launch_rank]
+
     def close(self) -> None:
         """Every rank of the run calls this last: a barrier (all are done with the links), then the groups shut
         down (left to interpreter exit, a gloo group can abort the process)."""
@@ -52,13 +69,18 @@ class Link:
 
 def init_async(cfg) -> tuple[Link, Dist | None]:
     """Rendezvous through the launcher's store; trainer ranks also join their own default process group (as
-    `init_distributed` chooses its backend) and get a Dist; inference ranks get None. ValueError before any group when the launch
-    has no trainer rank left."""
+    `init_distributed` chooses its backend) and get a Dist; inference ranks get None. ValueError (the same on
+    every rank) before any group when the launch is no torchrun, has fewer trainer ranks T than inference ranks
+    I (an inference rank would serve none), or the config does not hold at trainer world size T."""
     inf = cfg.rollout.inference_ranks
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if "RANK" not in os.environ or world <= inf:
+    if "RANK" not in os.environ:
         raise ValueError(f"config rollout.mode: 'async' needs torchrun with more than rollout.inference_ranks={inf} "
-                         f"processes (got {world if 'RANK' in os.environ else 'a plain process'})")
+                         "processes (got a plain process)")
+    if world < 2 * inf:
+        raise ValueError(f"config rollout.inference_ranks: {inf} inference ranks need at least as many trainer ranks "
+                         f"(each serves the trainer ranks r with r % {inf} == its index), got {world} processes")
+    validate(cfg, world - inf)
     timeout = timedelta(minutes=cfg.run.timeout_min)
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     store.set_timeout(timeout)
@@ -129,7 +151,7 @@ class Worker:
 class WeightPusher:
     """Trainer rank 0: `push(version, named)` copies the full tensors in `dtype` into flat buckets (host memory,
     new buffers every push) and returns; a thread broadcasts a header (kind, version, names, shapes, dtype) and
-    then each bucket to the inference ranks. `message(obj)` queues a control header (start, stop) in order."""
+    then each bucket to the inference ranks. `message(obj)` queues a control header (start, eval, stop) in order."""
 
     def __init__(self, pg):
         self.pg = pg
@@ -174,7 +196,8 @@ class WeightPusher:
 
 class WeightReceiver:
     """Inference rank: a thread takes every push into fresh buffers and keeps the newest complete one
-    (`latest` = (push count, version, [(name, tensor)])), plus the start header and the stop flag. The pushes
+    (`latest` = (push count, version, [(name, tensor)])), plus the start header, the pending eval requests
+    (`evals`: (step, push count, weights) of the newest push before each request) and the stop flag. The pushes
     before the start (set-up, warm-up, resume) are the weights of the start's step, whatever their tag."""
 
     def __init__(self, pg):
@@ -182,6 +205,7 @@ class WeightReceiver:
         self.cond = threading.Condition()
         self.latest: tuple[int, int, list] | None = None
         self.start: dict | None = None
+        self.evals: list[tuple[int, int, list]] = []
         self.stopped = False
         self.worker = Worker(self._run, "weight-receive")
 
@@ -205,6 +229,10 @@ class WeightReceiver:
                     with self.cond:  # the trainers hold the newest push's weights: those of the start's step
                         self.start = header
                         self.latest = self.latest and (self.latest[0], header["step"], self.latest[2])
+                        self.cond.notify_all()
+                elif header["kind"] == "eval":
+                    with self.cond:  # with the weights the trainers hold when they ask: the newest push
+                        self.evals.append((header["step"], *self.latest[::2]))
                         self.cond.notify_all()
                 else:
                     return

@@ -1,15 +1,19 @@
 """Asynchronous rollouts with bounded staleness (`rollout.mode="async"`; design: docs/training.md,
 "Asynchronous rollouts").
 
-- `serve(cfg, link)`: the inference rank's loop. It holds the HF engine and one prompt stream per trainer rank
-  (the same `Task`s the trainers draw from), waits for the trainers' start message, then generates the batch of
-  RL step j = s+1, s+2, ... as soon as it holds weights of version >= j - 1 - k (`rollout.max_staleness`),
-  switching to the newest push only between batches, and sends each trainer rank its share tagged with the
-  version that generated it.
+- `serve(cfg, link)`: an inference rank's loop. It holds the HF engine and one prompt stream per trainer rank it
+  serves (r % I == its index; the same `Task`s those trainers draw from), waits for the trainers' start message,
+  then generates the batch of RL step j = s+1, s+2, ... as soon as it holds weights of version >= j - 1 - k
+  (`rollout.max_staleness`), switching to the newest push only between batches, and sends each of its trainer
+  ranks its share tagged with the version that generated it. Between batches it first runs the held-out evals
+  the trainers asked for, each with the weights they held when asking, sharing the eval chunks with the other
+  inference ranks; the first inference rank sends the joined result to trainer rank 0.
 - `RemoteEngine`: the trainer ranks' rollout engine. `generate` returns the share of the next batch the engine
   already made (checking step, prompts, sampling and the staleness bound); `update_weights` hands trainer rank
-  0's full tensors to the bucketed push thread and returns.
-- `AsyncTrainer`: the Trainer with that engine, the start message, and the staleness/overlap/idle metrics.
+  0's full tensors to the bucketed push thread and returns; `evaluate` (trainer rank 0) asks for an eval and
+  waits for its result.
+- `AsyncTrainer`: the Trainer with that engine, the start message, the remote eval, and the
+  staleness/overlap/idle metrics.
 pi_old stays the trainer's recompute (step 3 of `Trainer.train_step`); the engine's log-probs (the behaviour
 policy's) reach the loss only through `loss.rollout_correction="tis"`.
 """
@@ -33,7 +37,7 @@ from .task.prompts import Task
 from .rollout import HFEngine, SamplingConfig
 from .staleness import GenerationTimeline, min_version, overlap_frac, staleness
 from .task.tokenizer import make_tokenizer
-from .trainer import Trainer
+from .trainer import Trainer, held_out_eval
 
 
 def sampling_for(cfg: TrainConfig, step: int, trainer_rank: int) -> SamplingConfig:
@@ -64,43 +68,76 @@ def _serve(cfg: TrainConfig, link: Link) -> None:
     tok = make_tokenizer(cfg)
     engine = _engine(cfg, tok, pick_device(cfg.run.device))
     T, k = link.trainers, cfg.rollout.max_staleness
-    tasks = [Task(cfg, tok, r, T) for r in range(T)]
+    tasks = {r: Task(cfg, tok, r, T) for r in link.served_by(link.rank)}
     p_local = cfg.rollout.prompts_per_step // T
     weights = WeightReceiver(link.weights)
-    applied, idle_s, t_idle = 0, 0.0, time.time()
-    if weights.wait(lambda: weights.start is not None and weights.latest is not None):
-        for task, state in zip(tasks, weights.start["tasks"]):
-            task.load_state_dict(state)
-        step = weights.start["step"] + 1
-        while step <= cfg.run.max_steps:
-            need = min_version(step, k)
-            if weights.stopped or not weights.wait(lambda: weights.latest[1] >= need):
-                break  # stopped by the trainers: the batch is not generated
-            pushes, version, named = weights.latest  # the newest push, taken at this batch boundary
-            if pushes != applied:
-                engine.update_weights(named)
-                applied = pushes
+    applied, idle_s, t_idle, step = 0, 0.0, time.time(), None  # step: the next batch's, once started
+
+    def apply(pushes: int, named: list) -> None:
+        nonlocal applied
+        if pushes != applied:
+            engine.update_weights(named)
+            applied = pushes
+
+    def ready() -> bool:  # under the receiver's lock: an eval to run, the start to take, or a batch to make
+        if weights.evals:
+            return True
+        if step is None:
+            return weights.start is not None
+        return step <= cfg.run.max_steps and weights.latest[1] >= min_version(step, k)
+
+    while weights.wait(ready) and not weights.stopped:
+        if weights.evals:  # before the next batch, with the weights the trainers held when they asked
+            with weights.cond:
+                eval_step, pushes, named = weights.evals.pop(0)
             t0 = time.time()
-            idle_s += t0 - t_idle
-            for r in range(T):
-                send_obj(link.samples, {"kind": "started", "t0": t0}, r)
-            shares = []
-            for r, task in enumerate(tasks):
-                problems = task.next_prompts(p_local)
-                prompt_ids = [task.encode(p) for p in problems]
-                sampling = sampling_for(cfg, step, r)
-                shares.append((prompt_ids, sampling, engine.generate(prompt_ids, sampling)))
-            t1 = time.time()
-            for r, (prompt_ids, sampling, responses) in enumerate(shares):
-                send_obj(link.samples, {"kind": "batch", "step": step, "prompts": prompt_ids, "sampling": sampling,
-                                        "responses": responses, "versions": [version] * sum(map(len, responses)),
-                                        "t0": t0, "t1": t1, "engine_idle_s": idle_s}, r)
-            idle_s, t_idle = 0.0, time.time()
-            step += 1
-    weights.wait(lambda: False)  # until the trainers' stop (after their last push)
-    for r in range(T):
+            apply(pushes, named)
+            result = held_out_eval(cfg, next(iter(tasks.values())), tok, engine, link.rank - T, link.inference,
+                                   lambda rows: _gather_eval(link, rows))
+            if link.rank == T:
+                send_obj(link.samples, {"kind": "eval", "step": eval_step, "result": result}, 0)
+            idle_s, t_idle = idle_s + t0 - t_idle, time.time()
+            continue
+        if step is None:  # the trainers' start: their prompt streams and the step they resume after
+            for r in tasks:
+                tasks[r].load_state_dict(weights.start["tasks"][r])
+            step = weights.start["step"] + 1
+            continue
+        pushes, version, named = weights.latest  # the newest push, taken at this batch boundary
+        apply(pushes, named)
+        t0 = time.time()
+        idle_s += t0 - t_idle
+        for r in tasks:
+            send_obj(link.samples, {"kind": "started", "t0": t0}, r)
+        shares = {}
+        for r, task in tasks.items():
+            problems = task.next_prompts(p_local)
+            prompt_ids = [task.encode(p) for p in problems]
+            sampling = sampling_for(cfg, step, r)
+            shares[r] = (prompt_ids, sampling, engine.generate(prompt_ids, sampling))
+        t1 = time.time()
+        for r, (prompt_ids, sampling, responses) in shares.items():
+            send_obj(link.samples, {"kind": "batch", "step": step, "prompts": prompt_ids, "sampling": sampling,
+                                    "responses": responses, "versions": [version] * sum(map(len, responses)),
+                                    "t0": t0, "t1": t1, "engine_idle_s": idle_s}, r)
+        idle_s, t_idle = 0.0, time.time()
+        step += 1
+    for r in tasks:  # stopped by the trainers (after their last push): a batch not begun is not generated
         send_obj(link.samples, {"kind": "end"}, r)
     link.close()
+
+
+def _gather_eval(link: Link, rows: list) -> list[list]:
+    """Every inference rank's eval rows, on every inference rank (the first one collects them and sends them
+    back), over the samples group."""
+    first = link.trainers
+    if link.rank != first:
+        send_obj(link.samples, rows, first)
+        return recv_obj(link.samples, first)
+    parts = [rows] + [recv_obj(link.samples, first + i) for i in range(1, link.inference)]
+    for i in range(1, link.inference):
+        send_obj(link.samples, parts, first + i)
+    return parts
 
 
 # ------------------------------------------------------------------------------------------ trainer ranks
@@ -119,8 +156,8 @@ def check_batch(msg: dict, step: int, prompt_ids: list, sampling: SamplingConfig
 
 class RemoteEngine:
     """The rollout engine of a trainer rank in an async run (the RolloutEngine protocol): its batches come from
-    the inference rank; its weight updates go there (trainer rank 0 pushes, the others only take part in the
-    all-gathers of `Trainer._sync_weights`)."""
+    the inference rank that serves it; its weight updates go to every inference rank (trainer rank 0 pushes, the
+    others only take part in the all-gathers of `Trainer._sync_weights`)."""
 
     def __init__(self, link: Link, cfg: TrainConfig, trainer_step):
         self.link, self.k = link, cfg.rollout.max_staleness
@@ -128,13 +165,14 @@ class RemoteEngine:
         self.trainer_step = trainer_step  # () -> the trainer's step: the version of a push, the step of a batch
         self.pusher = WeightPusher(link.weights) if link.rank == 0 else None
         self.batches: queue.Queue = queue.Queue()
+        self.evals: queue.Queue = queue.Queue()  # trainer rank 0: the eval results, in the order asked
         self.timeline = GenerationTimeline()
         self.receiver = Worker(self._receive, "sample-receive")
         self.started = False
         self.last: dict = {}  # the last batch: versions, wait interval, engine times
 
     def _receive(self) -> None:
-        src = self.link.trainers  # the inference rank
+        src = self.link.engine_of(self.link.rank)  # the inference rank serving this trainer rank
         while True:
             msg = recv_obj(self.link.samples, src)
             if msg["kind"] == "started":
@@ -142,6 +180,8 @@ class RemoteEngine:
             elif msg["kind"] == "batch":
                 self.timeline.finished(msg["t0"], msg["t1"])
                 self.batches.put(msg)
+            elif msg["kind"] == "eval":
+                self.evals.put(msg)
             else:
                 return
 
@@ -151,16 +191,19 @@ class RemoteEngine:
             self.pusher.message({"kind": "start", "step": done_step, "tasks": task_states})
         self.started = True
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list]:
-        step = self.trainer_step()
-        t0 = time.time()
+    def _next(self, q: queue.Queue) -> dict:
+        """The next message of q, failing if the receiver thread does."""
         while True:
             self.receiver.check()
             try:
-                msg = self.batches.get(timeout=1.0)
-                break
+                return q.get(timeout=1.0)
             except queue.Empty:
                 continue
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list]:
+        step = self.trainer_step()
+        t0 = time.time()
+        msg = self._next(self.batches)
         t1 = time.time()
         stale = check_batch(msg, step, prompt_ids, sampling, self.k)
         self.last = {"staleness": stale, "wait": (t0, t1), "engine_gen_s": msg["t1"] - msg["t0"],
@@ -173,6 +216,17 @@ class RemoteEngine:
                 pass
             return
         self.pusher.push(self.trainer_step(), named, self.dtype)
+
+    def evaluate(self, step: int) -> dict | None:
+        """Trainer rank 0: ask the inference ranks for the held-out eval with the weights pushed last (the
+        trainers' own) and return its result; the other trainer ranks return None (only rank 0 logs)."""
+        if self.pusher is None:
+            return None
+        self.pusher.message({"kind": "eval", "step": step})
+        msg = self._next(self.evals)
+        if msg["step"] != step:
+            raise RuntimeError(f"async rollout: the eval of step {step} received that of step {msg['step']}")
+        return msg["result"]
 
     def sleep(self) -> None:
         """Nothing to free: the engine lives on other ranks."""
@@ -201,7 +255,7 @@ class RemoteEngine:
 
 class AsyncTrainer(Trainer):
     """The Trainer of an async run's trainer ranks: the RemoteEngine, the start message before the first step,
-    and the async metrics in every train row."""
+    the eval on the inference ranks, and the async metrics in every train row."""
 
     def __init__(self, cfg: TrainConfig, d: Dist, link: Link):
         self.link, self.step = link, 0  # step: the version of the pushes made while the Trainer is built
@@ -214,12 +268,24 @@ class AsyncTrainer(Trainer):
 
     def train_step(self) -> dict:
         if not self.engine.started:  # the prompt streams as they are before this step's draw
+            self._push_if_stale()  # warm-up or resumed weights: pushed before the start, they are its step's
             states = [None] * self.d.world_size
             dist.all_gather_object(states, self.task.state_dict())
             self.engine.start(self.step - 1, states)
         t0 = time.time()
         row = super().train_step()
-        if self.weights_stale:  # push now, as version `step` (the colocated trainer syncs lazily, before it generates)
+        self._push_if_stale()  # now, as version `step` (the colocated trainer syncs lazily, before it generates)
+        return {**row, **self.engine.step_metrics((t0, time.time()))}
+
+    def _push_if_stale(self) -> None:
+        if self.weights_stale:
             self._sync_weights()
             self.weights_stale = False
-        return {**row, **self.engine.step_metrics((t0, time.time()))}
+
+    def evaluate(self) -> dict | None:
+        """The held-out eval (as `Trainer.evaluate`'s, which it equals for the same weights) run by the inference
+        ranks with the trainers' current weights; trainer rank 0 waits for it and returns it, the others None."""
+        if not self.task.eval_problems:
+            return None
+        self._push_if_stale()  # step 0 after the warm-up: its weights first
+        return self.engine.evaluate(self.step)

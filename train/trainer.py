@@ -49,6 +49,23 @@ def loss_config(cfg: TrainConfig) -> fastpmd.LossConfig:
     return dataclasses.replace(cfg.loss, max_completion_length=cfg.rollout.max_new_tokens)
 
 
+def held_out_eval(cfg: TrainConfig, task: Task, tok, engine, rank: int, world_size: int, gather) -> dict:
+    """Held-out Avg@k / Pass@k / Maj@k of `engine` on `task.eval_problems` (task/evaluation.py's `evaluate`):
+    engine group `rank` of `world_size` samples the eval chunks rank, rank + world_size, ... (`rollout.
+    eval_batch_size` problems each, seeded by chunk) and `gather` joins the groups' rows, so the result does not
+    depend on how many engines share the work."""
+    from .task.evaluation import evaluate
+
+    r = cfg.rollout
+    sampling = SamplingConfig(n=r.eval_n, temperature=r.eval_temperature, top_p=r.eval_top_p,
+                              max_new_tokens=r.max_new_tokens, seed=cfg.model.seed + 12_345)
+    threshold = (cfg.reward.correct + cfg.reward.incorrect) / 2
+    return evaluate(engine, task.eval_problems, k=r.eval_n, sampling=sampling, reward_fn=task.reward,
+                    encode=tok.encode_prompt, decode=tok.decode, template=task.template,
+                    answer_style=task.answer_style, threshold=threshold, batch_size=r.eval_batch_size, rank=rank,
+                    world_size=world_size, gather=gather)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, d: Dist):
         validate(cfg, d.world_size)
@@ -267,15 +284,9 @@ class Trainer:
         sharing a vLLM engine) samples its share of the eval chunks (`rollout.eval_batch_size` problems each,
         seeded by chunk), results gathered; equal for any world size. The members of a TP group all submit their
         group's chunk (the engine needs every member's call) and only the group's first member's rows are kept."""
-        from .task.evaluation import evaluate
-
         r = self.cfg.rollout
         if not self.task.eval_problems:
             return None
-        sampling = SamplingConfig(n=r.eval_n, temperature=r.eval_temperature, top_p=r.eval_top_p,
-                                  max_new_tokens=r.max_new_tokens, seed=self.cfg.model.seed + 12_345)
-        threshold = (self.cfg.reward.correct + self.cfg.reward.incorrect) / 2
-
         tp = r.tensor_parallel_size if r.engine == "vllm" else 1
 
         def gather(rows: list) -> list[list]:
@@ -284,11 +295,8 @@ class Trainer:
             return parts[::tp]  # one list per engine group (its first member's)
 
         with self.rollout_phase():
-            return evaluate(self.engine, self.task.eval_problems, k=r.eval_n, sampling=sampling,
-                            reward_fn=self.task.reward, encode=self.tok.encode_prompt, decode=self.tok.decode,
-                            template=self.task.template, answer_style=self.task.answer_style,
-                            threshold=threshold, batch_size=r.eval_batch_size, rank=self.d.rank // tp,
-                            world_size=self.d.world_size // tp, gather=gather)
+            return held_out_eval(self.cfg, self.task, self.tok, self.engine, self.d.rank // tp, self.d.world_size // tp,
+                                 gather)
 
     def _save(self) -> Path:
         extra = {"step": self.step, "scheduler": self.scheduler.state_dict(), "task": self.task.state_dict()}
