@@ -42,10 +42,15 @@ def sampling_for(cfg: TrainConfig, step: int, trainer_rank: int) -> SamplingConf
 
 
 # ------------------------------------------------------------------------------------------ inference rank
-def _engine(cfg: TrainConfig, tok, device: torch.device) -> HFEngine:
-    """The generation copy of the model (as Trainer._build_engine's), its weights left to the first push."""
+def _engine(cfg: TrainConfig, tok, device: torch.device):
+    """The generation engine, its weights left to the first push: the HF model (as Trainer._build_engine's), or
+    with rollout.engine="vllm" a VLLMEngine in a world of its own (fastpmd.train.rollout.vllm.build_inference)."""
     gen = build_hf_model(dataclasses.replace(cfg.model, attn_implementation="sdpa"), device, tokenizer=tok,
                          meta=True)
+    if cfg.rollout.engine == "vllm":
+        from .rollout.vllm import build_inference
+
+        return build_inference(cfg, gen, tok.eos_id, device)
     gen.to_empty(device=device)
     reset_rotary(gen, device)
     gen.to(DTYPES[cfg.model.param_dtype]).eval()
@@ -101,6 +106,8 @@ def _serve(cfg: TrainConfig, link: Link) -> None:
     for r in range(T):
         send_obj(link.samples, {"kind": "end"}, r)
     link.close()
+    if hasattr(engine, "close"):  # vLLM: its groups and its world of one
+        engine.close()
 
 
 # ------------------------------------------------------------------------------------------ trainer ranks

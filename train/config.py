@@ -312,6 +312,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if rollout.mode == "async":  # docs/training.md, "Asynchronous rollouts" (what async does not do yet)
         need(rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
         need(rollout.inference_ranks == 1, "rollout.inference_ranks", "async runs support exactly 1 inference rank")
-        need(rollout.engine == "hf", "rollout.engine", "async runs support the 'hf' engine only")
+        need(rollout.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
+             "async inference ranks run one engine each (no tensor parallelism across inference ranks yet)")
         need(not data.eval_path and (data.task != "arithmetic" or data.eval_size == 0), "data.eval_size",
              "async runs have no held-out eval yet: set data.eval_size=0 (and no data.eval_path)")
