@@ -221,6 +221,9 @@ class AsyncTrainer(Trainer):
 
     def train_step(self) -> dict:
         if not self.engine.started:  # the prompt streams as they are before this step's draw
+            if self.weights_stale:  # the warm-up's or the checkpoint's weights: pushed before the start message
+                self._sync_weights()
+                self.weights_stale = False
             states = [None] * self.d.world_size
             dist.all_gather_object(states, self.task.state_dict())
             self.engine.start(self.step - 1, states)
