@@ -1,7 +1,7 @@
 """Asynchronous rollouts with bounded staleness (`rollout.mode="async"`; design: docs/training.md,
 "Asynchronous rollouts").
 
-- `serve(cfg, link)`: the inference rank's loop. It holds the HF engine and one prompt stream per trainer rank
+- `serve(cfg, link)`: the inference rank's loop. It holds the engine (HF or vLLM) and one prompt stream per trainer rank
   (the same `Task`s the trainers draw from), waits for the trainers' start message, then generates the batch of
   RL step j = s+1, s+2, ... as soon as it holds weights of version >= j - 1 - k (`rollout.max_staleness`),
   switching to the newest push only between batches, and sends each trainer rank its share tagged with the
