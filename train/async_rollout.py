@@ -1,7 +1,7 @@
 """Asynchronous rollouts with bounded staleness (`rollout.mode="async"`; design: docs/training.md,
 "Asynchronous rollouts").
 
-- `serve(cfg, link)`: an inference rank's loop. It holds the HF engine and one prompt stream per trainer rank it
+- `serve(cfg, link)`: an inference rank's loop. It holds the engine (HF or vLLM) and one prompt stream per trainer rank it
   serves (r % I == its index; the same `Task`s those trainers draw from), waits for the trainers' start message,
   then generates the batch of RL step j = s+1, s+2, ... as soon as it holds weights of version >= j - 1 - k
   (`rollout.max_staleness`), switching to the newest push only between batches, and sends each of its trainer
@@ -46,10 +46,15 @@ def sampling_for(cfg: TrainConfig, step: int, trainer_rank: int) -> SamplingConf
 
 
 # ------------------------------------------------------------------------------------------ inference rank
-def _engine(cfg: TrainConfig, tok, device: torch.device) -> HFEngine:
-    """The generation copy of the model (as Trainer._build_engine's), its weights left to the first push."""
+def _engine(cfg: TrainConfig, tok, device: torch.device):
+    """The generation engine, its weights left to the first push: the HF model (as Trainer._build_engine's), or
+    with rollout.engine="vllm" a VLLMEngine in a world of its own (fastpmd.train.rollout.vllm.build_inference)."""
     gen = build_hf_model(dataclasses.replace(cfg.model, attn_implementation="sdpa"), device, tokenizer=tok,
                          meta=True)
+    if cfg.rollout.engine == "vllm":
+        from .rollout.vllm import build_inference
+
+        return build_inference(cfg, gen, tok.eos_id, device)
     gen.to_empty(device=device)
     reset_rotary(gen, device)
     gen.to(DTYPES[cfg.model.param_dtype]).eval()
@@ -125,6 +130,8 @@ def _serve(cfg: TrainConfig, link: Link) -> None:
     for r in tasks:  # stopped by the trainers (after their last push): a batch not begun is not generated
         send_obj(link.samples, {"kind": "end"}, r)
     link.close()
+    if hasattr(engine, "close"):  # vLLM: its groups and its world of one
+        engine.close()
 
 
 def _gather_eval(link: Link, rows: list) -> list[list]:

@@ -312,4 +312,5 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if rollout.mode == "async":  # docs/training.md, "Asynchronous rollouts" (what async does not do yet)
         need(rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
         need(rollout.inference_ranks >= 1, "rollout.inference_ranks", "async runs need at least 1 inference rank")
-        need(rollout.engine == "hf", "rollout.engine", "async runs support the 'hf' engine only")
+        need(rollout.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
+             "async inference ranks run one engine each (no tensor parallelism across inference ranks yet)")

@@ -273,17 +273,21 @@ class VLLMEngine:
 
 @contextlib.contextmanager
 def _launcher_env(colocated: bool):
-    """external_launcher reads torchrun's RANK / LOCAL_RANK; a plain world of one (no torchrun) has neither:
-    supply them while the engine is built, then restore the environment."""
-    missing = colocated and "RANK" not in os.environ
-    if missing:
+    """external_launcher reads torchrun's RANK / LOCAL_RANK as this process's rank in vLLM's world (the default
+    process group) and its device index. RANK is set to the default group's rank while the engine is built (a
+    plain world of one has no RANK; an async inference rank's RANK is its launch rank, but its own world has one
+    rank), LOCAL_RANK to 0 where torchrun set none; then the environment is restored."""
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK")}
+    if colocated:
         os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
     try:
         yield
     finally:
-        if missing:
-            os.environ.pop("RANK", None)
-            os.environ.pop("LOCAL_RANK", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _empty_cuda_cache() -> None:
@@ -292,11 +296,53 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def write_model_config(hf: torch.nn.Module, model_dir: Path) -> None:
+    """``model_dir/config.json`` of a model made from a config (``model.arch``): vLLM builds the model from it."""
+    import copy
+
+    cfg = copy.deepcopy(hf.config)
+    cfg.architectures = [type(hf).__name__]
+    cfg.save_pretrained(model_dir)
+
+
+def engine_for(cfg, hf: torch.nn.Module, eos_id: int, model_dir: str | Path, *, enable_sleep_mode: bool = False,
+               kv_cache_memory_bytes: int | None = None) -> VLLMEngine:
+    """The VLLMEngine of TrainConfig ``cfg``'s model (``hf``: the Hugging Face model, for its config), built with
+    dummy weights (``load_format="dummy"``): the first ``update_weights`` fills them."""
+    r, m = cfg.rollout, cfg.model
+    max_len = cfg.data.max_prompt_len + r.max_new_tokens
+    max_len = min(max_len, getattr(hf.config, "max_position_embeddings", max_len))
+    return VLLMEngine(model_dir, eos_id=eos_id, seed=m.seed, dtype=m.param_dtype,
+                      gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
+                      max_model_len=max_len, tensor_parallel_size=r.tensor_parallel_size, load_format="dummy",
+                      kv_cache_memory_bytes=kv_cache_memory_bytes)
+
+
+def build_inference(cfg, hf: torch.nn.Module, eos_id: int, device: torch.device) -> VLLMEngine:
+    """The engine of an async inference rank (``rollout.mode="async"``, train/async_rollout.py): a vLLM world of
+    its own. The process is in no process group yet (the trainers' default group and the link groups are apart:
+    the links are gloo groups of their own); a default group of one rank on a private store (gloo; nccl on CUDA)
+    is made here, so vLLM runs as when colocated (external_launcher, the device of LOCAL_RANK) and ``close``
+    destroys it. TP 1; no sleep mode and vLLM's own KV-cache sizing (no trainer shares the device); the weights
+    come with the first push. A model made from a config writes its ``config.json`` to
+    ``run.out/rollout_model_rank{RANK}`` (one directory per inference rank)."""
+    if dist.is_initialized():
+        raise RuntimeError("build_inference: this process is already in a process group (an inference rank "
+                           "joins none: the engine's world of one is made here)")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    model_dir = cfg.model.name_or_path
+    if cfg.model.arch:
+        model_dir = Path(cfg.run.out) / f"rollout_model_rank{os.environ.get('RANK', '0')}"
+        write_model_config(hf, model_dir)
+    return engine_for(cfg, hf, eos_id, model_dir)
+
+
 def build(trainer):
     """One vLLM engine per group of rollout.tensor_parallel_size ranks (external_launcher), weights from the
     trainer: vLLM builds the model from its config alone (load_format="dummy"), then the first sync fills it."""
-    import copy
-
     from .groups import EngineGroup, GroupedEngine, engine_groups
 
     r, m, dev = trainer.cfg.rollout, trainer.cfg.model, trainer.d.device
@@ -304,12 +350,8 @@ def build(trainer):
     if m.arch:  # a random tiny model: vLLM needs its config.json on disk
         model_dir = trainer.out / "rollout_model"
         if trainer.d.is_main:
-            cfg = copy.deepcopy(trainer.hf.config)
-            cfg.architectures = [type(trainer.hf).__name__]
-            cfg.save_pretrained(model_dir)
+            write_model_config(trainer.hf, model_dir)
         dist.barrier()
-    max_len = trainer.cfg.data.max_prompt_len + r.max_new_tokens
-    max_len = min(max_len, getattr(trainer.hf.config, "max_position_embeddings", max_len))
     kv_bytes = None  # on CUDA the plan's fixed KV budget (no profiling of memory the trainer holds)
     if dev.type == "cuda":
         from ..config_plan import spec_for, vllm_kv_cache_bytes
@@ -319,10 +361,8 @@ def build(trainer):
                                        r.gpu_memory_utilization, r.tensor_parallel_size)
     if m.offload_during_rollout:  # vLLM wants utilization x GPU free at start-up (vllm/v1/worker/utils.py)
         trainer.policy.to("cpu")
-    engine = VLLMEngine(model_dir, eos_id=trainer.tok.eos_id, seed=m.seed, dtype=m.param_dtype,
-                        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=dev.type == "cuda",
-                        max_model_len=max_len, tensor_parallel_size=r.tensor_parallel_size,
-                        load_format="dummy", kv_cache_memory_bytes=kv_bytes)
+    engine = engine_for(trainer.cfg, trainer.hf, trainer.tok.eos_id, model_dir, enable_sleep_mode=dev.type == "cuda",
+                        kv_cache_memory_bytes=kv_bytes)
     if m.offload_during_rollout:
         trainer.policy.to(dev)
     if r.tensor_parallel_size > 1:
