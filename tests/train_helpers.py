@@ -16,6 +16,18 @@ def torchrun(worker: str, tmp_path, world: int, *args: str, timeout: int = 300) 
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+# appended to a worker that ran `rc = main(...)`: exit 3 when a gloo thread is left after the run (a process group
+# that outlived shutdown_distributed, torn down later in interpreter finalization: tests/train/test_distributed_exit.py)
+GLOO_LEFT_EXIT = """
+import os
+_gloo = sorted(n for n in (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+               if "gloo" in n)
+if _gloo:
+    print("gloo threads left after the run:", _gloo, file=sys.stderr)
+sys.exit(3 if _gloo else rc)
+"""
+
+
 _TRAINER_WORKER = """\
 import dataclasses, json, random, sys
 import torch, torch.distributed as dist

@@ -355,10 +355,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastpmd train: {e}", file=sys.stderr)
         return e.exit_code
     finally:
-        close = getattr(getattr(trainer, "engine", None), "close", None)
-        if close is not None:  # vLLM tears down its groups, then the default one: before ours
-            close()
-        trainer = None  # FSDP's modules and their groups go before shutdown_distributed (see its docstring)
+        engine = getattr(trainer, "engine", None)
+        if hasattr(engine, "close"):  # vLLM tears down its groups, then the default one: before ours
+            engine.close()
+        trainer = link = engine = None  # FSDP's modules and the async links go before shutdown_distributed
         gc.collect()
         shutdown_distributed()
     return 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train_helpers import torchrun
+from train_helpers import GLOO_LEFT_EXIT, torchrun
 
 from fastpmd.train.cli import build_config, main
 from fastpmd.train.config import validate
@@ -140,7 +140,8 @@ def test_async_three_processes(tmp_path):
     the warm-up's push, made before the start) has the trainer's log-probs (the push is exact); at every step
     the loss's Delta starts at 0 (pi_old is the trainer's recompute, not the stale engine log-probs, which differ
     by > 1e-3 once stale)."""
-    torchrun(_ASYNC_RUN, tmp_path, 3, timeout=300)
+    # and no gloo thread left on any rank when main returns (the links and the trainers' group are gone)
+    torchrun(_ASYNC_RUN.replace("sys.exit(main(", "rc = (main(") + GLOO_LEFT_EXIT, tmp_path, 3, timeout=300)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
@@ -232,7 +233,8 @@ def test_async_k0_equals_colocated(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_ASYNC_RUN.replace('"--max-steps", "4"', '"--max-steps", "2"')
                       .replace('"rollout.max_staleness=1"]))', '"rollout.max_staleness=0"] + sys.argv[3:]))')
-                      .replace('sys.argv[1] + "/run"', 'sys.argv[2]'))
+                      .replace('sys.argv[1] + "/run"', 'sys.argv[2]')
+                      .replace("sys.exit(main(", "rc = (main(") + GLOO_LEFT_EXIT)  # both modes end every group
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--warmup-steps", "2", "--lr", "0.1", "--set", "data.eval_size=8", "--set", "rollout.eval_n=4",
               "--set", "rollout.eval_batch_size=4", "--set", "run.eval_every=1",
