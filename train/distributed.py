@@ -88,7 +88,7 @@ def shutdown_distributed() -> None:
             clear()
         gc.collect()
         for obj in gc.get_objects():
-            registry = getattr(obj, "_pg_registry", None) if isinstance(obj, DeviceMesh) else None
+            registry = getattr(obj, "_pg_registry", None) if type(obj) is DeviceMesh else None  # no __instancecheck__
             if isinstance(registry, dict):
                 registry.clear()
     dist.destroy_process_group()
