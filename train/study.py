@@ -189,8 +189,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=ints, default=[1, 4, 16], help="mini-batches per generation batch ('': none)")
     p.add_argument("--async-k", type=ints, default=[], help="async cells: rollout.max_staleness values (1 "
                    "inference + 2 trainer processes, one mini-batch per step; docs/study.md)")
-    p.add_argument("--async-correction", choices=["tis", "none"], default="tis",
-                   help="loss.rollout_correction of the async cells")
+    p.add_argument("--async-correction", default="tis",
+                   help="comma list of loss.rollout_correction values (tis, none) for the async cells")
     p.add_argument("--ns", type=ints, default=[4, 16], help="responses per prompt")
     p.add_argument("--seeds", type=ints, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=30, help="RL steps per cell")
@@ -213,15 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastpmd study: error: unknown variants {bad}, or --prompts {args.prompts} not divisible by every "
               f"k in {args.ks}, or --steps < 1", file=sys.stderr)
         return 2
-    if args.async_k and (args.prompts % ASYNC_TRAINERS or min(args.async_k) < 0):
+    corrections = args.async_correction.split(",")
+    if args.async_k and (args.prompts % ASYNC_TRAINERS or min(args.async_k) < 0
+                         or not set(corrections) <= {"tis", "none"}):
         print(f"fastpmd study: error: --prompts {args.prompts} must split over the async cells' {ASYNC_TRAINERS} "
-              f"trainer ranks and --async-k {args.async_k} be >= 0", file=sys.stderr)
+              f"trainer ranks, --async-k {args.async_k} be >= 0 and --async-correction {corrections} in "
+              "{tis, none}", file=sys.stderr)
         return 2
     out = Path(args.out)
     cells = [{"name": f"{v}_k{k}_n{n}_s{s}", "variant": v, "k": k, "n": n, "seed": s}
              for s in args.seeds for n in args.ns for k in args.ks for v in variants]
-    cells += [async_cell(v, k, n, s, args.async_correction)
-              for s in args.seeds for n in args.ns for k in args.async_k for v in variants]
+    cells += [async_cell(v, k, n, s, c) for s in args.seeds for n in args.ns for c in corrections
+              for k in args.async_k for v in variants]
     if not args.report_only:
         for s in args.seeds:  # warm-ups first, one at a time (each is a full single-thread run)
             warmup(out, s, args.warmup_steps)

@@ -99,8 +99,8 @@ def async_table(summaries: list[dict]) -> str:
 
 
 def async_figures(summaries: list[dict], sync: list[dict], out: Path) -> list[Path]:
-    """Figure 4 style (batch reward; dashed: the synchronous k = 1 cells of the same n, staleness 0) and the
-    behaviour-policy gap per step, one panel per (n, k)."""
+    """Figure 4 style (batch reward; solid: TIS, dotted: no correction, dashed: the synchronous k = 1 cells of the
+    same n, staleness 0) and the behaviour-policy gap per step, one panel per (n, k)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,14 +117,14 @@ def async_figures(summaries: list[dict], sync: list[dict], out: Path) -> list[Pa
             for j, k in enumerate(ks):
                 ax = axes[i][j]
                 for c, v in enumerate(VARIANTS):
-                    ss = [s for s in summaries if (s["variant"], s["k"], s["n"]) == (v, k, n)]
-                    if ss:
-                        band(ax, [s[key] for s in ss], f"C{c}", v)
+                    for corr, ls in (("tis", "-"), ("none", ":")):
+                        ss = [s for s in summaries
+                              if (s["variant"], s["k"], s["n"], s["correction"]) == (v, k, n, corr)]
+                        if ss:
+                            band(ax, [s[key] for s in ss], f"C{c}", v if corr == "tis" else f"{v}, no TIS", ls=ls)
                     ref = [s for s in sync if (s["variant"], s["k"], s["n"]) == (v, 1, n)]
                     if key == "reward" and ref:
                         band(ax, [s[key] for s in ref], f"C{c}", f"{v}, sync k = 1", ls="--")
-                if key == "logp_diff":
-                    ax.set_yscale("log")
                 ax.set_title(f"async, staleness <= {k}, n = {n}", fontsize=9)
                 ax.set_xlabel("step", fontsize=8)
                 ax.set_ylabel(ylabel, fontsize=8)

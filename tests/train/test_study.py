@@ -52,4 +52,5 @@ def test_study_async_smoke(tmp_path):
     assert "| pmd-mean | 1 | 2 | tis | 1 |" in (out / "study_async_table.md").read_text()
     assert (out / "study_async_rewards.png").stat().st_size > 0 and (out / "study_async_logratio.png").stat().st_size
     assert study.main(argv[:4] + ["--async-k", "-1"]) == 2
+    assert study.main(argv[:4] + ["--async-k", "1", "--async-correction", "tis,is"]) == 2
     assert study.main(argv[:4] + ["--ks", "", "--async-k", "1", "--prompts", "3"]) == 2
