@@ -12,6 +12,8 @@ Outputs in OUT: cells/<variant>_k<k>_n<n>_s<seed>/ (each run's metrics.jsonl), s
 study_table.md (mean +- std over seeds), study_rewards.png (batch reward per step, band = +-1 std over seeds, as
 in the paper's Figure 4) and study_logratio.png (minimum log-ratio of the last mini-batch per step, Figure 5).
 Collapse: the last fifth's mean batch reward is below the first fifth's by more than 0.05.
+`--async-k K1,K2`: async cells too (rollout staleness <= K; train/study_async.py), reported in their own table and
+figures (study_async_*); `--ks ''` runs none of the synchronous ones.
 """
 from __future__ import annotations
 
