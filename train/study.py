@@ -249,6 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         asy = [s for s in done if s.get("mode") == "async"]
         (out / "study_async_table.md").write_text(async_table(asy))
         if asy:
-            async_figures(asy, sync, out)
+            async_figures(asy, out)
         print(async_table(asy))
     return 0
