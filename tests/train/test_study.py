@@ -28,7 +28,7 @@ def test_study_smoke(tmp_path):
     assert study.main(["--out", str(out), "--ks", "3", "--prompts", "2"]) == 2
 
 
-@pytest.mark.slow  # torchrun with 3 processes, a warm-up and two eval-only processes: 158 s on the loaded 2 cores
+@pytest.mark.slow  # torchrun (3 processes), a warm-up, two eval-only runs: 30 s (lighter load) to 158 s (load 9)
 def test_study_async_smoke(tmp_path):
     """One async cell (1 inference + 2 trainer processes under torchrun, 2 RL steps), its held-out evals after
     the run, its table and figures; a bad --async-k is refused before any run."""
