@@ -12,6 +12,8 @@ Outputs in OUT: cells/<variant>_k<k>_n<n>_s<seed>/ (each run's metrics.jsonl), s
 study_table.md (mean +- std over seeds), study_rewards.png (batch reward per step, band = +-1 std over seeds, as
 in the paper's Figure 4) and study_logratio.png (minimum log-ratio of the last mini-batch per step, Figure 5).
 Collapse: the last fifth's mean batch reward is below the first fifth's by more than 0.05.
+`--async-k K1,K2`: async cells too (rollout staleness <= K; train/study_async.py), reported in their own table and
+figures (study_async_*); `--ks ''` runs none of the synchronous ones.
 """
 from __future__ import annotations
 
@@ -36,8 +38,19 @@ VARIANTS = {  # name -> `fastpmd train` flags
 COLLAPSE_DROP = 0.05
 
 
-def train_cmd(*flags: str) -> list[str]:
-    return [sys.executable, "-m", "fastpmd.train", "--preset", "tiny-arith", "--no-progress", "--no-plots", *flags]
+def train_cmd(*flags: str, procs: int = 1) -> list[str]:
+    """`fastpmd train` on the demo preset; procs > 1: under torchrun with that many processes."""
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
+    return [sys.executable, *launch, "-m", "fastpmd.train", "--preset", "tiny-arith", "--no-progress", "--no-plots",
+            *flags]
+
+
+def cell_flags(hf: Path, run: Path, cell: dict, args) -> list[str]:
+    """The flags every cell shares: its seed's warm-up model, the RL task, the variant's loss."""
+    return ["--model", str(hf), "--set", "model.arch=''", "--warmup-steps", "0", "--seed", str(cell["seed"]),
+            "--out", str(run), "--max-steps", str(args.steps), "--tau", str(args.tau),
+            "--prompts-per-step", str(args.prompts), "--group-size", str(cell["n"]), "--set", "run.save_every=0",
+            "--set", f"rollout.eval_n={args.eval_n}", *VARIANTS[cell["variant"]]]
 
 
 def warmup(out: Path, seed: int, warmup_steps: int | None) -> Path:
@@ -70,24 +83,29 @@ def run_cell(out: Path, cell: dict, args) -> dict:
 
         shutil.rmtree(run)
     hf = warmup(out, cell["seed"], args.warmup_steps)
-    cmd = train_cmd("--model", str(hf), "--set", "model.arch=''", "--warmup-steps", "0", "--seed", str(cell["seed"]),
-                    "--out", str(run), "--max-steps", str(args.steps), "--tau", str(args.tau),
-                    "--prompts-per-step", str(args.prompts), "--group-size", str(cell["n"]),
-                    "--mini-batches", str(cell["k"]), "--no-export", "--set", "run.save_every=0",
-                    "--set", f"rollout.eval_n={args.eval_n}", *VARIANTS[cell["variant"]])
-    wall = _run(cmd, run)
-    summary = {**cell, **summarise(run / "metrics.jsonl"), "wall_s": wall}
+    if cell.get("mode") == "async":
+        from .study_async import run_async_cell
+
+        summary = run_async_cell(hf, run, cell, args)
+    else:
+        wall = _run(train_cmd(*cell_flags(hf, run, cell, args), "--mini-batches", str(cell["k"]), "--no-export"), run)
+        summary = {**cell, **summarise(run / "metrics.jsonl"), "wall_s": wall}
     done.write_text(json.dumps(summary))
     return summary
+
+
+def reward_fifths(train: list[dict]) -> tuple[float, float]:
+    """Mean batch reward of the first and of the last fifth of the train rows."""
+    fifth = max(1, len(train) // 5)
+    return (statistics.fmean(r["reward_mean"] for r in train[:fifth]),
+            statistics.fmean(r["reward_mean"] for r in train[-fifth:]))
 
 
 def summarise(path: Path) -> dict:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
-    fifth = max(1, len(train) // 5)
-    first = statistics.fmean(r["reward_mean"] for r in train[:fifth])
-    last = statistics.fmean(r["reward_mean"] for r in train[-fifth:])
+    first, last = reward_fifths(train)
     avg_key = next(k for k in evals[-1] if k.startswith("avg@"))
     return {"reward_first": first, "reward_last": last, "heldout_start": evals[0][avg_key],
             "heldout_final": evals[-1][avg_key], "avg_key": avg_key,
@@ -117,6 +135,18 @@ def table(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def band(ax, series: list[list[float]], color: str, label: str, **plot_kw) -> None:
+    """Mean per step over the seeds' series, with a +-1 std band (the paper's Figure 4 style)."""
+    T = min(len(x) for x in series)
+    cols = list(zip(*[x[:T] for x in series]))
+    mean = [statistics.fmean(x) for x in cols]
+    std = [statistics.pstdev(x) for x in cols]
+    steps = range(1, T + 1)
+    ax.plot(steps, mean, color=color, label=label, lw=1.2, **plot_kw)
+    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color,
+                    alpha=0.2, lw=0)
+
+
 def figures(summaries: list[dict], out: Path) -> list[Path]:
     """Figure 4 style (reward, mean +- std band over seeds) and Figure 5 style (min log-ratio, last mini-batch)."""
     import matplotlib
@@ -136,16 +166,8 @@ def figures(summaries: list[dict], out: Path) -> list[Path]:
                 ax = axes[i][j]
                 for c, v in enumerate(VARIANTS):
                     ss = [s for s in summaries if (s["variant"], s["k"], s["n"]) == (v, k, n)]
-                    if not ss:
-                        continue
-                    T = min(len(s[key]) for s in ss)
-                    cols = list(zip(*[s[key][:T] for s in ss]))
-                    mean = [statistics.fmean(x) for x in cols]
-                    std = [statistics.pstdev(x) for x in cols]
-                    steps = range(1, T + 1)
-                    ax.plot(steps, mean, color=f"C{c}", label=v, lw=1.2)
-                    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                    color=f"C{c}", alpha=0.2, lw=0)
+                    if ss:
+                        band(ax, [s[key] for s in ss], f"C{c}", v)
                 if key == "logratio_min_last":
                     ax.set_yscale("symlog", linthresh=1.0)
                 ax.set_title(f"k = {k} mini-batches, n = {n}", fontsize=9)
@@ -163,10 +185,14 @@ def figures(summaries: list[dict], out: Path) -> list[Path]:
 
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="fastpmd study", description=__doc__.split("\n\n")[0])
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--out", default="runs/study")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
-    p.add_argument("--ks", type=ints, default=[1, 4, 16], help="mini-batches per generation batch")
+    p.add_argument("--ks", type=ints, default=[1, 4, 16], help="mini-batches per generation batch ('': none)")
+    p.add_argument("--async-k", type=ints, default=[], help="async cells: rollout.max_staleness values (1 "
+                   "inference + 2 trainer processes, one mini-batch per step; docs/study.md)")
+    p.add_argument("--async-correction", default="tis",
+                   help="comma list of loss.rollout_correction values (tis, none) for the async cells")
     p.add_argument("--ns", type=ints, default=[4, 16], help="responses per prompt")
     p.add_argument("--seeds", type=ints, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=30, help="RL steps per cell")
@@ -180,6 +206,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .study_async import ASYNC_TRAINERS, async_cell, async_figures, async_table
+
     args = parser().parse_args(argv)
     variants = args.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
@@ -187,9 +215,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastpmd study: error: unknown variants {bad}, or --prompts {args.prompts} not divisible by every "
               f"k in {args.ks}, or --steps < 1", file=sys.stderr)
         return 2
+    corrections = args.async_correction.split(",")
+    if args.async_k and (args.prompts % ASYNC_TRAINERS or min(args.async_k) < 0
+                         or not set(corrections) <= {"tis", "none"}):
+        print(f"fastpmd study: error: --prompts {args.prompts} must split over the async cells' {ASYNC_TRAINERS} "
+              f"trainer ranks, --async-k {args.async_k} be >= 0 and --async-correction {corrections} in "
+              "{tis, none}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     cells = [{"name": f"{v}_k{k}_n{n}_s{s}", "variant": v, "k": k, "n": n, "seed": s}
              for s in args.seeds for n in args.ns for k in args.ks for v in variants]
+    cells += [async_cell(v, k, n, s, c) for s in args.seeds for n in args.ns for c in corrections
+              for k in args.async_k for v in variants]
     if not args.report_only:
         for s in args.seeds:  # warm-ups first, one at a time (each is a full single-thread run)
             warmup(out, s, args.warmup_steps)
@@ -203,8 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     done = [json.loads((out / "cells" / c["name"] / "summary.json").read_text()) for c in cells
             if (out / "cells" / c["name"] / "summary.json").is_file()]
     (out / "study.json").write_text(json.dumps(done))
-    (out / "study_table.md").write_text(table(done))
-    if done:
-        figures(done, out)
-    print(table(done))
+    sync = [s for s in done if s.get("mode") != "async"]
+    (out / "study_table.md").write_text(table(sync))
+    if sync:
+        figures(sync, out)
+    print(table(sync))
+    if args.async_k:
+        asy = [s for s in done if s.get("mode") == "async"]
+        (out / "study_async_table.md").write_text(async_table(asy))
+        if asy:
+            async_figures(asy, out)
+        print(async_table(asy))
     return 0

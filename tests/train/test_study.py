@@ -1,6 +1,8 @@
 """`fastpmd study` smoke: a tiny grid through the trainer's CLI, its table and figures."""
 import json
 
+import pytest
+
 from fastpmd.train import study
 
 
@@ -24,3 +26,31 @@ def test_study_smoke(tmp_path):
     assert (out / "study_rewards.png").stat().st_size > 0 and (out / "study_logratio.png").stat().st_size > 0
     assert study.main(argv) == 0  # finished cells are reused, not rerun
     assert study.main(["--out", str(out), "--ks", "3", "--prompts", "2"]) == 2
+
+
+@pytest.mark.slow  # torchrun (3 processes), a warm-up, two eval-only runs: 30 s (lighter load) to 158 s (load 9)
+def test_study_async_smoke(tmp_path):
+    """One async cell (1 inference + 2 trainer processes under torchrun, 2 RL steps), its held-out evals after
+    the run, its table and figures; a bad --async-k is refused before any run."""
+    out = tmp_path / "study"
+    argv = ["--out", str(out), "--variants", "pmd-mean", "--ks", "", "--async-k", "1", "--ns", "2", "--seeds", "0",
+            "--steps", "2", "--prompts", "2", "--eval-n", "1", "--warmup-steps", "2", "--jobs", "1"]
+    assert study.main(argv) == 0
+    (cell,) = json.loads((out / "study.json").read_text())
+    assert cell["name"] == "pmd-mean_async1_n2_s0" and cell["mode"] == "async"
+    run = out / "cells" / cell["name"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["rollout"]["mode"] == "async" and cfg["rollout"]["max_staleness"] == 1
+    assert cfg["optim"]["mini_batches"] == 1 and cfg["loss"]["rollout_correction"] == "tis"
+    assert cfg["model"]["name_or_path"].endswith("seed_0/hf") and cfg["rollout"]["group_size"] == 2
+    assert len(cell["reward"]) == 2 and len(cell["logp_diff"]) == 2 and cell["staleness_max"] <= 1
+    assert 0 <= cell["heldout_start"] <= 1 and 0 <= cell["heldout_final"] <= 1 and cell["avg_key"] == "avg@1"
+    # the held-out values are the eval-only runs' rows: the warm-up model's (per seed) and the exported final one's
+    for path, key in ((out / "warmup" / "seed_0" / "heldout_n1", "heldout_start"), (run / "heldout", "heldout_final")):
+        rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        assert [r["kind"] for r in rows] == ["eval"] and rows[0]["avg@1"] == cell[key]
+    assert "| pmd-mean | 1 | 2 | tis | 1 |" in (out / "study_async_table.md").read_text()
+    assert (out / "study_async_rewards.png").stat().st_size > 0 and (out / "study_async_logratio.png").stat().st_size
+    assert study.main(argv[:4] + ["--async-k", "-1"]) == 2
+    assert study.main(argv[:4] + ["--async-k", "1", "--async-correction", "tis,is"]) == 2
+    assert study.main(argv[:4] + ["--ks", "", "--async-k", "1", "--prompts", "3"]) == 2
