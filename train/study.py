@@ -18,6 +18,7 @@ figures (study_async_*); `--ks ''` runs none of the synchronous ones.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import subprocess
@@ -147,39 +148,48 @@ def band(ax, series: list[list[float]], color: str, label: str, **plot_kw) -> No
                     alpha=0.2, lw=0)
 
 
-def figures(summaries: list[dict], out: Path) -> list[Path]:
-    """Figure 4 style (reward, mean +- std band over seeds) and Figure 5 style (min log-ratio, last mini-batch)."""
+def panel_figure(out: Path, name: str, ylabel: str, ks: list[int], ns: list[int], draw, sharey: bool = False,
+                 legend_at: tuple[int, int] = (0, 0), legend_size: int = 7) -> Path:
+    """OUT/name: one panel per (n, k), n down and k across; `draw(ax, k, n)` fills a panel and sets its title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(len(ns), len(ks), figsize=(3.6 * len(ks), 2.8 * len(ns)), squeeze=False,
+                             sharex=True, sharey=sharey)
+    for i, n in enumerate(ns):
+        for j, k in enumerate(ks):
+            ax = axes[i][j]
+            draw(ax, k, n)
+            ax.set_xlabel("step", fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[legend_at[0]][legend_at[1]].legend(fontsize=legend_size)
+    fig.tight_layout()
+    path = out / name
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path
+
+
+def figures(summaries: list[dict], out: Path) -> list[Path]:
+    """Figure 4 style (reward, mean +- std band over seeds) and Figure 5 style (min log-ratio, last mini-batch)."""
     ks = sorted({s["k"] for s in summaries})
     ns = sorted({s["n"] for s in summaries})
     paths = []
     for key, name, ylabel in (("reward", "study_rewards.png", "batch reward"),
                               ("logratio_min_last", "study_logratio.png", "min log-ratio, last mini-batch")):
-        fig, axes = plt.subplots(len(ns), len(ks), figsize=(3.6 * len(ks), 2.8 * len(ns)), squeeze=False,
-                                 sharex=True)
-        for i, n in enumerate(ns):
-            for j, k in enumerate(ks):
-                ax = axes[i][j]
-                for c, v in enumerate(VARIANTS):
-                    ss = [s for s in summaries if (s["variant"], s["k"], s["n"]) == (v, k, n)]
-                    if ss:
-                        band(ax, [s[key] for s in ss], f"C{c}", v)
-                if key == "logratio_min_last":
-                    ax.set_yscale("symlog", linthresh=1.0)
-                ax.set_title(f"k = {k} mini-batches, n = {n}", fontsize=9)
-                ax.set_xlabel("step", fontsize=8)
-                ax.set_ylabel(ylabel, fontsize=8)
-                ax.tick_params(labelsize=7)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=70)
-        plt.close(fig)
-        paths.append(path)
+        def draw(ax, k, n, key=key):
+            for c, v in enumerate(VARIANTS):
+                ss = [s for s in summaries if (s["variant"], s["k"], s["n"]) == (v, k, n)]
+                if ss:
+                    band(ax, [s[key] for s in ss], f"C{c}", v)
+            if key == "logratio_min_last":
+                ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_title(f"k = {k} mini-batches, n = {n}", fontsize=9)
+
+        paths.append(panel_figure(out, name, ylabel, ks, ns, draw))
     return paths
 
 
@@ -228,15 +238,25 @@ def main(argv: list[str] | None = None) -> int:
     cells += [async_cell(v, k, n, s, c) for s in args.seeds for n in args.ns for c in corrections
               for k in args.async_k for v in variants]
     if not args.report_only:
-        for s in args.seeds:  # warm-ups first, one at a time (each is a full single-thread run)
-            warmup(out, s, args.warmup_steps)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for s in pool.map(lambda c: run_cell(out, c, args), cells):
-                print(f"{s['name']}: reward {s['reward_first']:.3f} -> {s['reward_last']:.3f}, held-out "
-                      f"{s['heldout_final']:.3f}, min log-ratio {s['logratio_min']:.2f}, {s['wall_s']:.0f} s",
-                      flush=True)
-        print(f"grid: {len(cells)} cells in {time.perf_counter() - t0:.0f} s wall ({args.jobs} at a time)")
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".study.lock", "w")  # the OS drops the lock if the driver dies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            print(f"fastpmd study: error: --out {out} is in use by another study driver (two drivers would run "
+                  "the same cells at once and spoil them)", file=sys.stderr)
+            return 2
+        with lock:  # closing it releases the lock
+            for s in args.seeds:  # warm-ups first, one at a time (each is a full single-thread run)
+                warmup(out, s, args.warmup_steps)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.jobs) as pool:
+                for s in pool.map(lambda c: run_cell(out, c, args), cells):
+                    print(f"{s['name']}: reward {s['reward_first']:.3f} -> {s['reward_last']:.3f}, held-out "
+                          f"{s['heldout_final']:.3f}, min log-ratio {s['logratio_min']:.2f}, {s['wall_s']:.0f} s",
+                          flush=True)
+            print(f"grid: {len(cells)} cells in {time.perf_counter() - t0:.0f} s wall ({args.jobs} at a time)")
     done = [json.loads((out / "cells" / c["name"] / "summary.json").read_text()) for c in cells
             if (out / "cells" / c["name"] / "summary.json").is_file()]
     (out / "study.json").write_text(json.dumps(done))

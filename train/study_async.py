@@ -21,7 +21,7 @@ import statistics
 import threading
 from pathlib import Path
 
-from .study import COLLAPSE_DROP, VARIANTS, _ms, _run, band, cell_flags, reward_fifths, train_cmd
+from .study import COLLAPSE_DROP, VARIANTS, _ms, _run, band, cell_flags, panel_figure, reward_fifths, train_cmd
 
 ASYNC_TRAINERS = 2  # trainer ranks of an async cell (plus one inference rank)
 _START_LOCK = threading.Lock()  # one start eval per seed, also with --jobs > 1
@@ -101,35 +101,19 @@ def async_table(summaries: list[dict]) -> str:
 def async_figures(summaries: list[dict], out: Path) -> list[Path]:
     """Figure 4 style (batch reward, mean +- std band over seeds; solid: TIS, dotted: no correction) and the
     behaviour-policy gap per step, one panel per (n, k); `--async-k 0` gives the staleness-0 panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ks = sorted({s["k"] for s in summaries})
     ns = sorted({s["n"] for s in summaries})
     paths = []
     for key, name, ylabel in (("reward", "study_async_rewards.png", "batch reward"),
                               ("logp_diff", "study_async_logratio.png", "mean |log pi_t - log pi_behav|")):
-        fig, axes = plt.subplots(len(ns), len(ks), figsize=(3.6 * len(ks), 2.8 * len(ns)), squeeze=False,
-                                 sharex=True, sharey=True)
-        for i, n in enumerate(ns):
-            for j, k in enumerate(ks):
-                ax = axes[i][j]
-                for c, v in enumerate(VARIANTS):
-                    for corr, ls in (("tis", "-"), ("none", ":")):
-                        ss = [s for s in summaries
-                              if (s["variant"], s["k"], s["n"], s["correction"]) == (v, k, n, corr)]
-                        if ss:
-                            band(ax, [s[key] for s in ss], f"C{c}", v if corr == "tis" else f"{v}, no TIS", ls=ls)
-                ax.set_title(f"async, staleness <= {k}, n = {n}", fontsize=9)
-                ax.set_xlabel("step", fontsize=8)
-                ax.set_ylabel(ylabel, fontsize=8)
-                ax.tick_params(labelsize=7)
-        axes[0][-1].legend(fontsize=6)  # the last panel has every line
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=70)
-        plt.close(fig)
-        paths.append(path)
+        def draw(ax, k, n, key=key):
+            for c, v in enumerate(VARIANTS):
+                for corr, ls in (("tis", "-"), ("none", ":")):
+                    ss = [s for s in summaries if (s["variant"], s["k"], s["n"], s["correction"]) == (v, k, n, corr)]
+                    if ss:
+                        band(ax, [s[key] for s in ss], f"C{c}", v if corr == "tis" else f"{v}, no TIS", ls=ls)
+            ax.set_title(f"async, staleness <= {k}, n = {n}", fontsize=9)
+
+        # the last panel has every line
+        paths.append(panel_figure(out, name, ylabel, ks, ns, draw, sharey=True, legend_at=(0, -1), legend_size=6))
     return paths

@@ -54,3 +54,14 @@ def test_study_async_smoke(tmp_path):
     assert study.main(argv[:4] + ["--async-k", "-1"]) == 2
     assert study.main(argv[:4] + ["--async-k", "1", "--async-correction", "tis,is"]) == 2
     assert study.main(argv[:4] + ["--ks", "", "--async-k", "1", "--prompts", "3"]) == 2
+
+
+def test_two_drivers_on_one_out_are_refused(tmp_path, capsys):
+    """A second driver on the same --out exits 2 before any warm-up or cell (the study lost a cell that way)."""
+    import fcntl
+
+    with open(tmp_path / ".study.lock", "w") as held:  # the first driver's lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert study.main(["--out", str(tmp_path), "--variants", "pmd-mean", "--ks", "1", "--ns", "4",
+                           "--seeds", "0"]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "warmup").exists()
