@@ -2,8 +2,8 @@
 
 The default `pytest` run never sees this directory (pyproject: testpaths = ["tests"]). Here, files named
 bench_*.py are collected as test modules, next to the default test_*.py pattern. bench/micro/ has no __init__.py
-and its own pytest.ini (its own rootdir), so pytest imports these files by their own names and never imports
-bench/__init__.py under the bare name `bench` (see fastpmd/_bare_name.py).
+and its own pytest.ini (its own rootdir), so pytest imports these files by their own names, never as part of a
+package named `bench` (see fastpmd/_layout.py).
 """
 import pytest
 

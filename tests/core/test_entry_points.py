@@ -2,8 +2,9 @@
 (transformers >= 5.25 imports it with every model): `python -m pytest`, `python -m fastpmd.train`,
 `torchrun -m fastpmd.train`, the `fastpmd` script and `python -c "import kernels"`. Each command runs from the
 root, where `python -m` and torchrun put the working directory first on sys.path, so the repository's kernels/,
-train/ and bench/ folders must never answer to their bare names (fastpmd/_bare_name.py). The wheel holds them
-only under fastpmd/."""
+train/ and bench/ folders must never shadow an installed package of their names: they have no __init__.py (at
+most namespace portions, which any installed package beats; fastpmd/_layout.py). The wheel holds them only under
+fastpmd/."""
 import importlib.metadata
 import json
 import os
@@ -29,8 +30,8 @@ def _installed(dist: str) -> bool:
         return False
 
 
-def _run(cmd, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(cmd, env_extra=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("PYTHONSAFEPATH", None)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
 
@@ -42,23 +43,29 @@ def _trained_one_step(out: Path, proc) -> None:
 
 
 @pytest.mark.parametrize("name", ["kernels", "train", "bench"])
-def test_bare_folder_names_resolve_outside_the_repository(name):
-    """From the root, `import kernels` is Hugging Face's package (installed with transformers), never kernels/."""
-    code = f"import {name}, sys; print({name}.__file__ or '')"
-    proc = _run([sys.executable, "-c", code])
-    if _installed(name):
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert Path(proc.stdout.strip()).resolve().parent != ROOT / name, proc.stdout
-    else:
-        assert f"No module named '{name}'" in proc.stderr, proc.stderr[-2000:]
+def test_bare_folder_names_resolve_outside_the_repository(name, tmp_path):
+    """From the root, `import name` and `find_spec(name)` give the installed package of that name (Hugging Face's
+    `kernels` is installed with transformers; for the others a stand-in on PYTHONPATH), never the folder."""
+    site = tmp_path / "site"
+    if not _installed(name):
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text("")
+    code = (f"import importlib.util; print(importlib.util.find_spec({name!r}).origin); "  # before the import
+            f"import {name}; print({name}.__file__)")
+    proc = _run([sys.executable, "-c", code], env_extra={"PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in proc.stdout.split():
+        assert Path(line).resolve().parent != ROOT / name, proc.stdout
 
 
 @pytest.mark.parametrize("name", ["kernels", "train", "bench"])
 def test_bare_folder_names_import_nothing_of_fastpmd(name):
-    """Without site-packages (-S: no torch, nothing named `name`), `import name` from the root is a plain
-    ModuleNotFoundError for that name: the folder steps aside without importing fastpmd or torch."""
-    proc = _run([sys.executable, "-S", "-c", f"import {name}"])
-    assert proc.returncode == 1 and proc.stderr.strip().endswith(f"No module named '{name}'"), proc.stderr[-2000:]
+    """Without site-packages (-S: no torch, nothing named `name`), `import name` from the root finds at most the
+    folder as an empty namespace portion: no __init__.py runs, nothing of fastpmd or torch is imported."""
+    code = (f"import sys, {name}; print({name}.__file__, {name}.__spec__.origin, "
+            "any(m.split('.')[0] in ('fastpmd', 'torch') for m in sys.modules))")
+    proc = _run([sys.executable, "-S", "-c", code])
+    assert proc.returncode == 0 and proc.stdout.split() == ["None", "None", "False"], proc.stdout + proc.stderr
 
 
 def test_hf_kernels_is_installed_with_the_test_extra():
@@ -116,6 +123,6 @@ def test_wheel_holds_the_folders_only_under_fastpmd(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"fastpmd", next(t for t in tops if t.endswith(".dist-info"))}, tops
-    for module in ("fastpmd/_bare_name.py", "fastpmd/kernels/__init__.py", "fastpmd/kernels/logits.py",
+    for module in ("fastpmd/_layout.py", "fastpmd/kernels/__init__.py", "fastpmd/kernels/logits.py",
                    "fastpmd/train/__init__.py", "fastpmd/train/trainer.py", "fastpmd/bench/__init__.py"):
         assert module in names, module
