@@ -16,9 +16,9 @@
 # then `gpu_env_setup`: every wheel whose distribution is not installed yet goes to /tmp/fastpmd-site with
 #   pip install --no-index --no-deps --target /tmp/fastpmd-site WHEEL
 # (never replacing the device's torch, triton or numpy), and PYTHONPATH gains /tmp/fastpmd-site. When fastpmd
-# itself is not importable, a symlink tree in /tmp/fastpmd-shim maps fastpmd/, kernels/, train/, bench/ onto
-# the fastpmd.* namespace (what pyproject's package-dir does), without pip or setuptools; PYTHONSAFEPATH=1 keeps
-# the current directory (the repository root, whose fastpmd/ lacks kernels/) off sys.path.
+# itself is not importable, /tmp/fastpmd-shim/fastpmd links to the checkout's fastpmd/ (whose kernels, train and
+# bench packages add the checkout's kernels/, train/, bench/ folders to their __path__: fastpmd/_layout.py), without
+# pip or setuptools; PYTHONSAFEPATH=1 keeps the current directory off sys.path, so the run is the same from anywhere.
 GPU_ENV_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"  # the interpreter every phase uses
 PEER_WHEELS=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1)  # no dependencies beyond torch and triton
@@ -56,11 +56,8 @@ gpu_env_setup() {
     fi
     if [[ -n "${FASTPMD_SHIM:-}" ]] || ! "$PYTHON" -c "import fastpmd.kernels, fastpmd.bench" >/dev/null 2>&1; then
         local shim="${GPU_ENV_TMP:-/tmp}/fastpmd-shim"
-        rm -rf "$shim" && mkdir -p "$shim/fastpmd"
-        ln -s "$GPU_ENV_ROOT"/fastpmd/* "$shim/fastpmd/"
-        ln -s "$GPU_ENV_ROOT/kernels" "$shim/fastpmd/kernels"
-        ln -s "$GPU_ENV_ROOT/train" "$shim/fastpmd/train"
-        ln -s "$GPU_ENV_ROOT/bench" "$shim/fastpmd/bench"
+        rm -rf "$shim" && mkdir -p "$shim"
+        ln -s "$GPU_ENV_ROOT/fastpmd" "$shim/fastpmd"  # fastpmd/<name>/__init__.py adds the checkout's <name>/
         export PYTHONPATH="$shim:$PYTHONPATH"
         export PYTHONSAFEPATH=1  # Python >= 3.11: the repository root's own fastpmd/ (run from there) must not
         #                          shadow the shim, as it would through sys.path[0] = the current directory

@@ -14,7 +14,7 @@ import os
 
 def source_folder(init_file: str) -> list[str]:
     """[<checkout>/<name>] for fastpmd/<name>/__init__.py in a source checkout, else [] (an installed wheel)."""
-    here = os.path.dirname(os.path.abspath(init_file))
+    here = os.path.dirname(os.path.realpath(init_file))  # through links to the checkout (bench/gpu_env.sh)
     root, name = os.path.dirname(os.path.dirname(here)), os.path.basename(here)
     folder = os.path.join(root, name)
     return [folder] if os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(folder) else []

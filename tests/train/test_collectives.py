@@ -33,7 +33,9 @@ WORKER = textwrap.dedent('''
     names = sorted({name for name, _ in calls})
     if d.rank == 0:
         json.dump({"names": names, "count": len(calls)}, open(out + "/calls.json", "w"))
-    dist.destroy_process_group()
+    del tr  # the FSDP modules and their groups go before the groups are destroyed
+    from fastpmd.train.distributed import shutdown_distributed
+    shutdown_distributed()  # no group left for interpreter finalization to tear down
 ''')
 
 

@@ -27,7 +27,9 @@ WORKER = textwrap.dedent('''
     tr.tok.decode = lambda ids: texts.append(decode(ids)) or texts[-1]
     res = tr.evaluate()
     json.dump({"result": res, "prompts": seen, "texts": texts}, open(out + f"/rank{d.rank}_world{d.world_size}.json", "w"))
-    dist.destroy_process_group()
+    del tr  # the FSDP modules and their groups go before the groups are destroyed
+    from fastpmd.train.distributed import shutdown_distributed
+    shutdown_distributed()  # no group left for interpreter finalization to tear down
 ''')
 
 

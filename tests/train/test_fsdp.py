@@ -42,7 +42,9 @@ WORKER = trainer_worker(["--micro-batch-seqs", "5"], '''
     results["collectives"] = {**calls, "micro_batches": len(idx.split(5)), "blocks": len(tr.hf.model.layers)}
     if d.rank == 0:
         json.dump(results, open(out + f"/world{W}.json", "w"))
-    dist.destroy_process_group()
+    del tr  # the FSDP modules and their groups go before the groups are destroyed
+    from fastpmd.train.distributed import shutdown_distributed
+    shutdown_distributed()  # no group left for interpreter finalization to tear down
 ''')
 
 

@@ -24,7 +24,9 @@ BODY = '''
     if d.rank == 0:
         json.dump({"loss": loss.item() / W, "norm": norm.item(), "mesh": list(mesh.shape)},
                   open(out + "/result.json", "w"))
-    dist.destroy_process_group()
+    del tr  # the FSDP modules and their groups go before the groups are destroyed
+    from fastpmd.train.distributed import shutdown_distributed
+    shutdown_distributed()  # no group left for interpreter finalization to tear down
 '''
 
 

@@ -65,7 +65,9 @@ WORKER = trainer_worker([], '''
     results["counts"] = [int(c) for c in counts]
     results["lengths"] = batch.attention_mask.sum(1).tolist()
     json.dump(results, open(out + f"/rank{d.rank}_world{W}.json", "w"))
-    dist.destroy_process_group()
+    del tr  # the FSDP modules and their groups go before the groups are destroyed
+    from fastpmd.train.distributed import shutdown_distributed
+    shutdown_distributed()  # no group left for interpreter finalization to tear down
 ''')
 
 

@@ -44,7 +44,8 @@ same["rollout_logprobs"] = bool(torch.equal(new.rollout_logprobs, expect))
 same["minibatch"] = mb.tolist() == [int(minibatch[i]) for i in ids]
 json.dump({"ids": ids, "same": same, "before": before, "after": int(new.attention_mask.sum()),
            "rank_tokens": rank_tokens, "keys": sorted(new.fields())}, open(out + f"/rank{d.rank}.json", "w"))
-dist.destroy_process_group()
+from fastpmd.train.distributed import shutdown_distributed
+shutdown_distributed()  # no group left for interpreter finalization to tear down
 '''
 
 FIT_WORKER = '''
@@ -72,7 +73,9 @@ def parity(problems, texts):
 
 tr.task.score = parity
 tr.fit()
-dist.destroy_process_group()
+del tr  # the FSDP modules and their groups go before the groups are destroyed
+from fastpmd.train.distributed import shutdown_distributed
+shutdown_distributed()  # no group left for interpreter finalization to tear down
 '''
 
 

@@ -32,7 +32,9 @@ else:
         json.dump({"step": step, "prompts": sum(parts, []), "sched": tr.scheduler.state_dict()["last_epoch"],
                    "weights": sum(v.double().sum().item() for v in full.values()), "exp_avg": sum(exp_avg)},
                   open(out + f"/world{d.world_size}.json", "w"))
-dist.destroy_process_group()
+del tr  # the FSDP modules and their groups go before the groups are destroyed
+from fastpmd.train.distributed import shutdown_distributed
+shutdown_distributed()  # no group left for interpreter finalization to tear down
 """
 
 
