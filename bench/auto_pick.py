@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from fastpmd import auto_backend, cost_model
-from fastpmd.chunked import default_chunk_rows
 
-_MODEL_NAME = {"fastpmd-triton": "triton", "fastpmd-torch": "torch", "matmul-floor": "floor", "liger-flce": "liger",
+_MODEL_NAME = {"fastpmd-cublas": "cublas", "fastpmd-triton": "triton", "fastpmd-torch": "torch",
+               "matmul-floor": "floor", "liger-flce": "liger",
                "cce": "cce"}
 _DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -27,8 +27,7 @@ def lines_for(rows: list[dict], gpu: cost_model.GpuRates, device: str, seq: int 
     """Report lines for one N (rows of gpu_timing.json with the same token count)."""
     r0 = rows[0]
     n, H, V, dtype = r0["tokens"], r0["hidden"], r0["vocab"], _DTYPE[r0["dtype"]]
-    chunk = default_chunk_rows(V, auto_backend.GPU_CHUNK_BYTES)
-    shape = auto_backend.shape_of("pmd", n, H, V, dtype, seq, chunk)
+    shape = auto_backend.shape_of("pmd", n, H, V, dtype, seq)
     out = [f"## N={n}, H={H}, V={V}, {r0['dtype']} ({gpu.name} rates, TF32 {'on' if shape.tf32 else 'off'})", "",
            "| method | PREDICTED ms | MEASURED median ms |", "|---|---|---|"]
     measured = {r["method"]: r["ms_median"] for r in rows if r["status"] == "ok"}
@@ -38,12 +37,12 @@ def lines_for(rows: list[dict], gpu: cost_model.GpuRates, device: str, seq: int 
         out.append(f"| {method} | {pred:.1f} | {'-' if got is None else f'{got:.1f}'} |")
     out += ["", f"auto (predicted): fastpmd-{cost_model.predicted_fastest(shape, gpu)}"]
     if device == "cuda" and torch.cuda.is_available():
-        tuned = auto_backend.cuda_choice("pmd", torch.device("cuda"), n, H, V, dtype, seq, chunk, allow_measure=True) \
+        tuned = auto_backend.cuda_choice("pmd", torch.device("cuda"), n, H, V, dtype, seq, allow_measure=True) \
             if auto_backend.autotune_enabled() else "SKIP (FASTPMD_AUTOTUNE unset)"
         out.append(f"auto (FASTPMD_AUTOTUNE=1, timed once): fastpmd-{tuned}")
     else:
         out.append("auto (FASTPMD_AUTOTUNE=1): SKIP (no CUDA)")
-    mine = {m: t for m, t in measured.items() if m in ("fastpmd-triton", "fastpmd-torch")}
+    mine = {m: t for m, t in measured.items() if m.startswith("fastpmd-")}
     best = min(mine, key=mine.get) if mine else None
     out += [f"fastest fastpmd backend measured: {best or 'none measured'}", ""]
     return out

@@ -9,7 +9,7 @@
 #      for this GPU (not test_kernels_report.py: it cross-compiles on the CPU, as CI does, in 1-2 minutes).
 #                                                                      cap KERNEL_TESTS_S (default 150 s)
 #   2. python -m fastpmd.bench.gpu_timing: N in {16384, 4096} (16384 first), H=3584, V=152064, bf16, hidden -> loss
-#      forward+backward; fastpmd-triton, fastpmd-torch, Liger FLCE, Liger chunked GRPO, CCE (`cce` impl), naive
+#      forward+backward; fastpmd-cublas, fastpmd-triton, fastpmd-torch, Liger FLCE, Liger chunked GRPO, CCE (`cce` impl), naive
 #      and the three matmuls (the floor) in one round-robin per N; ms (median, IQR), TFLOP/s, % of the floor's
 #      speed, peak memory; PASS/FAIL lines for the targets.            cap TIMING_S (default 280 s)
 #   3. python -m fastpmd.bench.auto_pick: PREDICTED (cost model) vs MEASURED ms per method, `auto`'s pick by

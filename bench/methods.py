@@ -9,6 +9,8 @@ Flop accounting (R = B*T rows given, n = trained tokens, 2*H*V flops per row per
 - fastpmd-torch: PMD, sequences fitting a chunk: logits once, gradients formed in the forward: 6*n*H*V;
   otherwise (and GRPO/GSPO through linear_logprobs) recompute in backward: 8*n*H*V.
 - fastpmd-triton: forward kernel + recompute backward: 8*n*H*V.
+- fastpmd-cublas: PMD only (fused_linear_pmd_loss), sequences fitting its chunk: 6*n*H*V on cuBLAS; otherwise it
+  runs triton's two passes: 8*n*H*V.
 - liger: per-chunk forward, then logits recomputed for the gradients, all R rows (no compaction): 8*R*H*V.
 - liger-flce: reduction="none" defers the gradients to backward, which recomputes the logits: 8*R*H*V.
 - cce: CPU impl "torch_compile" compacts the trained rows and keeps logits: 6*n*H*V; CUDA impl "cce" recomputes
@@ -26,6 +28,7 @@ import torch
 import fastpmd
 from fastpmd.chunked import default_chunk_rows
 from fastpmd.objectives import loss_options
+from fastpmd.single_pass import cublas_rows
 
 from .inputs import Inputs
 from .presets import LOSSES
@@ -141,11 +144,15 @@ class FastPMD(Method):
     def __init__(self, backend: str):
         self.backend = backend
         self.name = f"fastpmd-{backend}"
+        if backend == "cublas":
+            from fastpmd.registry import LOSSES as SPECS
+            self.losses = tuple(name for name in self.losses if SPECS[name].fused is not None)
+            self.unsupported = "the cublas backend is fused_linear_pmd_loss's single pass"
 
     def unavailable(self, device):
-        if self.backend == "triton":
+        if self.backend in ("triton", "cublas"):
             if device.type != "cuda":
-                return "triton backend needs CUDA"
+                return f"{self.backend} backend needs CUDA"
             from fastpmd.kernels import is_available
             if not is_available(device):
                 return "fastpmd.kernels is not available on this device"
@@ -168,8 +175,10 @@ class FastPMD(Method):
         return step
 
     def flops(self, inp, cfg):
-        one_pass = (self.backend == "torch" and cfg.spec.fused is not None
-                    and int(inp.mask.sum(-1).max()) <= default_chunk_rows(inp.shape.vocab))
+        longest = int(inp.mask.sum(-1).max())
+        one_pass = cfg.spec.fused is not None and (
+            (self.backend == "torch" and longest <= default_chunk_rows(inp.shape.vocab))
+            or (self.backend == "cublas" and longest <= cublas_rows(inp.shape.vocab, inp.weight.dtype)))
         return (3 if one_pass else 4) * _hv(inp) * inp.tokens
 
 
@@ -309,7 +318,8 @@ class MatmulFloor(Method):
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Naive(), Compiled(), FastPMD("torch"), FastPMD("triton"), Liger(), LigerFLCE(), CutCrossEntropy())}
+    Naive(), Compiled(), FastPMD("torch"), FastPMD("triton"), FastPMD("cublas"), Liger(), LigerFLCE(),
+    CutCrossEntropy())}
 FLOOR = MatmulFloor()
 
 

@@ -1,8 +1,9 @@
 """`backend="auto"` on CUDA: the fastpmd backend predicted faster by fastpmd.cost_model for this call's shape, or,
-with FASTPMD_AUTOTUNE=1, the one measured faster (forward+backward of both, timed once per shape key, cached
-for the process). Plain-PyTorch equivalent: min(("triton", "torch"), key=time_of_forward_backward).
+with FASTPMD_AUTOTUNE=1, the one measured faster (forward+backward of each candidate, timed once per shape key,
+cached for the process). Plain-PyTorch equivalent:
+min(cost_model.candidates(shape), key=time_of_forward_backward): triton, torch, and cublas for the PMD loss.
 
-Shape key: (op, device, bit length of the row count, H, V, dtype, TF32 allowed, whole sequences fit a chunk).
+Shape key: (op, device, bit length of the row count, H, V, dtype, TF32 allowed, padded sequence length).
 Under torch.compile / CUDA-graph capture nothing is measured (the prediction decides).
 """
 from __future__ import annotations
@@ -11,10 +12,9 @@ import os
 
 import torch
 
-from .cost_model import BACKENDS, GpuRates, Shape, gpu_rates, predicted_fastest
+from .cost_model import GpuRates, Shape, candidates, gpu_rates, predicted_fastest
 
 ENV_AUTOTUNE = "FASTPMD_AUTOTUNE"
-GPU_CHUNK_BYTES = 512 << 20          # torch backend on CUDA: a [c, V] fp32 logits block of 512 MiB per chunk
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _MEASURED: dict[tuple, str] = {}
 
@@ -23,12 +23,11 @@ def autotune_enabled() -> bool:
     return os.environ.get(ENV_AUTOTUNE, "0") not in ("", "0", "false", "False")
 
 
-def shape_of(op: str, n: int, H: int, V: int, dtype: torch.dtype, seq_len: int | None, chunk_rows: int) -> Shape:
-    """The cost model's Shape of one call. op "pmd" whose padded sequences are longer than the torch backend's
-    chunk runs the two-pass form there: it is costed as "logprobs"."""
-    if op == "pmd" and seq_len is not None and seq_len > chunk_rows:
-        op = "logprobs"
-    return Shape(n, H, V, _DTYPES.get(dtype, "bf16"), torch.get_float32_matmul_precision() != "highest", op)
+def shape_of(op: str, n: int, H: int, V: int, dtype: torch.dtype, seq_len: int | None) -> Shape:
+    """The cost model's Shape of one call (a padded sequence longer than a backend's chunk is costed as that
+    backend's two-pass form by cost_model.predict)."""
+    return Shape(n, H, V, _DTYPES.get(dtype, "bf16"), torch.get_float32_matmul_precision() != "highest", op,
+                 seq_len or 0)
 
 
 def choose(shape: Shape, gpu: GpuRates, device_key: str, measure=None, tune: bool | None = None) -> str:
@@ -37,17 +36,19 @@ def choose(shape: Shape, gpu: GpuRates, device_key: str, measure=None, tune: boo
     tune = autotune_enabled() if tune is None else tune
     if not tune or measure is None:
         return predicted_fastest(shape, gpu)
-    key = (shape.op, device_key, max(shape.n, 1).bit_length(), shape.H, shape.V, shape.dtype, shape.tf32)
+    key = (shape.op, device_key, max(shape.n, 1).bit_length(), shape.H, shape.V, shape.dtype, shape.tf32,
+           shape.seq_len)
     if key not in _MEASURED:
-        times = {b: measure(b) for b in BACKENDS}
-        _MEASURED[key] = min(BACKENDS, key=lambda b: (times[b], BACKENDS.index(b)))
+        names = candidates(shape)
+        times = {b: measure(b) for b in names}
+        _MEASURED[key] = min(names, key=lambda b: (times[b], names.index(b)))
     return _MEASURED[key]
 
 
 def cuda_choice(op: str, device: torch.device, n: int, H: int, V: int, dtype: torch.dtype, seq_len: int | None,
-                chunk_rows: int, allow_measure: bool) -> str:
+                allow_measure: bool) -> str:
     """choose() for a CUDA device: its GPU's assumed rates, and a CUDA-event timer on synthetic inputs."""
-    shape = shape_of(op, n, H, V, dtype, seq_len, chunk_rows)
+    shape = shape_of(op, n, H, V, dtype, seq_len)
     gpu = gpu_rates(torch.cuda.get_device_name(device))
     measure = (lambda b: _cuda_seconds(shape, b, device, dtype, seq_len)) if allow_measure else None
     return choose(shape, gpu, str(device), measure)

@@ -10,15 +10,22 @@ Backends (n tokens, H hidden, V vocab; bf16 or fp16 inputs unless fp32):
           per vocab chunk of chunk_v columns grad_h += dz @ W and grad_W = dz^T @ h (4nHV, cuBLAS for bf16/fp32,
           the Triton matmul for fp16). Bytes: dz written once, read twice (2 B each for bf16, 4 B otherwise);
           the fp32 grad_h accumulator read+written once per chunk (8nH per chunk); W read by 3 passes.
+  cublas  op "pmd", 6nHV (fastpmd.single_pass, whole sequences per chunk of C rows): cuBLAS logits GEMM with
+          fp32 output, one Triton sweep per row (fp32 read, E written), the two gradient GEMMs on E: 14 bytes
+          per logit with bf16 E (4+4+2+2+2; 20 with fp32 E); the fp32 grad_W accumulator read+written once per
+          chunk (8VH) and cast once at the end; W read by 3 passes. A padded sequence longer than C: triton.
   torch   op "pmd": 6nHV (fastpmd.fused.SequenceChunkedPMD, whole sequences per chunk): per chunk the logits
           GEMM, the softmax statistics and gradient in place on the fp32 block, grad_h = gz @ W (gz cast to the
           weight dtype), grad_W += gz^T @ h in fp32 (an fp32 GEMM: TF32 at matmul precision "high"/"medium",
-          IEEE SGEMM at "highest"); ~44 bytes per logit of elementwise traffic (_TORCH_BYTES_PER_LOGIT).
-          op "logprobs": 8nHV (fastpmd.chunked.ChunkedLinearLogprobs recomputes the logits in the backward),
-          ~60 bytes per logit.
+          IEEE SGEMM at "highest"); ~44 bytes per logit of elementwise traffic (_TORCH_BYTES_PER_LOGIT), and
+          the fp32 grad_W accumulator read+written once per chunk (8VH).
+          op "logprobs", or "pmd" with a padded sequence longer than a chunk: 8nHV
+          (fastpmd.chunked.ChunkedLinearLogprobs recomputes the logits in the backward), ~60 bytes per logit.
   floor   6nHV: three cuBLAS GEMMs and nothing else (bench gpu_timing's floor).
-  liger   6nHV (Liger FLCE): cuBLAS GEMMs on chunks with bf16 logits, one fused Triton softmax-gradient pass
-          (read 2 B, write 2 B per logit) plus the logits write and two gradient reads: ~10 B per logit.
+  liger   6nHV (Liger FLCE, liger-kernel 0.8.5 read): cuBLAS GEMMs on chunks of next_pow2(n / ceil(V/H)) rows
+          with bf16 logits; its Triton cross-entropy kernel reads a row twice and writes the gradient in place:
+          12 B per logit (logits write 2, two reads 4, gradient write 2, the two gradient GEMMs' reads 4); the
+          bf16 grad_W accumulator (its default, accum_dtype=None) read+written once per chunk (4VH).
   cce     Cut Cross-Entropy: forward logits kernel 2nHV and a backward recomputing the logits 2nHV then both
           gradients inside the same kernel 4nHV, all Triton (at fastpmd's Triton rate); its gradient filter
           skips blocks whose softmax is below 2^-12: assumed to skip CCE_SKIP of the gradient work.
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-BACKENDS = ("triton", "torch")          # what `auto` chooses between on CUDA
+BACKENDS = ("triton", "torch", "cublas")  # what `auto` chooses between on CUDA (candidates())
 PEERS = ("floor", "liger", "cce")
 
 
@@ -50,6 +57,9 @@ GPUS = {
     "A100": GpuRates("A100 SXM", cublas_16=220.0, cublas_tf32=110.0, cublas_fp32=17.0, triton_16=160.0, hbm=1.7),
 }
 DLOGITS_BUDGET = 256 << 20              # kernels/configs.DLOGITS_BUDGET_BYTES default
+GPU_CHUNK_BYTES = 512 << 20             # torch backend on CUDA: a [c, V] fp32 logits block per chunk
+CUBLAS_CHUNK_BYTES = 1 << 30            # cublas backend: E [C, V] (weight dtype) per chunk of whole sequences
+CUBLAS_SUB_BYTES = 256 << 20            # cublas backend: fp32 logits [s, V] per GEMM sub-block of a chunk
 _TORCH_BYTES_PER_LOGIT = {"pmd": 44.0,   # 16-bit logits write + fp32 upcast (2+2+4), amax 4, exp in place 8,
                           "logprobs": 60.0}  # sum 4, gradient 8, cast 6, GEMM reads 2+4; logprobs: + forward 16
 CCE_SKIP = 0.75                         # assumed, not measured
@@ -63,6 +73,7 @@ class Shape:
     dtype: str = "bf16"   # "bf16", "fp16" or "fp32"
     tf32: bool = False    # torch.get_float32_matmul_precision() != "highest": fp32 GEMMs and fp32 tiles on TF32
     op: str = "pmd"       # "pmd" (fused_linear_pmd_loss) or "logprobs" (linear_logprobs)
+    seq_len: int = 0      # op "pmd": the padded sequence length (a single pass needs it within a chunk)
 
 
 def _tf(flops: float, tflops: float) -> float:
@@ -100,6 +111,27 @@ def chunk_columns(s: Shape, budget: int = DLOGITS_BUDGET) -> int:
     return max(128, min(cols, -(-s.V // 128) * 128))
 
 
+def torch_chunk_rows(V: int) -> int:
+    """fastpmd.chunked.default_chunk_rows at GPU_CHUNK_BYTES: rows per chunk of the torch backend on CUDA."""
+    return int(max(16, min(8192, GPU_CHUNK_BYTES // (4 * V))))
+
+
+def cublas_chunk_rows(V: int, e_bytes: int) -> int:
+    """Rows per chunk of the cublas backend: E [C, V] of e_bytes per entry within CUBLAS_CHUNK_BYTES."""
+    return int(max(16, CUBLAS_CHUNK_BYTES // (e_bytes * V)))
+
+
+def liger_chunk_rows(n: int, H: int, V: int) -> int:
+    """Liger FLCE's chunk: next_pow2(ceil(n / ceil(V / H))), at most n."""
+    rows = -(-max(n, 1) // -(-V // H))
+    return min(1 << (rows - 1).bit_length(), max(n, 1))
+
+
+def candidates(s: Shape) -> tuple[str, ...]:
+    """The fastpmd backends that can run s: cublas only for op "pmd" with bf16 or fp32 inputs."""
+    return BACKENDS if (s.op == "pmd" and s.dtype != "fp16") else tuple(b for b in BACKENDS if b != "cublas")
+
+
 def predict(backend: str, s: Shape, gpu: GpuRates) -> dict[str, float]:
     """PREDICTED seconds of forward+backward for `backend` (a fastpmd backend or a peer) on shape s:
     {"flop_s": ..., "byte_s": ..., "total_s": ...}."""
@@ -112,16 +144,29 @@ def predict(backend: str, s: Shape, gpu: GpuRates) -> dict[str, float]:
         dz = 2 if s.dtype == "bf16" else 4
         chunks = -(-s.V // chunk_columns(s))
         nbytes = 3 * logits * dz + chunks * 8.0 * s.n * s.H + 3 * w_bytes
+    elif backend == "cublas":
+        if backend not in candidates(s):
+            raise ValueError(f"predict: backend 'cublas' runs op 'pmd' on bf16/fp32 only, got {s}")
+        e = elt(s)
+        rows = cublas_chunk_rows(s.V, e)
+        if s.seq_len > rows:                               # fastpmd.fused: the triton two-pass form then
+            return predict("triton", s, gpu)
+        flop_s = _tf(6 * nhv, _gemm_rate(gpu, s))
+        chunks = -(-s.n // rows)
+        nbytes = logits * (8 + 3 * e) + chunks * 8.0 * s.V * s.H + (4 + e) * s.V * s.H + 3 * w_bytes
     elif backend == "torch":
-        gemms_16 = 4 if s.op == "pmd" else 6              # logits (+ recompute), grad_h; grad_W is an fp32 GEMM
+        op = "logprobs" if s.seq_len > torch_chunk_rows(s.V) else s.op
+        gemms_16 = 4 if op == "pmd" else 6                # logits (+ recompute), grad_h; grad_W is an fp32 GEMM
         flop_s = _tf(gemms_16 * nhv, _gemm_rate(gpu, s)) + _tf(2 * nhv, _fp32_gemm(gpu, s))
-        nbytes = logits * _TORCH_BYTES_PER_LOGIT[s.op] + 2 * w_bytes + 4.0 * s.V * s.H
+        chunks = -(-s.n // torch_chunk_rows(s.V))
+        nbytes = logits * _TORCH_BYTES_PER_LOGIT[op] + 2 * w_bytes + chunks * 8.0 * s.V * s.H
     elif backend == "floor":
         flop_s = _tf(6 * nhv, _gemm_rate(gpu, s))
         nbytes = 3 * w_bytes
     elif backend == "liger":
         flop_s = _tf(6 * nhv, _gemm_rate(gpu, s))
-        nbytes = logits * 10.0 + 3 * w_bytes
+        chunks = -(-s.n // liger_chunk_rows(s.n, s.H, s.V))
+        nbytes = logits * 12.0 + chunks * 2.0 * w_bytes + 3 * w_bytes
     elif backend == "cce":
         flop_s = _tf((4 + 4 * (1 - CCE_SKIP)) * nhv, _triton_rate(gpu, s))
         nbytes = 4 * w_bytes
@@ -132,8 +177,8 @@ def predict(backend: str, s: Shape, gpu: GpuRates) -> dict[str, float]:
 
 
 def predicted_fastest(s: Shape, gpu: GpuRates) -> str:
-    """The fastpmd backend (of BACKENDS) with the smallest predicted time; ties go to the first listed."""
-    return min(BACKENDS, key=lambda b: predict(b, s, gpu)["total_s"])
+    """The fastpmd backend (of candidates(s)) with the smallest predicted time; ties go to the first listed."""
+    return min(candidates(s), key=lambda b: predict(b, s, gpu)["total_s"])
 
 
 def gpu_rates(name: str) -> GpuRates:
@@ -149,7 +194,8 @@ def prediction_table(s: Shape, gpus=("H100", "H200")) -> str:
     rows = ["| method | " + " | ".join(f"{GPUS[g].name} ms (PREDICTED) | % of floor speed" for g in gpus) + " |",
             "|---|" + "---|---|" * len(gpus)]
     tf32 = replace(s, tf32=True)
-    for name, b, shape in (("fastpmd-triton", "triton", s), ("fastpmd-torch (fp32 GEMMs IEEE)", "torch", s),
+    for name, b, shape in (("fastpmd-cublas (single pass)", "cublas", s), ("fastpmd-triton", "triton", s),
+                           ("fastpmd-torch (fp32 GEMMs IEEE)", "torch", s),
                            ("fastpmd-torch (fp32 GEMMs TF32)", "torch", tf32), ("floor (3 cuBLAS GEMMs)", "floor", s),
                            ("Liger FLCE", "liger", s), ("CCE", "cce", s)):
         cells = []

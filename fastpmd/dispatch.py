@@ -15,7 +15,8 @@ def resolve_backend(backend: str, device: torch.device, head: tuple | None = Non
     """'auto' -> 'torch' off CUDA (or without the kernels) and while torch.compile traces; on CUDA the backend
     predicted faster by the cost model (fastpmd.cost_model; measured once per shape with FASTPMD_AUTOTUNE=1:
     fastpmd.auto_backend) for head = (op "pmd" | "logprobs", rows, H, V, dtype, padded sequence length or
-    None), 'triton' without head. 'triton' where it cannot run raises clearly."""
+    None), 'triton' without head. 'triton' or 'cublas' (its row kernel is Triton) where it cannot run raises
+    clearly."""
     check_backend(backend)
     if backend == "auto":
         if device.type == "cuda" and _triton_available(device):
@@ -25,12 +26,11 @@ def resolve_backend(backend: str, device: torch.device, head: tuple | None = Non
                 return "triton"
             from .auto_backend import cuda_choice
             op, n, H, V, dtype, seq_len = head
-            return cuda_choice(op, device, n, H, V, dtype, seq_len, torch_chunk_rows(None, V, device),
-                               allow_measure=not sync_free())
+            return cuda_choice(op, device, n, H, V, dtype, seq_len, allow_measure=not sync_free())
         return "torch"
-    if backend == "triton" and not _triton_available(device):
+    if backend in ("triton", "cublas") and not _triton_available(device):
         raise ValueError(
-            "backend='triton' needs CUDA tensors and an importable triton (or TRITON_INTERPRET=1 for the CPU "
+            f"backend={backend!r} needs CUDA tensors and an importable triton (or TRITON_INTERPRET=1 for the CPU "
             f"interpreter); got device {device}. Use backend='torch' or 'auto'."
         )
     return backend
@@ -38,11 +38,11 @@ def resolve_backend(backend: str, device: torch.device, head: tuple | None = Non
 
 def torch_chunk_rows(chunk_size: int | None, vocab: int, device: torch.device) -> int:
     """Rows per chunk of the torch backend: chunk_size, else a 64 MiB fp32 logits block (512 MiB on CUDA,
-    auto_backend.GPU_CHUNK_BYTES: GEMMs big enough for cuBLAS, and whole sequences fit for the single pass)."""
+    cost_model.GPU_CHUNK_BYTES: GEMMs big enough for cuBLAS, and whole sequences fit for the single pass)."""
     if chunk_size:
         return int(chunk_size)
     if device.type == "cuda":
-        from .auto_backend import GPU_CHUNK_BYTES
+        from .cost_model import GPU_CHUNK_BYTES
         return default_chunk_rows(vocab, GPU_CHUNK_BYTES)
     return default_chunk_rows(vocab)
 

@@ -11,6 +11,8 @@ logits are still at hand:
         grad_h_c = gz @ W;  grad_W += gz.T @ h_c    # 4*c*H*V, fp32 accumulator for grad_W
     backward: scale the stored gradients by the upstream scalar.
 A sequence longer than the chunk falls back to linear_logprobs (recompute in backward, 8*N*H*V) + pmd_loss.
+cublas backend: the same single pass with cuBLAS GEMMs and one Triton row sweep (fastpmd.single_pass), for bf16 and
+fp32 heads; fp16, a sequence longer than its chunk, torch.compile and CUDA-graph capture run the triton backend.
 triton backend: forward kernel, PMD epilogue kernel, recompute backward (fastpmd.kernels).
 
 Plain-PyTorch equivalent:
@@ -114,7 +116,9 @@ def fused_linear_pmd_loss(
 ):
     """PMD loss straight from hidden states; returns (loss, metrics) like `pmd_loss`.
 
-    chunk_size: tokens per chunk (default: a 64 MB float32 logits block). backend as in `linear_logprobs`.
+    chunk_size: tokens per chunk (default: a 64 MB float32 logits block; cublas: E within 1 GiB).
+    backend as in `linear_logprobs`; "cublas" (CUDA, bf16/fp32) is the single pass on cuBLAS GEMMs with a Triton
+    row sweep (fastpmd.single_pass; "auto" picks it where the cost model predicts it fastest).
     weights: w_i multiply sequence i's term (as in `pmd_loss`); the fused paths divide its divisor by w_i.
     tau [B]: per-sequence temperatures, run through the scalar-tau kernels as tau' = 1, A' = A/tau_i,
     divisor' = divisor_i/tau_i: (A' - Delta)^2/2/divisor' = (A - tau_i*Delta)^2/(2*tau_i)/divisor_i, same gradient.
@@ -126,12 +130,14 @@ def fused_linear_pmd_loss(
         weights = check_weights(weights, advantages.shape, advantages.device)
     backend = resolve_backend(backend, hidden.device, ("pmd", targets.numel(), weight.shape[1], weight.shape[0],
                                                         hidden.dtype, targets.shape[1]))
+    if backend == "cublas" and hidden.dtype not in (torch.bfloat16, torch.float32):
+        backend = "triton"  # fp16 cannot hold the single pass's unnormalised softmax operand
 
     # B = 0: nothing to fuse, the reference path gives loss 0. Under torch.compile or CUDA-graph capture
     # (sync_free) the two-pass form: no compaction and no host-side sequence boundaries (8*N*H*V flops).
     if backend == "naive" or hidden.shape[0] == 0 or sync_free():
         logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature,
-                               chunk_size=chunk_size, backend=backend)
+                               chunk_size=chunk_size, backend="triton" if backend == "cublas" else backend)
         return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
                         num_sequences=num_sequences, weights=weights)
 
@@ -152,6 +158,14 @@ def fused_linear_pmd_loss(
         tau = tau.to(acc)
         k_adv, k_div, k_tau = adv / tau, divisor / tau, 1.0
 
+    chunks = None
+    if backend in ("torch", "cublas"):
+        from .single_pass import cublas_rows
+        chunk = (cublas_rows(weight.shape[0], weight.dtype, chunk_size) if backend == "cublas" else
+                 torch_chunk_rows(chunk_size, weight.shape[0], hidden.device))
+        chunks = sequence_chunks(lengths.tolist(), chunk)  # host sync: sequence boundaries
+        if chunks is None and backend == "cublas":  # a sequence longer than a chunk: the triton two passes
+            backend = "triton"
     if backend == "triton":
         from fastpmd.kernels import fused_linear_pmd_loss_triton
 
@@ -161,15 +175,16 @@ def fused_linear_pmd_loss(
                                                       k_div.float(), k_tau, temperature, num_seq.float(),
                                                       check_segments=False)  # cu is valid by construction
     else:
-        chunk = torch_chunk_rows(chunk_size, weight.shape[0], hidden.device)
-        chunks = sequence_chunks(lengths.tolist(), chunk)  # host sync: sequence boundaries
         if chunks is None:  # a sequence longer than a chunk: two passes (recompute), never an unbounded block
             logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature,
                                    chunk_size=chunk, backend="torch")
             return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
                             num_sequences=num_sequences, weights=weights)
         seg_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=hidden.device), lengths)
-        loss, delta, _ = SequenceChunkedPMD.apply(h, weight, bias, t, old, k_adv, seg_ids, lengths > 0, k_div,
-                                                  num_seq, k_tau, 1.0 / temperature, chunks, torch.is_grad_enabled())
+        fn = SequenceChunkedPMD
+        if backend == "cublas":
+            from .single_pass import CublasChunkedPMD as fn
+        loss, delta, _ = fn.apply(h, weight, bias, t, old, k_adv, seg_ids, lengths > 0, k_div, num_seq, k_tau,
+                                  1.0 / temperature, chunks, torch.is_grad_enabled())
     resid = adv - tau * delta
     return loss, pmd_metrics(loss, delta, resid, advantages, lengths)

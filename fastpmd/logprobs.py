@@ -27,7 +27,8 @@ def linear_logprobs(
         logp = torch.log_softmax(z, -1).gather(-1, targets[..., None])[..., 0] * mask
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1) * mask
     backend: "naive" (materialises logits), "torch" (chunked, recompute in backward), "triton" (fused kernels,
-    CUDA), "auto" (on CUDA the one predicted faster, fastpmd.cost_model; torch elsewhere). Masked rows are
+    CUDA), "auto" (on CUDA the one predicted faster, fastpmd.cost_model; torch elsewhere); "cublas" (the PMD
+    loss's single pass, fused_linear_pmd_loss) runs triton here. Masked rows are
     compacted away: no matrix work, no gradient.
     The backward takes any upstream gradient on logp and entropy; grad_weight accumulates in float32.
     A DTensor weight/bias (sharded or replicated) is gathered with autograd (`full_tensor()`); its gradient comes
@@ -43,6 +44,8 @@ def linear_logprobs(
     rows = hidden.shape[0] if packed else targets.numel()
     backend = resolve_backend(backend, hidden.device, ("logprobs", rows, weight.shape[1], weight.shape[0],
                                                         hidden.dtype, None))
+    if backend == "cublas":  # the PMD loss's single pass; log-probs alone (any upstream gradient) run the kernels
+        backend = "triton"
 
     h, t, idx = compact_rows(hidden, targets, mask)
     if not sync_free():  # a host sync: skipped under torch.compile / CUDA-graph capture (docs/API.md)

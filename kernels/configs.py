@@ -132,6 +132,14 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
         "120t": [_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)],
         "interp": [_config(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)],
     },
+    # one row per program, a memory-bound sweep: 16 fp32 elements per thread per tile (kernels/shifted_exp.py)
+    "shifted_exp": {
+        "90": [_config(8, 2, BLOCK_V=4096)],
+        "80": [_config(8, 2, BLOCK_V=4096)],
+        "100": [_config(8, 2, BLOCK_V=4096)],
+        "120": [_config(8, 2, BLOCK_V=4096)],
+        "interp": [_config(1, 1, BLOCK_V=32)],
+    },
     "pmd_epilogue": {
         "90": [_config(4, 1, BLOCK=1024)],
         "80": [_config(4, 1, BLOCK=1024)],

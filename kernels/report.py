@@ -35,6 +35,7 @@ from .dlogits import _dlogits_kernel
 from .logits import _logits_fwd_kernel, _merge_kernel
 from .matmul import _matmul_kernel
 from .pmd_epilogue import _pmd_epilogue_kernel
+from .shifted_exp import SHIFT_LIMIT, _shifted_exp_kernel
 
 ARCHS = (80, 90, 100, 120)
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
@@ -75,6 +76,9 @@ def _variants(dt: str, ieee: bool = False):
                  n_splits="i32", WITH_ENTROPY=True)
     epi = dict(logp_ptr=f, old_ptr=f, adv_ptr=f, cu_ptr="*i32", div_ptr=f, nseq_ptr=f, delta_ptr=f, term_ptr=f,
                gtok_ptr=f, tau="fp32")
+    sexp = dict(z_ptr=f, bias_ptr=f"*{dt}", targets_ptr="*i64", e_ptr=dz_t, logp_ptr=f, inv_s_ptr=f,
+                n_rows="i32", vocab_size="i32D", stride_zn="i32D", stride_en="i32D", inv_temperature="fp32",
+                HAS_BIAS=True, SHIFT_LIM=SHIFT_LIMIT)
     tc = not ieee           # exact fp32 (FMA) dots by design: no tensor-core requirement
     f32 = dt == "fp32"
     return [("logits_fwd", _logits_fwd_kernel, "logits_fwd", fwd, tc, f32),
@@ -85,7 +89,8 @@ def _variants(dt: str, ieee: bool = False):
             ("matmul_grad_weight", _matmul_kernel, "matmul", grad_w, tc, dt != "bf16"),
             ("matmul_grad_hidden_filter", _matmul_kernel, "matmul", dict(grad_h, FILTER=True), tc, dt != "bf16"),
             ("matmul_grad_weight_filter", _matmul_kernel, "matmul", dict(grad_w, FILTER=True), tc, dt != "bf16"),
-            ("pmd_epilogue", _pmd_epilogue_kernel, "pmd_epilogue", epi, False, False)]
+            ("pmd_epilogue", _pmd_epilogue_kernel, "pmd_epilogue", epi, False, False),
+            ("shifted_exp", _shifted_exp_kernel, "shifted_exp", sexp, False, False)]
 
 
 def _source(kern, args: dict, cfg: configs.Config) -> ASTSource:

@@ -25,6 +25,8 @@ def test_flop_terms_are_the_documented_counts():
     # torch single pass: logits + grad_h at the 16-bit rate, grad_W as an fp32 GEMM (IEEE at "highest")
     want = 4 * nhv / (H100.cublas_16 * 1e12) + 2 * nhv / (H100.cublas_fp32 * 1e12)
     assert predict("torch", s, H100)["flop_s"] == pytest.approx(want)
+    # cublas single pass: three cuBLAS GEMMs at the 16-bit rate
+    assert predict("cublas", s, H100)["flop_s"] == pytest.approx(6 * nhv / (H100.cublas_16 * 1e12))
     tf32 = Shape(s.n, s.H, s.V, tf32=True)
     assert predict("torch", tf32, H100)["flop_s"] < predict("torch", s, H100)["flop_s"]
     for b in cost_model.BACKENDS + cost_model.PEERS:
@@ -42,18 +44,40 @@ def test_triton_bytes_follow_the_dlogits_chunks():
 
 
 def test_choice_follows_the_model():
-    assert predicted_fastest(QWEN7B, H100) == "triton"          # torch's IEEE fp32 grad_W GEMM is slow
-    wide = Shape(16384, 8192, 152064, tf32=True)                 # TF32 allowed, wide hidden: 6nHV wins
-    t, p = (predict(b, wide, H100)["total_s"] for b in ("triton", "torch"))
-    assert p < t and predicted_fastest(wide, H100) == "torch"
-    two_pass = Shape(16384, 8192, 152064, tf32=True, op="logprobs")   # the torch backend recomputes: 8nHV
-    assert predicted_fastest(two_pass, H100) == "triton"
+    assert predicted_fastest(QWEN7B, H100) == "cublas"          # 6nHV on cuBLAS, 14 B per logit
+    t, c = (predict(b, QWEN7B, H100)["total_s"] for b in ("triton", "torch"))
+    assert c > t                                                 # torch's IEEE fp32 grad_W GEMM is slow
+    two_pass = Shape(16384, 8192, 152064, tf32=True, op="logprobs")   # cublas is the PMD loss's single pass
+    assert cost_model.candidates(two_pass) == ("triton", "torch") and predicted_fastest(two_pass, H100) == "triton"
+    assert cost_model.candidates(Shape(16384, 3584, 152064, dtype="fp16")) == ("triton", "torch")
+    with pytest.raises(ValueError, match="cublas"):
+        predict("cublas", two_pass, H100)
+
+
+def test_the_issue_target_holds_in_the_model():
+    """Issue 23's bar, on the model: a fastpmd backend at or below the best peer and at >= 70% of the floor's
+    speed (PREDICTED; Liger's chunk is 512 rows here, read from liger-kernel 0.8.5's formula)."""
+    assert cost_model.liger_chunk_rows(16384, 3584, 152064) == 512
+    for gpu in (GPUS["H100"], GPUS["H200"]):
+        best = min(predict(b, QWEN7B, gpu)["total_s"] for b in cost_model.BACKENDS)
+        peer = min(predict(p, QWEN7B, gpu)["total_s"] for p in ("liger", "cce"))
+        floor = predict("floor", QWEN7B, gpu)["total_s"]
+        assert best <= peer and floor / best >= 0.70
 
 
 def test_pmd_longer_than_a_chunk_is_costed_as_two_passes():
-    s = auto_backend.shape_of("pmd", 4096, 64, 1000, torch.bfloat16, seq_len=600, chunk_rows=512)
-    assert s.op == "logprobs"
-    assert auto_backend.shape_of("pmd", 4096, 64, 1000, torch.bfloat16, seq_len=512, chunk_rows=512).op == "pmd"
+    """A padded sequence longer than the torch chunk: torch's two passes (8nHV); longer than the cublas chunk:
+    the triton backend, which the cublas backend runs then."""
+    s = auto_backend.shape_of("pmd", 16384, 3584, 152064, torch.bfloat16, seq_len=None)
+    assert s.seq_len == 0
+    torch_rows, cublas_rows = cost_model.torch_chunk_rows(s.V), cost_model.cublas_chunk_rows(s.V, 2)
+    assert (torch_rows, cublas_rows) == (882, 3530)
+    fits, mid, long = (auto_backend.shape_of("pmd", s.n, s.H, s.V, torch.bfloat16, seq_len=L)
+                       for L in (882, 1000, 4000))
+    two_pass = Shape(s.n, s.H, s.V, op="logprobs")
+    assert predict("torch", mid, H100) == predict("torch", two_pass, H100) != predict("torch", fits, H100)
+    assert predict("cublas", mid, H100) == predict("cublas", fits, H100)
+    assert predict("cublas", long, H100) == predict("triton", long, H100)
 
 
 def test_autotune_measures_once_per_shape_key(monkeypatch):
@@ -62,16 +86,16 @@ def test_autotune_measures_once_per_shape_key(monkeypatch):
 
     def measure(backend):
         calls.append(backend)
-        return {"triton": 2.0, "torch": 1.0}[backend]
+        return {"triton": 2.0, "torch": 1.0, "cublas": 1.5}[backend]
 
     s = Shape(5000, 64, 1000)
     assert auto_backend.choose(s, H100, "cuda:0", measure, tune=False) == predicted_fastest(s, H100)
     assert calls == []
     assert auto_backend.choose(s, H100, "cuda:0", measure, tune=True) == "torch"       # measured, not predicted
     assert auto_backend.choose(Shape(6000, 64, 1000), H100, "cuda:0", measure, tune=True) == "torch"  # same key
-    assert calls == ["triton", "torch"]
+    assert calls == ["triton", "torch", "cublas"]
     auto_backend.choose(Shape(5000, 64, 1000, op="logprobs"), H100, "cuda:0", measure, tune=True)
-    assert calls == ["triton", "torch"] * 2                                               # a new key
+    assert calls == ["triton", "torch", "cublas", "triton", "torch"]           # a new key; no cublas for logprobs
 
 
 def test_gpu_names_and_off_cuda_resolution():

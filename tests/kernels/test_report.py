@@ -13,7 +13,7 @@ import pytest
 
 TILED = {"logits_fwd", "logits_bwd", "logits_bwd_filter", "matmul_grad_hidden", "matmul_grad_weight",
          "matmul_grad_hidden_filter", "matmul_grad_weight_filter"}     # *_filter: gradient filtering variants
-KERNELS = TILED | {"merge", "pmd_epilogue"}
+KERNELS = TILED | {"merge", "pmd_epilogue", "shifted_exp"}
 ARCHS = ("80", "90", "100", "120")
 
 
