@@ -126,3 +126,22 @@ def test_auto_on_cuda_uses_the_model_and_torch_while_compiling(monkeypatch):
     assert dispatch.resolve_backend("auto", cuda) == "triton"                 # no call shape: the kernels
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert dispatch.resolve_backend("auto", cuda, head) == "torch" and len(seen) == 1
+
+
+def test_cuda_choice_of_the_qwen_head(monkeypatch):
+    """What `auto` resolves to on an H100 for the Qwen-7B head, from the real cost model (no GPU needed): the
+    single pass for the PMD loss (bf16 and TF32 fp32), triton for log-probs, fp16 and sequences longer than the
+    cublas chunk."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(auto_backend, "_MEASURED", {})
+    cuda = torch.device("cuda", 0)
+
+    def pick(op, dtype, seq):
+        return auto_backend.cuda_choice(op, cuda, 16384, 3584, 152064, dtype, seq, allow_measure=False)
+
+    assert pick("pmd", torch.bfloat16, 1024) == "cublas"
+    assert pick("logprobs", torch.bfloat16, None) == "triton"
+    assert pick("pmd", torch.float16, 1024) == "triton"
+    assert pick("pmd", torch.bfloat16, 8192) == "triton"        # longer than the 3530-row chunk: triton's cost
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert pick("pmd", torch.float32, 1024) == "cublas"
