@@ -15,6 +15,7 @@ IN_PROCESS = prepare()      # before fastpmd.kernels imports triton (see tests/t
 
 import fastpmd  # noqa: E402
 from fastpmd.kernels import linear_logprobs_triton  # noqa: E402
+from fastpmd.train.distributed import shutdown_distributed  # noqa: E402  (before any group: see its docstring)
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor  # noqa: E402
 
@@ -33,7 +34,6 @@ def mesh(tmp_path_factory):
         pytest.skip("needs a 1-process group")
     yield init_device_mesh(DEV, (1,))
     if own:  # the meshes in DTensor's caches would keep the group alive into interpreter exit (an abort risk)
-        from fastpmd.train.distributed import shutdown_distributed
         shutdown_distributed()
 
 
