@@ -4,6 +4,8 @@ cached for the process). Plain-PyTorch equivalent:
 min(cost_model.candidates(shape), key=time_of_forward_backward): triton, torch, and cublas for the PMD loss.
 
 Shape key: (op, device, bit length of the row count, H, V, dtype, TF32 allowed, padded sequence length).
+A backend whose working memory (cost_model.extra_bytes) exceeds 90% of what the device can still give is not a
+candidate: the fastest prediction never buys an out-of-memory.
 Under torch.compile / CUDA-graph capture nothing is measured (the prediction decides).
 """
 from __future__ import annotations
@@ -30,16 +32,18 @@ def shape_of(op: str, n: int, H: int, V: int, dtype: torch.dtype, seq_len: int |
                  seq_len or 0)
 
 
-def choose(shape: Shape, gpu: GpuRates, device_key: str, measure=None, tune: bool | None = None) -> str:
-    """The backend for `shape`: predicted_fastest, or (tune, default FASTPMD_AUTOTUNE) the measured fastest.
-    measure(backend) -> seconds runs once per backend and shape key; the choice is cached."""
+def choose(shape: Shape, gpu: GpuRates, device_key: str, measure=None, tune: bool | None = None,
+           free_bytes: float | None = None) -> str:
+    """The backend for `shape`: predicted_fastest, or (tune, default FASTPMD_AUTOTUNE) the measured fastest,
+    among the candidates whose working memory fits free_bytes (None: no limit). measure(backend) -> seconds
+    runs once per backend and shape key; the choice is cached."""
     tune = autotune_enabled() if tune is None else tune
     if not tune or measure is None:
-        return predicted_fastest(shape, gpu)
+        return predicted_fastest(shape, gpu, free_bytes)
     key = (shape.op, device_key, max(shape.n, 1).bit_length(), shape.H, shape.V, shape.dtype, shape.tf32,
            shape.seq_len)
     if key not in _MEASURED:
-        names = candidates(shape)
+        names = candidates(shape, free_bytes)
         times = {b: measure(b) for b in names}
         _MEASURED[key] = min(names, key=lambda b: (times[b], names.index(b)))
     return _MEASURED[key]
@@ -47,11 +51,19 @@ def choose(shape: Shape, gpu: GpuRates, device_key: str, measure=None, tune: boo
 
 def cuda_choice(op: str, device: torch.device, n: int, H: int, V: int, dtype: torch.dtype, seq_len: int | None,
                 allow_measure: bool) -> str:
-    """choose() for a CUDA device: its GPU's assumed rates, and a CUDA-event timer on synthetic inputs."""
+    """choose() for a CUDA device: its GPU's assumed rates, a CUDA-event timer on synthetic inputs, and the
+    memory the device can still give (a backend whose cost_model.extra_bytes exceeds it is not a candidate)."""
     shape = shape_of(op, n, H, V, dtype, seq_len)
     gpu = gpu_rates(torch.cuda.get_device_name(device))
     measure = (lambda b: _cuda_seconds(shape, b, device, dtype, seq_len)) if allow_measure else None
-    return choose(shape, gpu, str(device), measure)
+    return choose(shape, gpu, str(device), measure, free_bytes=free_bytes(device))
+
+
+def free_bytes(device: torch.device) -> float:
+    """90% of what the device can still give: free device memory plus the caching allocator's unused reserve
+    (cudaMemGetInfo: a driver query, no stream synchronisation)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return 0.9 * (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def _cuda_seconds(shape: Shape, backend: str, device, dtype, seq_len: int | None, reps: int = 3) -> float:

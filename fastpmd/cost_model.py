@@ -127,9 +127,32 @@ def liger_chunk_rows(n: int, H: int, V: int) -> int:
     return min(1 << (rows - 1).bit_length(), max(n, 1))
 
 
-def candidates(s: Shape) -> tuple[str, ...]:
-    """The fastpmd backends that can run s: cublas only for op "pmd" with bf16 or fp32 inputs."""
-    return BACKENDS if (s.op == "pmd" and s.dtype != "fp16") else tuple(b for b in BACKENDS if b != "cublas")
+def extra_bytes(backend: str, s: Shape) -> float:
+    """Working memory of a fastpmd backend on s beyond its inputs and outputs (bytes; docs/kernels.md):
+    cublas: E [C, V] + the fp32 logits sub-block + the fp32 grad_W accumulator [V, H] + fp32 grad_h rows [C, H];
+    triton: the dlogits buffer [n, chunk_v] + the fp32 grad_h accumulator [n, H];
+    torch: the fp32 [c, V] logits block (twice in the two-pass form) + the fp32 grad_W accumulator."""
+    acc_w = 4.0 * s.V * s.H
+    if backend == "cublas" and s.seq_len <= cublas_chunk_rows(s.V, elt(s)):
+        rows = min(cublas_chunk_rows(s.V, elt(s)), s.n)
+        sub = min(rows, CUBLAS_SUB_BYTES // (4 * s.V))
+        return float(rows * s.V * elt(s) + sub * s.V * 4 + acc_w + rows * s.H * 4)
+    if backend in ("cublas", "triton"):
+        dz = 2 if s.dtype == "bf16" else 4
+        return float(s.n * chunk_columns(s) * dz + 4.0 * s.n * s.H)
+    rows = min(torch_chunk_rows(s.V), s.n)
+    blocks = 1 if (s.op == "pmd" and s.seq_len <= torch_chunk_rows(s.V)) else 2
+    return float(blocks * rows * s.V * 4 + acc_w)
+
+
+def candidates(s: Shape, free_bytes: float | None = None) -> tuple[str, ...]:
+    """The fastpmd backends that can run s: cublas only for op "pmd" with bf16 or fp32 inputs; with free_bytes,
+    only those whose extra_bytes fit it (the one needing least memory when none does)."""
+    names = BACKENDS if (s.op == "pmd" and s.dtype != "fp16") else tuple(b for b in BACKENDS if b != "cublas")
+    if free_bytes is None:
+        return names
+    fit = tuple(b for b in names if extra_bytes(b, s) <= free_bytes)
+    return fit or (min(names, key=lambda b: extra_bytes(b, s)),)
 
 
 def predict(backend: str, s: Shape, gpu: GpuRates) -> dict[str, float]:
@@ -176,9 +199,10 @@ def predict(backend: str, s: Shape, gpu: GpuRates) -> dict[str, float]:
     return {"flop_s": flop_s, "byte_s": byte_s, "total_s": flop_s + byte_s}
 
 
-def predicted_fastest(s: Shape, gpu: GpuRates) -> str:
-    """The fastpmd backend (of candidates(s)) with the smallest predicted time; ties go to the first listed."""
-    return min(candidates(s), key=lambda b: predict(b, s, gpu)["total_s"])
+def predicted_fastest(s: Shape, gpu: GpuRates, free_bytes: float | None = None) -> str:
+    """The fastpmd backend (of candidates(s, free_bytes)) with the smallest predicted time; ties go to the first
+    listed."""
+    return min(candidates(s, free_bytes), key=lambda b: predict(b, s, gpu)["total_s"])
 
 
 def gpu_rates(name: str) -> GpuRates:

@@ -133,6 +133,7 @@ def test_cuda_choice_of_the_qwen_head(monkeypatch):
     single pass for the PMD loss (bf16 and TF32 fp32), triton for log-probs, fp16 and sequences longer than the
     cublas chunk."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(auto_backend, "free_bytes", lambda device: 40e9)
     monkeypatch.setattr(auto_backend, "_MEASURED", {})
     cuda = torch.device("cuda", 0)
 
@@ -145,3 +146,20 @@ def test_cuda_choice_of_the_qwen_head(monkeypatch):
     assert pick("pmd", torch.bfloat16, 8192) == "triton"        # longer than the 3530-row chunk: triton's cost
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     assert pick("pmd", torch.float32, 1024) == "cublas"
+
+
+def test_auto_skips_a_backend_that_does_not_fit_in_memory(monkeypatch):
+    """cublas's working memory at the Qwen-7B head (E 1 GiB + 256 MiB of fp32 logits + the fp32 grad_W
+    accumulator 2.2 GB) against triton's (256 MiB dz + the fp32 grad_h accumulator): with 2 GB free, auto takes
+    triton; with nothing that fits, the backend needing least memory."""
+    s = Shape(16384, 3584, 152064, seq_len=1024)
+    cub, tri = cost_model.extra_bytes("cublas", s), cost_model.extra_bytes("triton", s)
+    assert cub == pytest.approx(3530 * 152064 * 2 + 441 * 152064 * 4 + 4 * 152064 * 3584 + 3530 * 3584 * 4)
+    assert 3.4e9 < cub < 3.6e9 and tri == pytest.approx(16384 * 8192 * 2 + 4 * 16384 * 3584)
+    assert predicted_fastest(s, H100, free_bytes=8e9) == "cublas"
+    assert predicted_fastest(s, H100, free_bytes=2e9) == "triton"
+    assert cost_model.candidates(s, free_bytes=1e6) == ("triton",)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(auto_backend, "free_bytes", lambda device: 2e9)
+    assert auto_backend.cuda_choice("pmd", torch.device("cuda", 0), 16384, 3584, 152064, torch.bfloat16, 1024,
+                                    allow_measure=False) == "triton"
