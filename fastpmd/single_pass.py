@@ -13,8 +13,8 @@ Block decomposition (chunk = whole sequences, at most C rows; each chunk's logit
     backward: scale the stored gradients by the upstream scalar.
 HBM bytes per logit (bf16): raw written 4 + read 4, E written 2 + read by the two GEMMs 2 + 2 = 14; plus the fp32
 grad_W accumulator read and written once per chunk (8*V*H). Memory beyond inputs: E [C, V] (weight dtype), raw
-[s, V] fp32, the fp32 grad_W accumulator [V, H], grad_h [n, H]. Defaults: E within CHUNK_BYTES, raw within
-SUB_BYTES (fastpmd.cost_model; PREDICTED costs in docs/kernels.md). A sequence longer than a chunk runs the
+[s, V] fp32, the fp32 grad_W accumulator [V, H], grad_h [n, H]. Defaults: E within 1 GiB, raw within 256 MiB
+(cost_model.CUBLAS_CHUNK_BYTES / CUBLAS_SUB_BYTES; PREDICTED costs in docs/kernels.md). A sequence longer than a chunk runs the
 triton backend's two passes instead, and so do fp16 heads (E holds values up to ~1e18, beyond fp16's range).
 
 Plain-PyTorch equivalent: fastpmd.fused.SequenceChunkedPMD (the torch backend's single pass), same values and
@@ -27,6 +27,7 @@ import torch
 from . import cost_model
 from .fused import SequenceChunkedPMD
 from .losses import pmd_delta_grad, pmd_objective
+
 
 def cublas_rows(vocab: int, dtype: torch.dtype, chunk_size: int | None = None) -> int:
     """Rows per chunk: chunk_size, else E [C, V] within cost_model.CUBLAS_CHUNK_BYTES."""
