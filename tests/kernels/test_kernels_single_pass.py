@@ -107,7 +107,6 @@ def test_cublas_against_float64(dtype, tol, per_sequence, monkeypatch):
     for a, r, name in zip(got[2:], ref[2:], ("grad_hidden", "grad_weight", "grad_bias")):
         assert a.dtype == dtype
         assert _rel(a, r) < tol, (name, _rel(a, r))
-        assert _rel(a, r) < 1e-3 or dtype != torch.float32
 
 
 @in_process
