@@ -15,7 +15,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "naive", "torch", "triton", "cublas")  # cublas: fused_linear_pmd_loss only
+BACKENDS = ("auto", "naive", "torch", "triton", "cublas")  # cublas: fused_linear_pmd_loss's single pass
 TAU_MIN = 1e-8  # smallest accepted tau: the loss (A - tau*Delta)^2 / (2*tau) stays far inside float32 range
 MASK_RULE = "bool or integer 0/1"
 _finite_override: list[bool | None] = [None]  # set by finite_checks(); None = read FASTPMD_CHECK_FINITE

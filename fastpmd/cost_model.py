@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .chunked import default_chunk_rows
+
 BACKENDS = ("triton", "torch", "cublas")  # what `auto` chooses between on CUDA (candidates())
 PEERS = ("floor", "liger", "cce")
 
@@ -112,8 +114,8 @@ def chunk_columns(s: Shape, budget: int = DLOGITS_BUDGET) -> int:
 
 
 def torch_chunk_rows(V: int) -> int:
-    """fastpmd.chunked.default_chunk_rows at GPU_CHUNK_BYTES: rows per chunk of the torch backend on CUDA."""
-    return int(max(16, min(8192, GPU_CHUNK_BYTES // (4 * V))))
+    """Rows per chunk of the torch backend on CUDA (fastpmd.dispatch.torch_chunk_rows)."""
+    return default_chunk_rows(V, GPU_CHUNK_BYTES)
 
 
 def cublas_chunk_rows(V: int, e_bytes: int) -> int:

@@ -137,7 +137,7 @@ def fused_linear_pmd_loss(
     # (sync_free) the two-pass form: no compaction and no host-side sequence boundaries (8*N*H*V flops).
     if backend == "naive" or hidden.shape[0] == 0 or sync_free():
         logp = linear_logprobs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature,
-                               chunk_size=chunk_size, backend="triton" if backend == "cublas" else backend)
+                               chunk_size=chunk_size, backend=backend)  # cublas: triton there
         return pmd_loss(logp, old_logprobs, advantages, mask, tau=tau, length_norm=length_norm,
                         num_sequences=num_sequences, weights=weights)
 

@@ -14,8 +14,9 @@ Block decomposition (chunk = whole sequences, at most C rows; each chunk's logit
 HBM bytes per logit (bf16): raw written 4 + read 4, E written 2 + read by the two GEMMs 2 + 2 = 14; plus the fp32
 grad_W accumulator read and written once per chunk (8*V*H). Memory beyond inputs: E [C, V] (weight dtype), raw
 [s, V] fp32, the fp32 grad_W accumulator [V, H], grad_h [n, H]. Defaults: E within 1 GiB, raw within 256 MiB
-(cost_model.CUBLAS_CHUNK_BYTES / CUBLAS_SUB_BYTES; PREDICTED costs in docs/kernels.md). A sequence longer than a chunk runs the
-triton backend's two passes instead, and so do fp16 heads (E holds values up to ~1e18, beyond fp16's range).
+(cost_model.CUBLAS_CHUNK_BYTES / CUBLAS_SUB_BYTES; PREDICTED costs in docs/kernels.md). A sequence longer than a
+chunk runs the triton backend's two passes instead, and so do fp16 heads (E holds values up to ~1e18, beyond
+fp16's range).
 
 Plain-PyTorch equivalent: fastpmd.fused.SequenceChunkedPMD (the torch backend's single pass), same values and
 gradients; both equal pmd_loss(linear_logprobs(..., backend="naive"), ...).
@@ -36,11 +37,6 @@ def cublas_rows(vocab: int, dtype: torch.dtype, chunk_size: int | None = None) -
     return cost_model.cublas_chunk_rows(vocab, torch.finfo(dtype).bits // 8)
 
 
-def _mm(a, b, out, accumulate: bool):
-    from fastpmd.kernels.backward import torch_mm_into  # cuBLAS, fp32 accumulation (CPU: fp32 upcast)
-    return torch_mm_into(a, b, out, accumulate)
-
-
 class CublasChunkedPMD(SequenceChunkedPMD):
     """Loss and gradients in the forward; the backward (inherited) scales them. SequenceChunkedPMD's arguments;
     logits sub-blocks of cost_model.CUBLAS_SUB_BYTES of fp32."""
@@ -49,6 +45,7 @@ class CublasChunkedPMD(SequenceChunkedPMD):
     def forward(ctx, hidden, weight, bias, targets, old, adv, seg_ids, valid, divisor, num_seq, tau, inv_temp, chunks,
                 grad_enabled):
         # hidden [n, H], targets/old/seg_ids [n], adv/divisor/valid [B], num_seq 0-d; old/adv/divisor fp32
+        from fastpmd.kernels.backward import torch_mm_into as mm  # cuBLAS, fp32 accumulation (CPU: fp32 upcast)
         from fastpmd.kernels.shifted_exp import shifted_exp
 
         f32, dev = torch.float32, hidden.device
@@ -72,7 +69,7 @@ class CublasChunkedPMD(SequenceChunkedPMD):
                 continue
             for r0 in range(s, e, raw.shape[0]):                                         # logits sub-blocks
                 r1 = min(e, r0 + raw.shape[0])
-                z = _mm(hidden[r0:r1], w_t, raw[: r1 - r0], accumulate=False)
+                z = mm(hidden[r0:r1], w_t, raw[: r1 - r0], accumulate=False)
                 logp[r0:r1], inv_s[r0:r1] = shifted_exp(z, bias, targets[r0:r1], inv_temp, e_buf[r0 - s:r1 - s])
             local = seg_ids[s:e] - sa
             delta[sa:sb].index_add_(0, local, logp[s:e] - old[s:e])
@@ -82,12 +79,12 @@ class CublasChunkedPMD(SequenceChunkedPMD):
             r = -coef[local] * inv_s[s:e] * inv_temp                                          # [c]
             E = e_buf[: e - s]
             if need_h:
-                gh = _mm(E, weight, gh_tmp[: e - s], accumulate=False)
+                gh = mm(E, weight, gh_tmp[: e - s], accumulate=False)
                 grad_h[s:e] = (gh * r[:, None]).to(hidden.dtype)
             if need_w:
-                _mm(E.t(), (hidden[s:e].float() * r[:, None]).to(weight.dtype), grad_w, accumulate=True)
+                mm(E.t(), (hidden[s:e].float() * r[:, None]).to(weight.dtype), grad_w, accumulate=True)
             if need_b:
-                _mm(E.t(), r[:, None].to(weight.dtype), grad_b, accumulate=True)
+                mm(E.t(), r[:, None].to(weight.dtype), grad_b, accumulate=True)
         loss, _ = pmd_objective(adv, delta, tau, divisor, valid, num_seq)
         ctx.save_for_backward(grad_h, grad_w, None if grad_b is None else grad_b[:, 0])
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
